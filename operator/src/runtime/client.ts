@@ -1,0 +1,423 @@
+// A small REST client addressed by group/version/plural (core group = ''), built on client-node's KubeConfig
+// authentication and HTTP library, plus the helpers controllers need: server-side apply (object and /status),
+// finalizers guarded by resourceVersion, owner references, and error classification from ApiException.code.
+
+import {
+  ApiException,
+  HttpMethod,
+  IsomorphicFetchHttpLibrary,
+  type KubeConfig,
+  type KubernetesListObject,
+  type KubernetesObject,
+  PatchStrategy,
+  RequestContext,
+  type V1OwnerReference,
+  type V1Status,
+} from '@kubernetes/client-node';
+
+export interface GVR {
+  /** '' for the core group. */
+  group: string;
+  version: string;
+  /** The resource (lowercase plural), e.g. 'configmaps'. */
+  plural: string;
+}
+
+export function apiVersionOf(gvr: Pick<GVR, 'group' | 'version'>): string {
+  return gvr.group ? `${gvr.group}/${gvr.version}` : gvr.version;
+}
+
+/** Path of a collection or object: /api/v1[/namespaces/ns]/plural[/name[/sub]] or /apis/g/v/... */
+export function resourcePath(gvr: GVR, opts: { namespace?: string; name?: string; subresource?: string } = {}): string {
+  let p = gvr.group ? `/apis/${gvr.group}/${gvr.version}` : `/api/${gvr.version}`;
+  if (opts.namespace) p += `/namespaces/${encodeURIComponent(opts.namespace)}`;
+  p += `/${gvr.plural}`;
+  if (opts.name !== undefined) p += `/${encodeURIComponent(opts.name)}`;
+  if (opts.subresource) p += `/${opts.subresource}`;
+  return p;
+}
+
+export interface ListOptions {
+  namespace?: string;
+  labelSelector?: string;
+  fieldSelector?: string;
+  limit?: number;
+  continue?: string;
+  resourceVersion?: string;
+}
+
+export interface WriteOptions {
+  fieldManager?: string;
+  dryRun?: boolean;
+  subresource?: string;
+}
+
+export interface PatchOptions extends WriteOptions {
+  /** SSA only: take ownership of conflicting fields. */
+  force?: boolean;
+}
+
+export interface DeleteOptions {
+  propagationPolicy?: 'Foreground' | 'Background' | 'Orphan';
+  gracePeriodSeconds?: number;
+  preconditions?: { resourceVersion?: string; uid?: string };
+}
+
+type Query = Record<string, string | number | boolean | undefined>;
+
+export class KubeClient {
+  readonly kubeConfig: KubeConfig;
+  readonly #http = new IsomorphicFetchHttpLibrary();
+
+  constructor(kc: KubeConfig) {
+    this.kubeConfig = kc;
+  }
+
+  /** Raw request: JSON body in, parsed JSON out; non-2xx throws ApiException whose body is the parsed V1Status. */
+  async request<R>(
+    method: HttpMethod,
+    path: string,
+    opts: { query?: Query; body?: unknown; contentType?: string; signal?: AbortSignal } = {},
+  ): Promise<R> {
+    const cluster = this.kubeConfig.getCurrentCluster();
+    if (!cluster) throw new Error('kubeconfig has no current cluster');
+    const url = new URL(cluster.server.replace(/\/+$/, '') + path);
+    for (const [k, v] of Object.entries(opts.query ?? {})) if (v !== undefined) url.searchParams.set(k, String(v));
+    const ctx = new RequestContext(url.toString(), method);
+    ctx.setHeaderParam('Accept', 'application/json');
+    if (opts.body !== undefined) {
+      ctx.setHeaderParam('Content-Type', opts.contentType ?? 'application/json');
+      ctx.setBody(JSON.stringify(opts.body));
+    }
+    if (opts.signal) ctx.setSignal(opts.signal);
+    await this.kubeConfig.applySecurityAuthentication(ctx);
+    const res = await this.#http.send(ctx).toPromise();
+    const text = await res.body.text();
+    let parsed: unknown = text;
+    try {
+      parsed = text ? JSON.parse(text) : undefined;
+    } catch {
+      // keep text
+    }
+    if (res.httpStatusCode < 200 || res.httpStatusCode > 299) {
+      const message = (parsed as V1Status | undefined)?.message ?? `HTTP ${res.httpStatusCode}`;
+      throw new ApiException(res.httpStatusCode, `${method} ${path}: ${message}`, parsed, res.headers);
+    }
+    return parsed as R;
+  }
+
+  get<T extends KubernetesObject>(gvr: GVR, name: string, namespace?: string, subresource?: string): Promise<T> {
+    return this.request(HttpMethod.GET, resourcePath(gvr, { namespace, name, subresource }));
+  }
+
+  /** One page (or everything when no limit is given). */
+  list<T extends KubernetesObject>(gvr: GVR, opts: ListOptions = {}): Promise<KubernetesListObject<T>> {
+    return this.request(HttpMethod.GET, resourcePath(gvr, { namespace: opts.namespace }), {
+      query: {
+        labelSelector: opts.labelSelector,
+        fieldSelector: opts.fieldSelector,
+        limit: opts.limit,
+        continue: opts.continue,
+        resourceVersion: opts.resourceVersion,
+      },
+    });
+  }
+
+  /**
+   * Every page of a list (pageSize items per request). The result carries the first page's resourceVersion, a
+   * consistent snapshot. If the continue token expires (410) it falls back to one unpaginated list.
+   */
+  async listAll<T extends KubernetesObject>(
+    gvr: GVR,
+    opts: Omit<ListOptions, 'limit' | 'continue'> = {},
+    pageSize = 500,
+  ): Promise<KubernetesListObject<T>> {
+    // Raw JSON carries `metadata.continue` (the generated models rename it `_continue`).
+    const tokenOf = (l: KubernetesListObject<T>): string | undefined =>
+      (l.metadata as { continue?: string } | undefined)?.continue || l.metadata?._continue || undefined;
+    const first = await this.list<T>(gvr, { ...opts, limit: pageSize });
+    const items = [...(first.items ?? [])];
+    let token = tokenOf(first);
+    try {
+      while (token) {
+        const page = await this.list<T>(gvr, { ...opts, limit: pageSize, continue: token });
+        items.push(...(page.items ?? []));
+        token = tokenOf(page);
+      }
+    } catch (err) {
+      if (!isGone(err)) throw err;
+      return this.list<T>(gvr, opts);
+    }
+    return { ...first, metadata: { resourceVersion: first.metadata?.resourceVersion }, items };
+  }
+
+  create<T extends KubernetesObject>(gvr: GVR, obj: T, opts: WriteOptions = {}): Promise<T> {
+    return this.request(HttpMethod.POST, resourcePath(gvr, { namespace: obj.metadata?.namespace }), {
+      query: writeQuery(opts),
+      body: obj,
+    });
+  }
+
+  /** PUT; carries metadata.resourceVersion if set, so a stale object gets 409. */
+  replace<T extends KubernetesObject>(gvr: GVR, obj: T, opts: WriteOptions = {}): Promise<T> {
+    const { name, namespace } = requireName(obj);
+    return this.request(HttpMethod.PUT, resourcePath(gvr, { namespace, name, subresource: opts.subresource }), {
+      query: writeQuery(opts),
+      body: obj,
+    });
+  }
+
+  patch<T extends KubernetesObject>(
+    gvr: GVR,
+    name: string,
+    namespace: string | undefined,
+    body: unknown,
+    strategy: PatchStrategy,
+    opts: PatchOptions = {},
+  ): Promise<T> {
+    return this.request(HttpMethod.PATCH, resourcePath(gvr, { namespace, name, subresource: opts.subresource }), {
+      query: { ...writeQuery(opts), force: strategy === PatchStrategy.ServerSideApply ? opts.force : undefined },
+      body,
+      contentType: strategy,
+    });
+  }
+
+  /** Server-side apply of obj (apiVersion, kind, metadata.name[, namespace] required). */
+  apply<T extends KubernetesObject>(gvr: GVR, obj: T, opts: PatchOptions & { fieldManager: string }): Promise<T> {
+    const { name, namespace } = requireName(obj);
+    return this.patch<T>(gvr, name, namespace, obj, PatchStrategy.ServerSideApply, opts);
+  }
+
+  delete(gvr: GVR, name: string, namespace?: string, opts: DeleteOptions = {}): Promise<unknown> {
+    const body =
+      opts.propagationPolicy || opts.gracePeriodSeconds !== undefined || opts.preconditions
+        ? { apiVersion: 'v1', kind: 'DeleteOptions', ...opts }
+        : undefined;
+    return this.request(HttpMethod.DELETE, resourcePath(gvr, { namespace, name }), { body });
+  }
+}
+
+function writeQuery(opts: WriteOptions): Query {
+  return { fieldManager: opts.fieldManager, dryRun: opts.dryRun ? 'All' : undefined };
+}
+
+function requireName(obj: KubernetesObject): { name: string; namespace: string | undefined } {
+  const name = obj.metadata?.name;
+  if (!name) throw new Error('object has no metadata.name');
+  return { name, namespace: obj.metadata?.namespace || undefined };
+}
+
+// ---- error classification ----
+
+export function statusCode(err: unknown): number | undefined {
+  if (err instanceof ApiException) return err.code;
+  const e = err as { code?: unknown; statusCode?: unknown } | undefined;
+  if (typeof e?.code === 'number') return e.code;
+  if (typeof e?.statusCode === 'number') return e.statusCode;
+  return undefined;
+}
+
+/** metav1.Status reason of an ApiException (body parsed or, from generated clients, JSON text). */
+export function statusReason(err: unknown): string | undefined {
+  if (!(err instanceof ApiException)) return undefined;
+  let body: unknown = err.body;
+  if (typeof body === 'string') {
+    try {
+      body = JSON.parse(body);
+    } catch {
+      return undefined;
+    }
+  }
+  const reason = (body as V1Status | undefined)?.reason;
+  return typeof reason === 'string' ? reason : undefined;
+}
+
+export const isNotFound = (err: unknown): boolean => statusCode(err) === 404;
+/** 409 other than AlreadyExists: a stale resourceVersion or an SSA field conflict. */
+export const isConflict = (err: unknown): boolean => statusCode(err) === 409 && statusReason(err) !== 'AlreadyExists';
+export const isAlreadyExists = (err: unknown): boolean =>
+  statusCode(err) === 409 && statusReason(err) === 'AlreadyExists';
+export const isGone = (err: unknown): boolean => statusCode(err) === 410;
+export const isInvalid = (err: unknown): boolean => statusCode(err) === 422;
+export const isForbidden = (err: unknown): boolean => statusCode(err) === 403;
+export const isUnauthorized = (err: unknown): boolean => statusCode(err) === 401;
+export const isTooManyRequests = (err: unknown): boolean => statusCode(err) === 429;
+export const isServerError = (err: unknown): boolean => (statusCode(err) ?? 0) >= 500;
+
+/** Retry-After of a 429/503 in seconds, if present. */
+export function retryAfterSeconds(err: unknown): number | undefined {
+  if (!(err instanceof ApiException)) return undefined;
+  const h = err.headers?.['retry-after'] ?? err.headers?.['Retry-After'];
+  const n = h === undefined ? Number.NaN : Number(h);
+  return Number.isFinite(n) ? n : undefined;
+}
+
+// ---- helpers ----
+
+export interface ObjectHeader {
+  apiVersion?: string;
+  kind?: string;
+  metadata?: { name?: string; namespace?: string };
+}
+
+/**
+ * Server-side apply of status on the /status subresource: sends only apiVersion, kind, name, namespace and status,
+ * with a stable field manager and force (a controller owns its status fields).
+ */
+export function patchStatus<T extends KubernetesObject>(
+  client: KubeClient,
+  gvr: GVR,
+  obj: ObjectHeader,
+  status: unknown,
+  opts: { fieldManager: string; force?: boolean },
+): Promise<T> {
+  const name = obj.metadata?.name;
+  if (!name) throw new Error('patchStatus: object has no metadata.name');
+  const body = {
+    apiVersion: obj.apiVersion ?? apiVersionOf(gvr),
+    kind: obj.kind,
+    metadata: { name, ...(obj.metadata?.namespace ? { namespace: obj.metadata.namespace } : {}) },
+    status,
+  };
+  if (!body.kind) throw new Error('patchStatus: object has no kind');
+  return client.apply<T>(gvr, body as unknown as T, {
+    fieldManager: opts.fieldManager,
+    force: opts.force ?? true,
+    subresource: 'status',
+  });
+}
+
+/**
+ * Server-side apply of a complete intent (fields this manager omits are released). Server-populated metadata
+ * (managedFields, resourceVersion, uid, ...) is stripped; force defaults to true.
+ */
+export function applyObject<T extends KubernetesObject>(
+  client: KubeClient,
+  gvr: GVR,
+  obj: T,
+  opts: { fieldManager: string; force?: boolean; dryRun?: boolean },
+): Promise<T> {
+  const { managedFields, resourceVersion, uid, creationTimestamp, generation, selfLink, ...metadata } =
+    obj.metadata ?? {};
+  const body = { ...obj, apiVersion: obj.apiVersion ?? apiVersionOf(gvr), metadata };
+  return client.apply<T>(gvr, body, {
+    fieldManager: opts.fieldManager,
+    force: opts.force ?? true,
+    dryRun: opts.dryRun,
+  });
+}
+
+export interface FinalizerOptions {
+  /** Attempts when the object changed between read and patch (default 5). */
+  attempts?: number;
+}
+
+async function patchFinalizers<T extends KubernetesObject>(
+  client: KubeClient,
+  gvr: GVR,
+  name: string,
+  namespace: string | undefined,
+  build: (obj: T) => unknown[] | undefined,
+  attempts: number,
+): Promise<T> {
+  for (let i = 1; ; i++) {
+    const obj = await client.get<T>(gvr, name, namespace);
+    const ops = build(obj);
+    if (!ops) return obj;
+    const rv = obj.metadata?.resourceVersion;
+    try {
+      return await client.patch<T>(
+        gvr,
+        name,
+        namespace,
+        [{ op: 'test', path: '/metadata/resourceVersion', value: rv }, ...ops],
+        PatchStrategy.JsonPatch,
+      );
+    } catch (err) {
+      // A failed `test` op is 422; a write racing inside the server is 409. Both: re-read and retry.
+      if (i >= attempts || !(isConflict(err) || isInvalid(err))) throw err;
+    }
+  }
+}
+
+/** Adds finalizer unless present (JSON patch guarded by a resourceVersion test; retried on conflict). */
+export function addFinalizer<T extends KubernetesObject>(
+  client: KubeClient,
+  gvr: GVR,
+  name: string,
+  namespace: string | undefined,
+  finalizer: string,
+  opts: FinalizerOptions = {},
+): Promise<T> {
+  return patchFinalizers<T>(
+    client,
+    gvr,
+    name,
+    namespace,
+    (obj) => {
+      const list = obj.metadata?.finalizers;
+      if (list?.includes(finalizer)) return undefined;
+      return list
+        ? [{ op: 'add', path: '/metadata/finalizers/-', value: finalizer }]
+        : [{ op: 'add', path: '/metadata/finalizers', value: [finalizer] }];
+    },
+    opts.attempts ?? 5,
+  );
+}
+
+/** Removes finalizer if present (same guard and retry as addFinalizer). */
+export function removeFinalizer<T extends KubernetesObject>(
+  client: KubeClient,
+  gvr: GVR,
+  name: string,
+  namespace: string | undefined,
+  finalizer: string,
+  opts: FinalizerOptions = {},
+): Promise<T> {
+  return patchFinalizers<T>(
+    client,
+    gvr,
+    name,
+    namespace,
+    (obj) => {
+      const idx = obj.metadata?.finalizers?.indexOf(finalizer) ?? -1;
+      if (idx < 0) return undefined;
+      const path = `/metadata/finalizers/${idx}`;
+      return [
+        { op: 'test', path, value: finalizer },
+        { op: 'remove', path },
+      ];
+    },
+    opts.attempts ?? 5,
+  );
+}
+
+export function hasFinalizer(obj: KubernetesObject, finalizer: string): boolean {
+  return obj.metadata?.finalizers?.includes(finalizer) ?? false;
+}
+
+/** An ownerReference to owner (which must carry apiVersion, kind, name and uid). */
+export function ownerReference(
+  owner: KubernetesObject,
+  opts: { controller?: boolean; blockOwnerDeletion?: boolean } = {},
+): V1OwnerReference {
+  const { apiVersion, kind } = owner;
+  const name = owner.metadata?.name;
+  const uid = owner.metadata?.uid;
+  if (!apiVersion || !kind || !name || !uid) {
+    throw new Error('ownerReference: owner needs apiVersion, kind, metadata.name and metadata.uid');
+  }
+  return {
+    apiVersion,
+    kind,
+    name,
+    uid,
+    controller: opts.controller ?? true,
+    blockOwnerDeletion: opts.blockOwnerDeletion ?? true,
+  };
+}
+
+/** The ownerReference with controller: true, if any. */
+export function controllerOf(obj: KubernetesObject): V1OwnerReference | undefined {
+  return obj.metadata?.ownerReferences?.find((r) => r.controller === true);
+}
