@@ -229,6 +229,8 @@ export const OwnerReference = z.object({
   blockOwnerDeletion: z.boolean().optional(),
 });
 
+const apiTime = z.custom<Date>((v) => typeof v === 'string' || v instanceof Date, 'must be a timestamp');
+
 export const ObjectMeta = z.looseObject({
   name: z.string().optional(),
   generateName: z.string().optional(),
@@ -236,8 +238,9 @@ export const ObjectMeta = z.looseObject({
   uid: z.string().optional(),
   resourceVersion: z.string().optional(),
   generation: z.int().optional(),
-  creationTimestamp: z.union([z.string(), z.date()]).optional(),
-  deletionTimestamp: z.union([z.string(), z.date()]).optional(),
+  // Typed as Date like @kubernetes/client-node's models; raw JSON from the API carries RFC 3339 strings.
+  creationTimestamp: apiTime.optional(),
+  deletionTimestamp: apiTime.optional(),
   labels: z.record(z.string(), z.string()).optional(),
   annotations: z.record(z.string(), z.string()).optional(),
   finalizers: z.array(z.string()).optional(),

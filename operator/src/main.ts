@@ -1,0 +1,86 @@
+// The Stratus operator: nova-api/scheduler/conductor, neutron-server, cinder, glance and keystone as
+// controllers on one manager. `npm run operator -- --help` lists the flags.
+import { KubeConfig } from '@kubernetes/client-node';
+import { OperatorConfig } from './config.ts';
+import { registerControllers } from './controllers/index.ts';
+import { installCRDs } from './crdgen/install.ts';
+import {
+  ConfigError,
+  configUsage,
+  createLogger,
+  handleSignals,
+  isAlreadyExists,
+  isForbidden,
+  KubeClient,
+  loadConfig,
+  Manager,
+} from './runtime/index.ts';
+
+async function main(): Promise<void> {
+  if (process.argv.includes('--help')) {
+    console.log(`usage: stratus-operator [flags]\n\n${configUsage(OperatorConfig)}`);
+    return;
+  }
+  let cfg: OperatorConfig;
+  try {
+    cfg = loadConfig(OperatorConfig);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      console.error(e.message);
+      process.exit(2);
+    }
+    throw e;
+  }
+  const log = createLogger({ level: cfg.logLevel, name: 'stratus-operator' });
+  const kc = new KubeConfig();
+  if (cfg.kubeconfig) kc.loadFromFile(cfg.kubeconfig);
+  else kc.loadFromDefault();
+
+  if (cfg.installCrds) {
+    await installCRDs(kc);
+    log.info('CRDs installed');
+  }
+  if (cfg.leaderElect) await ensureNamespace(new KubeClient(kc), cfg.leaseNamespace);
+
+  const mgr = new Manager({
+    kubeConfig: kc,
+    logger: log,
+    http: { port: cfg.metricsPort, host: cfg.metricsHost },
+    gracefulShutdownMs: cfg.gracefulShutdownSeconds * 1000,
+    leaderElection: cfg.leaderElect && {
+      leaseName: cfg.leaseName,
+      leaseNamespace: cfg.leaseNamespace,
+      identity: cfg.identity,
+      leaseDurationMs: cfg.leaseDurationSeconds * 1000,
+      renewDeadlineMs: cfg.renewDeadlineSeconds * 1000,
+      retryPeriodMs: cfg.retryPeriodSeconds * 1000,
+    },
+    // As client-go does: a replica that lost its lease exits and is restarted as a candidate.
+    onLeadershipLost: (reason) => {
+      log.error({ reason }, 'leadership lost; exiting');
+      process.exit(1);
+    },
+  });
+  registerControllers(mgr, { identity: cfg.identity, projectConcurrency: cfg.projectConcurrency });
+  handleSignals(mgr);
+  await mgr.start();
+  log.info({ address: mgr.address(), identity: cfg.identity, leaderElect: cfg.leaderElect }, 'operator started');
+  await mgr.elected();
+  log.info('leading: controllers started');
+}
+
+async function ensureNamespace(client: KubeClient, name: string): Promise<void> {
+  try {
+    await client.create(
+      { group: '', version: 'v1', plural: 'namespaces' },
+      { apiVersion: 'v1', kind: 'Namespace', metadata: { name } },
+    );
+  } catch (e) {
+    if (!isAlreadyExists(e) && !isForbidden(e)) throw e;
+  }
+}
+
+main().catch((err: unknown) => {
+  console.error(err);
+  process.exit(1);
+});
