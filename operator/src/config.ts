@@ -32,5 +32,15 @@ export const OperatorConfig = z.object({
     .default('info')
     .describe('Log level.'),
   projectConcurrency: z.int().min(1).max(64).default(4).describe('Parallel Project reconciles.'),
+  serverConcurrency: z.int().min(1).max(64).default(4).describe('Parallel Server reconciles.'),
+  heartbeatGraceSeconds: z
+    .number()
+    .positive()
+    .default(60)
+    .describe("A hypervisor whose agent has not reported for this long is down (Nova's service_down_time)."),
+  schedulerStrategy: z
+    .enum(['spread', 'pack'])
+    .default('spread')
+    .describe('spread: prefer the emptiest hypervisor (Nova default); pack: fill hypervisors one by one.'),
 });
 export type OperatorConfig = z.infer<typeof OperatorConfig>;

@@ -61,7 +61,13 @@ async function main(): Promise<void> {
       process.exit(1);
     },
   });
-  registerControllers(mgr, { identity: cfg.identity, projectConcurrency: cfg.projectConcurrency });
+  registerControllers(mgr, {
+    identity: cfg.identity,
+    projectConcurrency: cfg.projectConcurrency,
+    serverConcurrency: cfg.serverConcurrency,
+    heartbeatGraceSeconds: cfg.heartbeatGraceSeconds,
+    scheduler: { strategy: cfg.schedulerStrategy },
+  });
   handleSignals(mgr);
   await mgr.start();
   log.info({ address: mgr.address(), identity: cfg.identity, leaderElect: cfg.leaderElect }, 'operator started');

@@ -18,6 +18,13 @@ import { DesiredPowerState, PowerState, ServerStatusValue, TaskState, VmState } 
 
 export const COMPUTE_GROUP = 'compute.stratus.io';
 
+/** Label the scheduler puts on a bound Server; each node agent watches the Servers with its node name. */
+export const SERVER_NODE_LABEL = 'compute.stratus.io/node';
+/** The operator's finalizer on Servers: releases the claim and network resources. */
+export const SERVER_FINALIZER = 'compute.stratus.io/server';
+/** The node agent's finalizer on Servers: the guest and its files are gone. */
+export const GUEST_FINALIZER = 'compute.stratus.io/guest';
+
 const NON_ZERO = "!self.matches('^0+(\\\\.0+)?[A-Za-z]*$')";
 
 // ---------------------------------------------------------------------------------------------
@@ -481,6 +488,14 @@ export const ServerStatus = z
       .optional()
       .describe('The flavor the server currently runs with (a copy, as Nova embeds it).'),
     image: z.string().optional().describe('Image the root disk was last built from.'),
+    allocation: z
+      .object({
+        vcpus: z.int().min(0).describe('Virtual CPUs claimed on the node.'),
+        ramMiB: z.int().min(0).describe('Memory claimed on the node, in MiB.'),
+        diskGiB: z.int().min(0).describe('Local disk claimed on the node (root + ephemeral + swap), in GiB.'),
+      })
+      .optional()
+      .describe('Resources the scheduler claimed for the server on its node; rebuilt into claims after a restart.'),
     launchedAt: timestamp('When the guest was first started.').optional(),
     fault: z
       .object({
@@ -520,6 +535,32 @@ export const ServerKind = defineKind({
     { name: 'Accel', type: 'string', jsonPath: '.status.accelerator', description: 'kvm or tcg.', priority: 1 },
   ],
 });
+
+/** How many actions status.actions keeps. */
+export const MAX_SERVER_ACTIONS = 20;
+
+/**
+ * Records an action in status.actions (Nova's instance actions), newest last and bounded: an InProgress
+ * entry of the same action is completed in place, anything else is appended.
+ */
+export function recordAction(
+  status: { actions?: z.infer<typeof ServerAction>[] },
+  action: string,
+  result: 'InProgress' | 'Success' | 'Error',
+  message: string | undefined,
+  now: string,
+): void {
+  const actions = [...(status.actions ?? [])];
+  const last = actions.at(-1);
+  const done = result === 'InProgress' ? {} : { finishTime: now };
+  const note = message ? { message: message.slice(0, 1024) } : {};
+  if (last && last.action === action && last.result === 'InProgress') {
+    actions[actions.length - 1] = { ...last, ...done, result, ...note };
+  } else {
+    actions.push({ action, startTime: now, ...done, result, ...note });
+  }
+  status.actions = actions.slice(-MAX_SERVER_ACTIONS);
+}
 
 export type FlavorSpec = z.infer<typeof FlavorSpec>;
 export type Flavor = z.infer<typeof FlavorKind.schema>;

@@ -13,6 +13,7 @@ export * from './image.ts';
 export * from './kind.ts';
 export * from './meta.ts';
 export * from './network.ts';
+export * from './nova-actions.ts';
 export * from './nova-states.ts';
 export * from './storage.ts';
 

@@ -421,3 +421,63 @@ export function ownerReference(
 export function controllerOf(obj: KubernetesObject): V1OwnerReference | undefined {
   return obj.metadata?.ownerReferences?.find((r) => r.controller === true);
 }
+
+/**
+ * The JSON merge patch that turns status `from` into `to`, top-level keys only: changed keys carry their new
+ * value whole, removed keys null. Undefined when nothing changed.
+ */
+export function statusMergePatch(
+  from: Record<string, unknown> | undefined,
+  to: Record<string, unknown>,
+): Record<string, unknown> | undefined {
+  const patch: Record<string, unknown> = {};
+  const old = from ?? {};
+  for (const k of new Set([...Object.keys(old), ...Object.keys(to)])) {
+    const next = to[k];
+    if (next === undefined) {
+      if (old[k] !== undefined) patch[k] = null;
+    } else if (JSON.stringify(old[k]) !== JSON.stringify(next)) {
+      patch[k] = next;
+    }
+  }
+  return Object.keys(patch).length > 0 ? patch : undefined;
+}
+
+/**
+ * Read-modify-write of the status subresource for objects with several status writers (e.g. the operator and a
+ * node agent): `mutate` edits a copy of the current status; the difference is sent as a merge patch carrying
+ * metadata.resourceVersion, so a concurrent write makes it fail with 409 instead of being lost. On conflict the
+ * object is read again and `mutate` re-applied (it must be a function of the object, not of stale state).
+ * Returns the updated object, or the current one when nothing changed.
+ */
+export async function updateStatus<T extends KubernetesObject & { status?: unknown }>(
+  client: KubeClient,
+  gvr: GVR,
+  obj: T,
+  mutate: (status: Record<string, unknown>, obj: T) => Record<string, unknown> | undefined,
+  opts: { attempts?: number } = {},
+): Promise<T> {
+  let current = obj;
+  const name = obj.metadata?.name;
+  if (!name) throw new Error('updateStatus: object has no metadata.name');
+  const namespace = obj.metadata?.namespace;
+  for (let i = 1; ; i++) {
+    const before = (current.status ?? {}) as Record<string, unknown>;
+    const after = mutate(structuredClone(before), current);
+    const patch = after && statusMergePatch(before, after);
+    if (!patch) return current;
+    try {
+      return await client.patch<T>(
+        gvr,
+        name,
+        namespace,
+        { metadata: { resourceVersion: current.metadata?.resourceVersion }, status: patch },
+        PatchStrategy.MergePatch,
+        { subresource: 'status' },
+      );
+    } catch (err) {
+      if (i >= (opts.attempts ?? 5) || !isConflict(err)) throw err;
+      current = await client.get<T>(gvr, name, namespace);
+    }
+  }
+}

@@ -1,0 +1,75 @@
+// Which server actions Nova allows in which vm_state (nova/compute/api.py check_instance_state;
+// ../shared/reference/openstack.md §1.2). The operator and the node agent both consult this table,
+// so a forbidden transition is refused with the same words wherever it is noticed.
+import type { DesiredPowerState, TaskState, VmState } from './nova-states.ts';
+
+export type ServerActionName =
+  | 'start'
+  | 'stop'
+  | 'pause'
+  | 'unpause'
+  | 'suspend'
+  | 'resume'
+  | 'softReboot'
+  | 'hardReboot'
+  | 'resize'
+  | 'rebuild'
+  | 'migrate';
+
+export const ALLOWED_VM_STATES: Record<ServerActionName, readonly VmState[]> = {
+  start: ['stopped'],
+  stop: ['active', 'error'],
+  pause: ['active'],
+  unpause: ['paused'],
+  suspend: ['active'],
+  resume: ['suspended'],
+  softReboot: ['active'],
+  hardReboot: ['active', 'stopped', 'paused', 'suspended', 'error'],
+  resize: ['active', 'stopped'],
+  rebuild: ['active', 'stopped', 'error'],
+  migrate: ['active', 'stopped'],
+};
+
+/** Task states a hard reboot may interrupt (Nova's ALLOW_REBOOT); every other action needs an idle server. */
+const HARD_REBOOT_OVERRIDES: readonly TaskState[] = [
+  'rebooting',
+  'reboot_pending',
+  'reboot_started',
+  'resuming',
+  'rebooting_hard',
+  'unpausing',
+  'pausing',
+  'suspending',
+];
+
+/** Undefined when allowed, else the reason (for a condition message and an Event). */
+export function refuseAction(action: ServerActionName, vmState: VmState, taskState?: TaskState): string | undefined {
+  if (!ALLOWED_VM_STATES[action].includes(vmState)) {
+    return `cannot ${action} a server in vm_state ${vmState} (allowed: ${ALLOWED_VM_STATES[action].join(', ')})`;
+  }
+  if (taskState && !(action === 'hardReboot' && HARD_REBOOT_OVERRIDES.includes(taskState))) {
+    return `cannot ${action} while task ${taskState} is in progress`;
+  }
+  return undefined;
+}
+
+/**
+ * The action that moves a server from vmState towards spec.powerState, or undefined when it is
+ * already there. Forbidden paths (pause a stopped server, stop a paused one...) return the action
+ * anyway so the caller can refuse it with refuseAction's reason instead of silently doing nothing.
+ */
+export function powerAction(desired: DesiredPowerState, vmState: VmState): ServerActionName | undefined {
+  switch (desired) {
+    case 'Running':
+      if (vmState === 'stopped') return 'start';
+      if (vmState === 'paused') return 'unpause';
+      if (vmState === 'suspended') return 'resume';
+      return undefined;
+    case 'Stopped':
+      return vmState === 'stopped' ? undefined : 'stop';
+    case 'Paused':
+      return vmState === 'paused' ? undefined : 'pause';
+    case 'Suspended':
+      return vmState === 'suspended' ? undefined : 'suspend';
+  }
+}

@@ -1,0 +1,390 @@
+// The Server controller (nova-api + nova-scheduler + nova-conductor): resolves a server's flavor,
+// image, key pair and group, schedules it with the claim ledger, binds it to a hypervisor, watches
+// for hypervisors going down and cleans up on delete. Once a server is bound its lifecycle (spawn,
+// power, reboot) belongs to the node agent on that hypervisor; see docs/design/compute.md.
+import { PatchStrategy } from '@kubernetes/client-node';
+import {
+  deriveServerStatus,
+  type Flavor,
+  FlavorKind,
+  GUEST_FINALIZER,
+  type Hypervisor,
+  type Image,
+  ImageKind,
+  type KeyPair,
+  KeyPairKind,
+  recordAction,
+  SERVER_FINALIZER,
+  SERVER_NODE_LABEL,
+  type Server,
+  type ServerGroup,
+  ServerGroupKind,
+  ServerKind,
+  type ServerStatus,
+} from '../api/index.ts';
+import {
+  addFinalizer,
+  hasFinalizer,
+  isNotFound,
+  type Manager,
+  objectKey,
+  type ReconcileContext,
+  type Request,
+  removeFinalizer,
+  updateStatus,
+} from '../runtime/index.ts';
+import {
+  type Claim,
+  ClaimLedger,
+  flavorClaim,
+  groupPolicyOf,
+  hostStatesFrom,
+  type RequestGroup,
+  type SchedulerConfig,
+  schedule,
+} from '../scheduler/index.ts';
+import { gvrOf, specOrMetaChanged, withConditions } from './common.ts';
+import { HYPERVISORS, isUp } from './hypervisor.ts';
+
+const SERVERS = gvrOf(ServerKind);
+
+export interface ServerControllerOptions {
+  instance: string;
+  concurrency?: number;
+  heartbeatGraceMs: number;
+  scheduler?: SchedulerConfig;
+  now?: () => number;
+}
+
+type Status = ServerStatus;
+type ConditionUpdate = { type: string; status: 'True' | 'False' | 'Unknown'; reason: string; message: string };
+
+/** The claim a bound server holds, from its status (what an operator restart rebuilds). */
+export function claimOf(server: Server): Claim | undefined {
+  const node = server.status?.node;
+  const a = server.status?.allocation;
+  if (!node || !a) return undefined;
+  const group = server.spec?.serverGroup ? `${server.metadata.namespace}/${server.spec.serverGroup}` : undefined;
+  return {
+    server: objectKey(server),
+    node,
+    vcpus: a.vcpus,
+    ramMiB: a.ramMiB,
+    diskGiB: a.diskGiB,
+    ...(group ? { group } : {}),
+  };
+}
+
+export function registerServerController(mgr: Manager, opts: ServerControllerOptions) {
+  const servers = mgr.informer<Server>(SERVERS);
+  const flavors = mgr.informer<Flavor>(gvrOf(FlavorKind));
+  const images = mgr.informer<Image>(gvrOf(ImageKind));
+  const keypairs = mgr.informer<KeyPair>(gvrOf(KeyPairKind));
+  const groups = mgr.informer<ServerGroup>(gvrOf(ServerGroupKind));
+  const hypervisors = mgr.informer<Hypervisor>(HYPERVISORS);
+  const events = mgr.eventRecorder({
+    reportingController: 'stratus.io/server-controller',
+    reportingInstance: opts.instance,
+  });
+  const client = mgr.client;
+  const now = opts.now ?? Date.now;
+  const ledger = new ClaimLedger();
+  let ledgerBuilt = false;
+
+  // Unbound servers wait for what they reference: index them so its arrival requeues them.
+  const ref = (kind: string) => (s: Server) => {
+    if (s.status?.node) return [];
+    const spec = s.spec ?? {};
+    const name =
+      kind === 'flavor'
+        ? spec.flavor
+        : kind === 'image'
+          ? spec.image
+          : kind === 'keypair'
+            ? spec.keyPair
+            : spec.serverGroup;
+    if (!name) return [];
+    return [kind === 'flavor' ? name : `${s.metadata.namespace}/${name}`];
+  };
+  for (const kind of ['flavor', 'image', 'keypair', 'group']) servers.addIndex(`waitsFor:${kind}`, ref(kind));
+  servers.addIndex('node', (s: Server) => (s.status?.node ? [s.status.node] : []));
+
+  function ensureLedger(): void {
+    if (ledgerBuilt) return;
+    const claims: Claim[] = [];
+    for (const s of servers.list()) {
+      const c = claimOf(s);
+      if (c) claims.push(c);
+    }
+    ledger.rebuild(claims);
+    ledgerBuilt = true;
+    mgr.logger.info({ claims: claims.length }, 'claim ledger rebuilt from the API');
+  }
+
+  async function writeStatus(server: Server, mutate: (st: Status) => void): Promise<Server> {
+    return updateStatus<Server>(client, SERVERS, server, (st) => {
+      mutate(st as Status);
+      if ((st as Status).vmState)
+        (st as Status).status = deriveServerStatus((st as Status).vmState, (st as Status).taskState);
+      return st;
+    });
+  }
+
+  function conditionsWith(st: Status, gen: number | undefined, ...updates: ConditionUpdate[]) {
+    st.conditions = withConditions(st.conditions, updates, gen, new Date(now()));
+  }
+
+  /** A server that cannot be scheduled yet because something it names is missing. */
+  async function waitFor(server: Server, reason: string, message: string) {
+    await writeStatus(server, (st) => {
+      st.vmState = 'building';
+      st.taskState = 'scheduling';
+      st.observedGeneration = server.metadata.generation;
+      conditionsWith(st, server.metadata.generation, { type: 'Scheduled', status: 'False', reason, message });
+    });
+    return undefined;
+  }
+
+  async function fail(server: Server, reason: string, message: string) {
+    const t = new Date(now()).toISOString();
+    await writeStatus(server, (st) => {
+      st.vmState = 'error';
+      delete st.taskState;
+      st.fault = { code: reason === 'NoValidHost' ? 500 : 400, message, time: t };
+      st.observedGeneration = server.metadata.generation;
+      conditionsWith(st, server.metadata.generation, { type: 'Scheduled', status: 'False', reason, message });
+      recordAction(st, 'create', 'Error', message, t);
+    });
+    events.warning(server, reason === 'NoValidHost' ? 'FailedScheduling' : reason, 'Schedule', message);
+  }
+
+  async function scheduleAndBind(server: Server, ctx: ReconcileContext) {
+    const key = objectKey(server);
+    const ns = server.metadata.namespace ?? '';
+    const spec = server.spec;
+    const flavor = flavors.get(spec.flavor);
+    if (!flavor) return waitFor(server, 'FlavorNotFound', `flavor ${spec.flavor} does not exist`);
+    const image = spec.image ? images.get(spec.image, ns) : undefined;
+    if (spec.image && !image) return waitFor(server, 'ImageNotFound', `image ${spec.image} does not exist in ${ns}`);
+    if (spec.keyPair && !keypairs.get(spec.keyPair, ns)) {
+      return waitFor(server, 'KeyPairNotFound', `key pair ${spec.keyPair} does not exist in ${ns}`);
+    }
+    let group: RequestGroup | undefined;
+    if (spec.serverGroup) {
+      const g = groups.get(spec.serverGroup, ns);
+      if (!g) return waitFor(server, 'ServerGroupNotFound', `server group ${spec.serverGroup} does not exist in ${ns}`);
+      group = { ...groupPolicyOf(g), hosts: ledger.hostsOfGroup(`${ns}/${spec.serverGroup}`) };
+    }
+    const fspec = FlavorKind.spec.safeParse(flavor.spec);
+    if (!fspec.success)
+      return waitFor(server, 'InvalidFlavor', `flavor ${spec.flavor} is invalid: ${fspec.error.message}`);
+    if (image && (image.spec?.minRAM ?? 0) > 0 && flavorClaim(fspec.data).ramMiB < (image.spec?.minRAM ?? 0)) {
+      await fail(
+        server,
+        'FlavorMemoryTooSmall',
+        `flavor ${spec.flavor} has less memory than image ${spec.image} requires (${image.spec?.minRAM} MiB)`,
+      );
+      return undefined;
+    }
+    const resources = flavorClaim(fspec.data, image, { bootFromVolume: !!spec.bootVolume });
+    const hosts = hostStatesFrom(hypervisors.list(), ledger.claims(), now(), {
+      exclude: key,
+      heartbeatGraceSeconds: opts.heartbeatGraceMs / 1000,
+    });
+    // From here to ledger.assume nothing awaits: concurrent reconciles see each other's claims.
+    const result = schedule(
+      {
+        server: key,
+        resources,
+        ...(image?.spec?.properties ? { imageProperties: image.spec.properties } : {}),
+        ...(spec.availabilityZone ? { availabilityZone: spec.availabilityZone } : {}),
+        ...(spec.nodeSelector ? { nodeSelector: spec.nodeSelector } : {}),
+        ...(group ? { group } : {}),
+      },
+      hosts,
+      opts.scheduler,
+    );
+    if (!result.ok) {
+      ctx.log.info({ message: result.message }, 'no valid host');
+      await fail(server, 'NoValidHost', result.message);
+      return undefined;
+    }
+    const node = result.host;
+    ledger.assume({ server: key, node, ...resources, ...(group ? { group: group.key } : {}) });
+    try {
+      const t = new Date(now()).toISOString();
+      // The status is the record of the claim (rebuilt from it after a restart), so it is written first;
+      // the label that hands the server to the node's agent follows.
+      const bound = await writeStatus(server, (st) => {
+        st.node = node;
+        st.allocation = { vcpus: resources.vcpus, ramMiB: resources.ramMiB, diskGiB: resources.diskGiB };
+        st.flavor = {
+          name: spec.flavor,
+          vcpus: fspec.data.vcpus,
+          ram: fspec.data.ram,
+          disk: fspec.data.disk,
+          ephemeral: fspec.data.ephemeral,
+          swap: fspec.data.swap,
+        };
+        if (spec.image) st.image = spec.image;
+        st.vmState = 'building';
+        st.taskState = 'spawning';
+        delete st.fault;
+        st.observedGeneration = server.metadata.generation;
+        conditionsWith(st, server.metadata.generation, {
+          type: 'Scheduled',
+          status: 'True',
+          reason: 'Scheduled',
+          message: `bound to hypervisor ${node}`,
+        });
+        recordAction(st, 'create', 'InProgress', undefined, t);
+      });
+      await labelNode(bound, node);
+      ledger.confirm(key);
+    } catch (e) {
+      ledger.forget(key);
+      throw e;
+    }
+    events.normal(server, 'Scheduled', 'Schedule', `bound to hypervisor ${node}`);
+    ctx.log.info({ node, ...resources }, 'scheduled');
+    return undefined;
+  }
+
+  async function labelNode(server: Server, node: string) {
+    if (server.metadata.labels?.[SERVER_NODE_LABEL] === node) return;
+    await client.patch(
+      SERVERS,
+      server.metadata.name ?? '',
+      server.metadata.namespace,
+      { metadata: { labels: { [SERVER_NODE_LABEL]: node } } },
+      PatchStrategy.MergePatch,
+    );
+  }
+
+  /** Marks a bound server's hypervisor reachability (NOSTATE when it stopped reporting). */
+  async function trackHypervisor(server: Server, ctx: ReconcileContext) {
+    const node = server.status?.node ?? '';
+    const hv = hypervisors.get(node);
+    const up = hv !== undefined && isUp(hv, now(), opts.heartbeatGraceMs);
+    const cond = server.status?.conditions?.find((c) => c.type === 'HypervisorUp');
+    if (up && cond?.status !== 'False') return undefined;
+    if (!up && cond?.status === 'False' && server.status?.powerState === 'NOSTATE') return undefined;
+    await writeStatus(server, (st) => {
+      if (!up) st.powerState = 'NOSTATE';
+      conditionsWith(
+        st,
+        server.metadata.generation,
+        up
+          ? {
+              type: 'HypervisorUp',
+              status: 'True',
+              reason: 'HeartbeatResumed',
+              message: `hypervisor ${node} reports again`,
+            }
+          : {
+              type: 'HypervisorUp',
+              status: 'False',
+              reason: 'HeartbeatExpired',
+              message: `hypervisor ${node} has not reported for more than ${opts.heartbeatGraceMs / 1000} s; the guest state is unknown`,
+            },
+      );
+    });
+    if (!up) {
+      events.warning(server, 'HypervisorDown', 'Monitor', `hypervisor ${node} stopped reporting; power state unknown`);
+      ctx.log.warn({ node }, 'hypervisor down: server power state unknown');
+    }
+    return undefined;
+  }
+
+  async function reconcile(req: Request, ctx: ReconcileContext) {
+    ensureLedger();
+    const key = req.namespace ? `${req.namespace}/${req.name}` : req.name;
+    const server = servers.get(req.name, req.namespace);
+    if (!server) {
+      ledger.forget(key);
+      return undefined;
+    }
+
+    if (server.metadata.deletionTimestamp) {
+      if (hasFinalizer(server, GUEST_FINALIZER)) {
+        const node = server.status?.node;
+        const hv = node ? hypervisors.get(node) : undefined;
+        // Nova's local delete: a server whose hypervisor is gone or down is deleted without it; the agent
+        // destroys the orphaned guest if it ever comes back.
+        if (!hv || !isUp(hv, now(), opts.heartbeatGraceMs)) {
+          await removeFinalizer(client, SERVERS, req.name, req.namespace, GUEST_FINALIZER);
+          events.warning(server, 'LocalDelete', 'Delete', `hypervisor ${node ?? '(none)'} is down: deleted without it`);
+          return undefined;
+        }
+        return { requeueAfter: opts.heartbeatGraceMs }; // the agent destroys the guest and releases its finalizer
+      }
+      if (hasFinalizer(server, SERVER_FINALIZER)) {
+        await removeFinalizer(client, SERVERS, req.name, req.namespace, SERVER_FINALIZER);
+      }
+      ledger.forget(key);
+      return undefined;
+    }
+
+    const parsed = ServerKind.schema.safeParse(server);
+    if (!parsed.success) {
+      if (server.status?.vmState !== 'error') await fail(server, 'InvalidSpec', parsed.error.message.slice(0, 2000));
+      return undefined;
+    }
+    if (!hasFinalizer(server, SERVER_FINALIZER)) {
+      try {
+        await addFinalizer(client, SERVERS, req.name, req.namespace, SERVER_FINALIZER);
+      } catch (e) {
+        if (isNotFound(e)) return undefined;
+        throw e;
+      }
+    }
+
+    if (!server.status?.node) {
+      // Nova does not retry a server that went to ERROR while scheduling; a spec change does.
+      if (server.status?.vmState === 'error' && server.status.observedGeneration === server.metadata.generation) {
+        return undefined;
+      }
+      return scheduleAndBind(parsed.data as Server, ctx);
+    }
+
+    // Bound: keep the claim and the label in place (repairs a restart between the two writes).
+    const claim = claimOf(server);
+    if (claim && !ledger.get(key)) ledger.assume(claim);
+    if (claim) ledger.confirm(key);
+    await labelNode(server, server.status.node);
+    return trackHypervisor(server, ctx);
+  }
+
+  const controller = mgr.addController({ name: 'server', reconcile, maxConcurrentReconciles: opts.concurrency ?? 4 });
+  controller.for(servers, { updatePredicate: specOrMetaChanged });
+  const waiting =
+    (index: string, keyOf: (o: { metadata?: { name?: string; namespace?: string } }) => string) =>
+    (o: { metadata?: { name?: string; namespace?: string } }) =>
+      servers.byIndex(index, keyOf(o)).map((s) => objectKey(s));
+  controller.watches(
+    flavors,
+    waiting('waitsFor:flavor', (o) => o.metadata?.name ?? ''),
+  );
+  controller.watches(
+    images,
+    waiting('waitsFor:image', (o) => `${o.metadata?.namespace}/${o.metadata?.name}`),
+  );
+  controller.watches(
+    keypairs,
+    waiting('waitsFor:keypair', (o) => `${o.metadata?.namespace}/${o.metadata?.name}`),
+  );
+  controller.watches(
+    groups,
+    waiting('waitsFor:group', (o) => `${o.metadata?.namespace}/${o.metadata?.name}`),
+  );
+  // A hypervisor going up or down (status.state, written by the hypervisor controller) revisits its servers.
+  const lastState = new Map<string, string | undefined>();
+  controller.watches(hypervisors, (hv) => {
+    const name = hv.metadata?.name ?? '';
+    const state = hv.status?.state;
+    if (lastState.has(name) && lastState.get(name) === state) return [];
+    lastState.set(name, state);
+    return servers.byIndex('node', name).map((s) => objectKey(s));
+  });
+  return { controller, ledger };
+}
