@@ -14,6 +14,7 @@ import {
   type KeyPair,
   KeyPairKind,
   recordAction,
+  refuseAction,
   SERVER_FINALIZER,
   SERVER_NODE_LABEL,
   type Server,
@@ -352,7 +353,110 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     if (claim && !ledger.get(key)) ledger.assume(claim);
     if (claim) ledger.confirm(key);
     await labelNode(server, server.status.node);
+    const moved = await resizeOrMigrate(parsed.data as Server, ctx);
+    if (moved) return moved;
     return trackHypervisor(server, ctx);
+  }
+
+  /**
+   * A flavor change is a resize, a new spec.triggers.migrate token a cold migration. The scheduler checks the
+   * new placement (a resize stays on its hypervisor when it fits there; a migration must move); the operator
+   * moves the claim, status.node and the node label and sets taskState resize_migrated; the agent on the
+   * target finishes it (respawns the guest with the new size and its previous power state) and the agent on
+   * the old hypervisor destroys the guest it no longer owns. Resizes are confirmed automatically.
+   */
+  async function resizeOrMigrate(server: Server, ctx: ReconcileContext) {
+    const st = server.status ?? {};
+    const gen = server.metadata.generation;
+    const resize = st.flavor !== undefined && server.spec.flavor !== st.flavor.name;
+    const token = server.spec.triggers?.migrate;
+    const migrate = token !== undefined && token !== st.triggers?.migrate;
+    if (!resize && !migrate) return undefined;
+    const action = resize ? 'resize' : 'migrate';
+    const condType = resize ? 'Resized' : 'Migrated';
+    const settled = st.conditions?.find((c) => c.type === condType && c.observedGeneration === gen);
+    if (resize && settled?.status === 'False') return undefined; // refused for this generation already
+    if (st.taskState) return { requeueAfter: 2000 }; // busy; status changes do not requeue by themselves
+    const node = st.node ?? '';
+    const t = new Date(now()).toISOString();
+
+    const refuseWith = async (reason: string, message: string) => {
+      await writeStatus(server, (s) => {
+        if (migrate && !resize) s.triggers = { ...s.triggers, migrate: token };
+        conditionsWith(s, gen, { type: condType, status: 'False', reason, message });
+        recordAction(s, action, 'Error', message, t);
+      });
+      events.warning(server, reason, resize ? 'Resize' : 'Migrate', message);
+      return undefined;
+    };
+
+    const refusal = refuseAction(action, st.vmState ?? 'building', st.taskState);
+    if (refusal) return refuseWith('ActionRefused', refusal);
+    let flavorSpec = FlavorKind.spec.safeParse(flavors.get(server.spec.flavor)?.spec);
+    if (!resize) flavorSpec = FlavorKind.spec.safeParse(flavors.get(st.flavor?.name ?? '')?.spec);
+    if (!flavorSpec.success)
+      return refuseWith('FlavorNotFound', `flavor ${server.spec.flavor} does not exist or is invalid`);
+    const image = server.spec.image ? images.get(server.spec.image, server.metadata.namespace) : undefined;
+    const resources = flavorClaim(flavorSpec.data, image, { bootFromVolume: !!server.spec.bootVolume });
+    const key = objectKey(server);
+    const group = ledger.get(key)?.group;
+    const hosts = hostStatesFrom(hypervisors.list(), ledger.claims(), now(), {
+      exclude: key,
+      heartbeatGraceSeconds: opts.heartbeatGraceMs / 1000,
+    });
+    const req = {
+      server: key,
+      resources,
+      ...(image?.spec?.properties ? { imageProperties: image.spec.properties } : {}),
+      ...(server.spec.availabilityZone ? { availabilityZone: server.spec.availabilityZone } : {}),
+      ...(server.spec.nodeSelector ? { nodeSelector: server.spec.nodeSelector } : {}),
+    };
+    let result = resize
+      ? schedule(
+          req,
+          hosts.filter((h) => h.name === node),
+          opts.scheduler,
+        )
+      : undefined;
+    if (!result?.ok) result = schedule({ ...req, ignoreHosts: [node] }, hosts, opts.scheduler);
+    if (!result.ok) return refuseWith('NoValidHost', result.message);
+    const target = result.host;
+    ledger.assume({ server: key, node: target, ...resources, ...(group ? { group } : {}) });
+    try {
+      const updated = await writeStatus(server, (s) => {
+        s.node = target;
+        s.allocation = { vcpus: resources.vcpus, ramMiB: resources.ramMiB, diskGiB: resources.diskGiB };
+        if (resize) {
+          const f = flavorSpec.data;
+          s.flavor = {
+            name: server.spec.flavor,
+            vcpus: f.vcpus,
+            ram: f.ram,
+            disk: f.disk,
+            ephemeral: f.ephemeral,
+            swap: f.swap,
+          };
+        }
+        if (migrate) s.triggers = { ...s.triggers, migrate: token };
+        s.taskState = 'resize_migrated';
+        conditionsWith(s, gen, {
+          type: condType,
+          status: 'True',
+          reason: target === node ? 'SameHost' : 'Moved',
+          message: target === node ? `resized in place on ${node}` : `moved from ${node} to ${target}`,
+        });
+        recordAction(s, action, 'InProgress', `${node} -> ${target}`, t);
+      });
+      await labelNode(updated, target);
+      ledger.confirm(key);
+    } catch (e) {
+      ledger.forget(key);
+      ledger.assume(claimOf(server) ?? { server: key, node, ...resources });
+      throw e;
+    }
+    events.normal(server, resize ? 'Resizing' : 'Migrating', resize ? 'Resize' : 'Migrate', `${node} -> ${target}`);
+    ctx.log.info({ from: node, to: target, action }, 'placement changed');
+    return undefined;
   }
 
   const controller = mgr.addController({ name: 'server', reconcile, maxConcurrentReconciles: opts.concurrency ?? 4 });
