@@ -1,0 +1,65 @@
+import { describe, expect, it } from 'vitest';
+import { MAX_SERVER_ACTIONS, recordAction, type Server } from '../api/index.ts';
+import { statusMergePatch } from '../runtime/index.ts';
+import { claimOf } from './server.ts';
+
+const server = (status: Server['status'], spec: Partial<Server['spec']> = {}): Server =>
+  ({
+    metadata: { name: 'vm', namespace: 'p1' },
+    spec: { flavor: 'f', image: 'i', securityGroups: [], configDrive: false, powerState: 'Running', ...spec },
+    status,
+  }) as Server;
+
+describe('claimOf', () => {
+  it('reads the claim a bound server holds from its status', () => {
+    expect(
+      claimOf(server({ node: 'hv1', allocation: { vcpus: 2, ramMiB: 512, diskGiB: 3 } }, { serverGroup: 'g' })),
+    ).toEqual({
+      server: 'p1/vm',
+      node: 'hv1',
+      vcpus: 2,
+      ramMiB: 512,
+      diskGiB: 3,
+      group: 'p1/g',
+    });
+  });
+  it('has none for an unbound server or one without an allocation', () => {
+    expect(claimOf(server({}))).toBeUndefined();
+    expect(claimOf(server({ node: 'hv1' }))).toBeUndefined();
+  });
+});
+
+describe('recordAction', () => {
+  it('completes the in-progress entry of the same action and appends others', () => {
+    const st: Parameters<typeof recordAction>[0] = {};
+    recordAction(st, 'create', 'InProgress', undefined, 't1');
+    recordAction(st, 'create', 'Success', undefined, 't2');
+    recordAction(st, 'stop', 'Error', 'x'.repeat(5000), 't3');
+    expect(st.actions).toEqual([
+      { action: 'create', startTime: 't1', finishTime: 't2', result: 'Success' },
+      { action: 'stop', startTime: 't3', finishTime: 't3', result: 'Error', message: 'x'.repeat(1024) },
+    ]);
+  });
+  it('keeps only the newest entries', () => {
+    const st: Parameters<typeof recordAction>[0] = {};
+    for (let i = 0; i < MAX_SERVER_ACTIONS + 5; i++) recordAction(st, `a${i}`, 'Success', undefined, `t${i}`);
+    expect(st.actions).toHaveLength(MAX_SERVER_ACTIONS);
+    expect(st.actions?.[0]?.action).toBe('a5');
+    expect(st.actions?.at(-1)?.action).toBe(`a${MAX_SERVER_ACTIONS + 4}`);
+  });
+});
+
+describe('statusMergePatch', () => {
+  it('sends changed top-level fields whole and removed ones as null', () => {
+    expect(
+      statusMergePatch(
+        { vmState: 'building', taskState: 'spawning', conditions: [{ type: 'A' }], node: 'hv1' },
+        { vmState: 'active', conditions: [{ type: 'A' }, { type: 'B' }], node: 'hv1' },
+      ),
+    ).toEqual({ vmState: 'active', taskState: null, conditions: [{ type: 'A' }, { type: 'B' }] });
+  });
+  it('is undefined when nothing changed', () => {
+    expect(statusMergePatch({ a: { b: 1 } }, { a: { b: 1 } })).toBeUndefined();
+    expect(statusMergePatch(undefined, {})).toBeUndefined();
+  });
+});
