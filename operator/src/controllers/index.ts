@@ -2,6 +2,7 @@
 import type { Manager } from '../runtime/index.ts';
 import type { SchedulerConfig } from '../scheduler/index.ts';
 import { registerHypervisorController } from './hypervisor.ts';
+import { registerKeyPairController } from './keypair.ts';
 import { registerProjectController } from './project.ts';
 import { registerServerController } from './server.ts';
 
@@ -19,11 +20,12 @@ export function registerControllers(mgr: Manager, cfg: ControllersConfig) {
   const heartbeatGraceMs = cfg.heartbeatGraceSeconds * 1000;
   const project = registerProjectController(mgr, { instance: cfg.identity, concurrency: cfg.projectConcurrency });
   const hypervisor = registerHypervisorController(mgr, { heartbeatGraceMs });
+  const keypair = registerKeyPairController(mgr);
   const server = registerServerController(mgr, {
     instance: cfg.identity,
     concurrency: cfg.serverConcurrency,
     heartbeatGraceMs,
     scheduler: cfg.scheduler,
   });
-  return { project, hypervisor, server };
+  return { project, hypervisor, keypair, server };
 }
