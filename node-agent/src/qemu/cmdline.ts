@@ -1,0 +1,337 @@
+// The QEMU command line of a guest, as a pure function of a small typed spec (QEMU 7.2, qemu-system-x86_64).
+// The result is an argv array for execFile/spawn: nothing is ever passed through a shell. Values inside QEMU's
+// "key=value,key=value" option strings have their commas doubled (QEMU's own escape), so paths with commas work.
+//
+// Decisions (verified against QEMU 7.2 on the development machines):
+//  - Supervision: both `daemonize: false` (default) and `daemonize: true` are supported. Without -daemonize
+//    the spawner owns the process; to survive agent restarts it must spawn it detached (own session, stdio to
+//    files, unref) in a cgroup the agent's restart does not kill. With -daemonize QEMU forks after init and the
+//    parent exits (0 = guest initialised), so the guest is never the agent's child; -pidfile then names it.
+//    The catch: the seccomp sandbox is installed before the daemonize fork, so -daemonize is incompatible with
+//    spawn=deny (QEMU dies with SIGSYS) and with elevateprivileges=deny|children (setsid is denied: exit 1).
+//    -runas is incompatible with elevateprivileges=deny|children too (SIGSYS). sandboxOptions() relaxes exactly
+//    those; the full sandbox needs daemonize=false and no runAs (drop privileges in the spawner: uid/gid).
+//  - No -no-shutdown: a guest poweroff makes QEMU exit (SHUTDOWN event with guest=true, then exit 0), which
+//    frees the guest's memory and lets the supervisor see the shutdown as a process exit. Guest reboots stay
+//    inside the process (RESET event).
+//  - ACPI S3/S4: QEMU 7.2's q35 advertises both to the guest by default (ICH9-LPC disable_s3=0, disable_s4=0,
+//    read back with qom-get). A guest could then suspend itself into 'suspended' (only system_wakeup resumes
+//    it) or hibernate (QEMU exits). Both are off unless guestPowerManagement is set; Nova's suspend is a
+//    save-to-file instead (README.md of this directory).
+//  - vhost=off on every tap (no vhost-net on the development kernel).
+//  - Disks use -blockdev with explicit node names: a file (protocol) node "<id>-file" under a format node
+//    "<id>-fmt", attached by a device with id "<id>". cache=none is cache.direct=on (O_DIRECT: not on tmpfs),
+//    writeback is cache.direct=off; both keep flushes (cache.no-flush=off).
+import { z } from 'zod';
+
+const SAFE_PATH = /^\/[^\0\n\r]*$/;
+const absPath = (what: string) => z.string().max(4096).regex(SAFE_PATH, `${what} must be an absolute path`);
+
+/** QEMU ids/node-names: a letter, then letters, digits, '-' (we add suffixes, so keep them short). */
+const QemuId = z.string().regex(/^[a-z][a-z0-9-]{0,22}$/, 'id: a lower-case letter, then [a-z0-9-], at most 23');
+
+const MacAddress = z
+  .string()
+  .regex(/^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/, 'mac must look like fa:16:3e:00:00:01')
+  .transform((s) => s.toLowerCase());
+
+export const DiskSpec = z.object({
+  /** Device id; node names derive from it. */
+  id: QemuId,
+  path: absPath('disk path'),
+  format: z.enum(['qcow2', 'raw']).default('qcow2'),
+  /** disk: virtio-blk-pci; cdrom: ide-cd on the q35 AHCI controller (always read-only). */
+  media: z.enum(['disk', 'cdrom']).default('disk'),
+  readOnly: z.boolean().default(false),
+  cache: z.enum(['none', 'writeback']).default('none'),
+  /** Pass guest discards (TRIM) down to the image (discard=unmap). */
+  discard: z.boolean().default(true),
+  bootIndex: z.int().min(0).max(99).optional(),
+  /** virtio-blk serial (visible in /dev/disk/by-id), at most 20 characters. */
+  serial: z
+    .string()
+    .regex(/^[A-Za-z0-9_.-]{1,20}$/)
+    .optional(),
+});
+export type DiskSpec = z.infer<typeof DiskSpec>;
+
+export const NicSpec = z.object({
+  id: QemuId,
+  mac: MacAddress,
+  /** Guest MTU advertised by virtio-net (host_mtu); match the tap/bridge MTU. */
+  mtu: z.int().min(68).max(65535).optional(),
+  /** The tap: an open fd inherited by QEMU (made by the agent), or a persistent tap QEMU opens by name. */
+  tap: z.union([
+    z.object({ fd: z.int().min(3).max(65535) }).strict(),
+    z.object({ ifname: z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/, 'ifname: 1-15 characters [A-Za-z0-9_.-]') }).strict(),
+  ]),
+  bootIndex: z.int().min(0).max(99).optional(),
+});
+export type NicSpec = z.infer<typeof NicSpec>;
+
+export const QemuSpec = z
+  .object({
+    /** Guest name (-name guest=…), shown in ps and thread names. */
+    name: z.string().regex(/^[A-Za-z0-9_.:-]{1,128}$/, 'name: 1-128 characters [A-Za-z0-9_.:-]'),
+    /** SMBIOS system UUID; use the Server uid. */
+    uuid: z.uuid(),
+    accelerator: z.enum(['kvm', 'tcg']),
+    /** -cpu value. Default: host with KVM, max with TCG (max enables x86-64-v2+ features that RHEL 9 needs). */
+    cpuModel: z
+      .string()
+      .regex(/^[A-Za-z0-9_.-]+(,[+-]?[A-Za-z0-9_.=-]+)*$/)
+      .optional(),
+    vcpus: z.int().min(1).max(255),
+    memoryMiB: z
+      .int()
+      .min(16)
+      .max(16 * 1024 * 1024),
+    /** QMP monitor socket (QEMU listens). */
+    qmpSocket: absPath('qmpSocket'),
+    /** VNC server on a UNIX socket (adds a VGA adapter). Omit for no display at all. */
+    vncSocket: absPath('vncSocket').optional(),
+    /** First serial port: a socket for interactive access plus a log file that survives reconnects. */
+    serial: z
+      .object({ socket: absPath('serial.socket'), log: absPath('serial.log') })
+      .strict()
+      .optional(),
+    pidFile: absPath('pidFile').optional(),
+    daemonize: z.boolean().default(false),
+    /** -runas <user>: QEMU drops to this user after init. Prefer spawning as that user (keeps the full sandbox). */
+    runAs: z
+      .string()
+      .regex(/^[a-z_][a-z0-9_-]{0,31}$/)
+      .optional(),
+    /** seccomp sandbox (-sandbox on,…); see sandboxOptions(). */
+    sandbox: z.boolean().default(true),
+    disks: z.array(DiskSpec).max(16).default([]),
+    nics: z.array(NicSpec).max(16).default([]),
+    /** virtio-rng-pci (builtin backend: QEMU's getrandom). */
+    rng: z.boolean().default(true),
+    balloon: z.boolean().default(false),
+    /** Let the guest see ACPI S3/S4 (suspend to RAM / hibernate). Off by default. */
+    guestPowerManagement: z.boolean().default(false),
+    /** Start with the vCPUs stopped (-S): QEMU waits for QMP cont. */
+    startPaused: z.boolean().default(false),
+    /** Restore a saved state: 'defer' (then QMP migrate-incoming), 'fd:<n>' (inherited fd) or 'unix:<path>'. */
+    incoming: z
+      .string()
+      .regex(/^(defer|fd:\d+|unix:\/[^\0\n\r]*)$/)
+      .optional(),
+  })
+  .superRefine((s, ctx) => {
+    const ids = new Set<string>();
+    for (const [kind, list] of [
+      ['disks', s.disks],
+      ['nics', s.nics],
+    ] as const) {
+      list.forEach((d, i) => {
+        if (ids.has(d.id)) ctx.addIssue({ code: 'custom', path: [kind, i, 'id'], message: `duplicate id ${d.id}` });
+        ids.add(d.id);
+      });
+    }
+    const boot = new Set<number>();
+    for (const [kind, list] of [
+      ['disks', s.disks],
+      ['nics', s.nics],
+    ] as const) {
+      list.forEach((d, i) => {
+        if (d.bootIndex === undefined) return;
+        if (boot.has(d.bootIndex)) {
+          ctx.addIssue({ code: 'custom', path: [kind, i, 'bootIndex'], message: `duplicate bootIndex ${d.bootIndex}` });
+        }
+        boot.add(d.bootIndex);
+      });
+    }
+    const macs = new Set<string>();
+    s.nics.forEach((n, i) => {
+      if (macs.has(n.mac))
+        ctx.addIssue({ code: 'custom', path: ['nics', i, 'mac'], message: `duplicate mac ${n.mac}` });
+      macs.add(n.mac);
+    });
+    const fds = new Set<number>();
+    s.nics.forEach((n, i) => {
+      if (!('fd' in n.tap)) return;
+      if (fds.has(n.tap.fd)) ctx.addIssue({ code: 'custom', path: ['nics', i, 'tap', 'fd'], message: 'duplicate fd' });
+      fds.add(n.tap.fd);
+    });
+    const cdroms = s.disks.filter((d) => d.media === 'cdrom').length;
+    if (cdroms > 6) ctx.addIssue({ code: 'custom', path: ['disks'], message: 'at most 6 cdroms (q35 AHCI ports)' });
+    if (s.daemonize && !s.pidFile) {
+      ctx.addIssue({ code: 'custom', path: ['pidFile'], message: 'daemonize needs a pidFile to find the guest' });
+    }
+  });
+export type QemuSpec = z.infer<typeof QemuSpec>;
+export type QemuSpecInput = z.input<typeof QemuSpec>;
+
+/** Escape a value for QEMU's "k=v,k=v" option syntax: commas are doubled. */
+export function optValue(v: string): string {
+  return v.replaceAll(',', ',,');
+}
+
+/** Join key/value pairs (undefined values dropped) into a QEMU option string. */
+function opts(first: string | undefined, pairs: [string, string | number | undefined][]): string {
+  const parts = first === undefined ? [] : [first];
+  for (const [k, v] of pairs) if (v !== undefined) parts.push(`${k}=${typeof v === 'number' ? v : optValue(v)}`);
+  return parts.join(',');
+}
+
+const onOff = (b: boolean) => (b ? 'on' : 'off');
+
+/**
+ * The -sandbox option for a spec, or undefined when the sandbox is off. QEMU 7.2 installs the seccomp filter
+ * before it daemonizes or drops privileges, so: spawn=deny only without daemonize (the fork), and
+ * elevateprivileges=deny only without daemonize (setsid) and without runAs (setuid/setgid).
+ */
+export function sandboxOptions(spec: Pick<QemuSpec, 'sandbox' | 'daemonize' | 'runAs'>): string | undefined {
+  if (!spec.sandbox) return undefined;
+  const elevate = !spec.daemonize && spec.runAs === undefined ? 'deny' : 'allow';
+  const spawn = spec.daemonize ? 'allow' : 'deny';
+  return `on,obsolete=deny,elevateprivileges=${elevate},spawn=${spawn},resourcecontrol=deny`;
+}
+
+/** argv (without the binary) for qemu-system-x86_64. Validates the spec; throws a ZodError if invalid. */
+export function qemuArgs(input: QemuSpecInput): string[] {
+  const spec = QemuSpec.parse(input);
+  const a: string[] = [];
+  const cpu = spec.cpuModel ?? (spec.accelerator === 'kvm' ? 'host' : 'max');
+
+  a.push(
+    '-name',
+    opts(undefined, [
+      ['guest', spec.name],
+      ['debug-threads', 'on'],
+    ]),
+  );
+  a.push('-uuid', spec.uuid);
+  a.push('-machine', 'q35,usb=off,dump-guest-core=off');
+  a.push('-accel', spec.accelerator === 'kvm' ? 'kvm' : 'tcg,thread=multi');
+  a.push('-cpu', cpu);
+  a.push('-smp', `${spec.vcpus},sockets=${spec.vcpus},cores=1,threads=1`);
+  a.push('-m', `${spec.memoryMiB}M`);
+  a.push('-nodefaults', '-no-user-config');
+  a.push('-rtc', 'base=utc');
+  a.push('-boot', 'strict=on');
+  a.push('-msg', 'timestamp=on');
+  if (!spec.guestPowerManagement) {
+    a.push('-global', 'ICH9-LPC.disable_s3=1', '-global', 'ICH9-LPC.disable_s4=1');
+  }
+  const sandbox = sandboxOptions(spec);
+  if (sandbox) a.push('-sandbox', sandbox);
+  if (spec.runAs) a.push('-runas', spec.runAs);
+  if (spec.pidFile) a.push('-pidfile', spec.pidFile);
+  if (spec.daemonize) a.push('-daemonize');
+
+  a.push('-display', 'none');
+  if (spec.vncSocket) {
+    a.push('-vnc', `unix:${optValue(spec.vncSocket)}`);
+    a.push('-device', 'VGA,id=video0');
+  }
+  a.push(
+    '-chardev',
+    opts('socket', [
+      ['id', 'qmp'],
+      ['path', spec.qmpSocket],
+      ['server', 'on'],
+      ['wait', 'off'],
+    ]),
+    '-mon',
+    'chardev=qmp,mode=control',
+  );
+  if (spec.serial) {
+    a.push(
+      '-chardev',
+      opts('socket', [
+        ['id', 'serial0'],
+        ['path', spec.serial.socket],
+        ['server', 'on'],
+        ['wait', 'off'],
+        ['logfile', spec.serial.log],
+        ['logappend', 'on'],
+      ]),
+      '-serial',
+      'chardev:serial0',
+    );
+  }
+
+  let ahciPort = 0;
+  for (const d of spec.disks) {
+    const readOnly = d.readOnly || d.media === 'cdrom';
+    const cache: [string, string][] = [
+      ['cache.direct', onOff(d.cache === 'none')],
+      ['cache.no-flush', 'off'],
+    ];
+    const discard: [string, string] = ['discard', d.discard && !readOnly ? 'unmap' : 'ignore'];
+    a.push(
+      '-blockdev',
+      opts(undefined, [
+        ['driver', 'file'],
+        ['node-name', `${d.id}-file`],
+        ['filename', d.path],
+        ...cache,
+        discard,
+        ['read-only', onOff(readOnly)],
+      ]),
+    );
+    a.push(
+      '-blockdev',
+      opts(undefined, [
+        ['driver', d.format],
+        ['node-name', `${d.id}-fmt`],
+        ['file', `${d.id}-file`],
+        ...cache,
+        discard,
+        ['read-only', onOff(readOnly)],
+      ]),
+    );
+    if (d.media === 'cdrom') {
+      a.push(
+        '-device',
+        opts('ide-cd', [
+          ['bus', `ide.${ahciPort++}`],
+          ['drive', `${d.id}-fmt`],
+          ['id', d.id],
+          ['bootindex', d.bootIndex],
+        ]),
+      );
+    } else {
+      a.push(
+        '-device',
+        opts('virtio-blk-pci', [
+          ['drive', `${d.id}-fmt`],
+          ['id', d.id],
+          ['bootindex', d.bootIndex],
+          ['serial', d.serial],
+        ]),
+      );
+    }
+  }
+
+  for (const n of spec.nics) {
+    const tap: [string, string | number][] =
+      'fd' in n.tap
+        ? [['fd', n.tap.fd]]
+        : [
+            ['ifname', n.tap.ifname],
+            ['script', 'no'],
+            ['downscript', 'no'],
+          ];
+    a.push('-netdev', opts('tap', [['id', `${n.id}-tap`], ...tap, ['vhost', 'off']]));
+    a.push(
+      '-device',
+      opts('virtio-net-pci', [
+        ['netdev', `${n.id}-tap`],
+        ['id', n.id],
+        ['mac', n.mac],
+        ['host_mtu', n.mtu],
+        ['bootindex', n.bootIndex],
+      ]),
+    );
+  }
+
+  if (spec.rng) a.push('-device', 'virtio-rng-pci,id=rng0');
+  if (spec.balloon) a.push('-device', 'virtio-balloon-pci,id=balloon0');
+  if (spec.startPaused) a.push('-S');
+  if (spec.incoming) a.push('-incoming', spec.incoming);
+  return a;
+}
