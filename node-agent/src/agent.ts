@@ -1,0 +1,342 @@
+// The node agent (nova-compute): one NodeAgent per node runs the node's Hypervisor heartbeat and its Server
+// reconciler on a shared runtime Manager. A process runs one agent, or many simulated ones with the fake driver
+// (fakeNodes), all sharing one Manager, KubeClient and /metrics endpoint.
+import { readFileSync } from 'node:fs';
+import { hostname, networkInterfaces } from 'node:os';
+import type { KubeConfig } from '@kubernetes/client-node';
+import * as z from 'zod';
+import { byteQuantity, decimalRatio, type HypervisorSpec, ipAddress } from '../../operator/src/api/index.ts';
+import {
+  type Clock,
+  type EventRecorder,
+  type Logger,
+  Manager,
+  silentLogger,
+} from '../../operator/src/runtime/index.ts';
+import { ComputeService } from './compute.ts';
+import type { HypervisorDriver } from './driver.ts';
+import { FakeDriverOptions } from './drivers/fake.ts';
+import { createDriver, DRIVER_NAMES } from './drivers/index.ts';
+import { HypervisorReporter } from './hypervisor.ts';
+
+export const ZONE_LABEL = 'topology.kubernetes.io/zone';
+
+const DNS1123_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+const fakeOps = FakeDriverOptions.shape;
+
+/** Flags (--node-name=x) and environment (STRATUS_NODE_NAME=x); see `node node-agent/src/main.ts --help`. */
+export const AgentConfig = z.object({
+  nodeName: z
+    .string()
+    .max(200)
+    .regex(DNS1123_SUBDOMAIN, 'must be a lower-case DNS subdomain')
+    .default(hostname().toLowerCase())
+    .describe('Node (and Hypervisor) name; default: the host name.'),
+  kubeconfig: z.string().optional().describe('Path of a kubeconfig; default: in-cluster or $KUBECONFIG.'),
+  driver: z
+    .enum(DRIVER_NAMES)
+    .default('qemu')
+    .describe('Hypervisor driver: qemu (not implemented yet) or fake (in-memory guests).'),
+  fakeNodes: z
+    .int()
+    .min(1)
+    .max(1000)
+    .default(1)
+    .describe('With the fake driver: simulate this many nodes, named <node-name>-<i> (i from 0).'),
+  fakeVcpus: fakeOps.vcpus,
+  fakeRam: fakeOps.ram.describe('Host memory the fake hypervisor reports.'),
+  fakeDisk: fakeOps.disk.describe('Host local disk the fake hypervisor reports.'),
+  fakeLatencyMs: fakeOps.latencyMs,
+  fakeOpLatencyMs: fakeOps.opLatencyMs.describe('Latency per operation as JSON, e.g. {"spawn":2000}.'),
+  fakeFailureRate: fakeOps.failureRate,
+  fakeOpFailureRate: fakeOps.opFailureRate.describe('Failure probability per operation as JSON, e.g. {"spawn":0.1}.'),
+  zone: z.string().max(63).optional().describe(`Availability zone: the ${ZONE_LABEL} label of the Hypervisor.`),
+  labels: z.record(z.string().max(317), z.string().max(63)).default({}).describe('More Hypervisor labels, as JSON.'),
+  hostIP: ipAddress('Underlay address of the node.')
+    .optional()
+    .describe('Underlay address of the node; default: the first non-loopback IPv4 address.'),
+  heartbeatSeconds: z.number().positive().max(300).default(10).describe('Hypervisor status heartbeat period.'),
+  concurrency: z
+    .int()
+    .min(1)
+    .max(64)
+    .default(4)
+    .describe('Parallel Server reconciles per node (Nova max_concurrent_builds).'),
+  powerOffTimeoutSeconds: z
+    .number()
+    .positive()
+    .default(60)
+    .describe('Graceful shutdown grace before power off is forced (Nova shutdown_timeout).'),
+  orphanGraceSeconds: z
+    .number()
+    .min(0)
+    .default(60)
+    .describe('A guest no Server bound here owns is destroyed after this long.'),
+  orphanSweepSeconds: z.number().positive().default(60).describe('How often to look for orphaned guests.'),
+  resyncSeconds: z
+    .number()
+    .min(0)
+    .default(60)
+    .describe('Reconcile every Server this often without events (power state sync; 0: never).'),
+  accelerator: z
+    .enum(['auto', 'kvm', 'tcg'])
+    .default('auto')
+    .describe('spec.accelerator of a Hypervisor the agent creates.'),
+  cpuAllocationRatio: decimalRatio('spec.cpuAllocationRatio')
+    .default('4.0')
+    .describe('spec.cpuAllocationRatio of a Hypervisor the agent creates.'),
+  ramAllocationRatio: decimalRatio('spec.ramAllocationRatio')
+    .default('1.0')
+    .describe('spec.ramAllocationRatio of a Hypervisor the agent creates.'),
+  diskAllocationRatio: decimalRatio('spec.diskAllocationRatio')
+    .default('1.0')
+    .describe('spec.diskAllocationRatio of a Hypervisor the agent creates.'),
+  reservedVcpus: z.int().min(0).default(0).describe('spec.reserved.vcpus of a Hypervisor the agent creates.'),
+  reservedRam: byteQuantity('spec.reserved.ram')
+    .default('512Mi')
+    .describe('spec.reserved.ram of a Hypervisor the agent creates.'),
+  reservedDisk: byteQuantity('spec.reserved.disk')
+    .default('0')
+    .describe('spec.reserved.disk of a Hypervisor the agent creates.'),
+  metricsPort: z
+    .int()
+    .min(0)
+    .max(65535)
+    .default(8081)
+    .describe('Port of /metrics, /healthz and /readyz (0: any free port).'),
+  metricsHost: z.string().default('0.0.0.0').describe('Address the HTTP endpoints listen on.'),
+  gracefulShutdownSeconds: z.number().positive().default(30).describe('Deadline for in-flight reconciles on SIGTERM.'),
+  logLevel: z.enum(LOG_LEVELS).default('info').describe('Log level.'),
+});
+export type AgentConfig = z.infer<typeof AgentConfig>;
+
+export const AGENT_VERSION: string = (() => {
+  try {
+    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as {
+      version?: string;
+    };
+    return pkg.version ?? 'unknown';
+  } catch {
+    return 'unknown';
+  }
+})();
+
+/** The first non-internal IPv4 address of the host, if any. */
+export function detectHostIP(): string | undefined {
+  for (const addrs of Object.values(networkInterfaces())) {
+    for (const a of addrs ?? []) if (a.family === 'IPv4' && !a.internal) return a.address;
+  }
+  return undefined;
+}
+
+export interface NodeAgentOptions {
+  nodeName: string;
+  driver: HypervisorDriver;
+  /** Hypervisor labels (zone included). */
+  labels?: Readonly<Record<string, string>>;
+  hostIP?: string;
+  /** Spec of a Hypervisor the agent creates (API defaults fill the rest). */
+  hypervisorSpec?: Partial<HypervisorSpec>;
+  heartbeatSeconds?: number;
+  concurrency?: number;
+  powerOffTimeoutSeconds?: number;
+  orphanGraceSeconds?: number;
+  orphanSweepSeconds?: number;
+  resyncSeconds?: number;
+  clock?: Clock;
+}
+
+/** One node: its Hypervisor heartbeat and its Server reconciler, registered on a Manager. */
+export class NodeAgent {
+  readonly nodeName: string;
+  readonly driver: HypervisorDriver;
+  readonly hypervisor: HypervisorReporter;
+  readonly compute: ComputeService;
+  readonly events: EventRecorder;
+  readonly #log: Logger;
+
+  /** Registers the agent's informer and controller on mgr (before or after mgr.start()). */
+  constructor(mgr: Manager, o: NodeAgentOptions) {
+    this.nodeName = o.nodeName;
+    this.driver = o.driver;
+    this.#log = mgr.logger.child({ node: o.nodeName });
+    this.events = mgr.eventRecorder({
+      reportingController: 'stratus.io/node-agent',
+      reportingInstance: o.nodeName.slice(0, 128),
+    });
+    let compute: ComputeService | undefined;
+    this.hypervisor = new HypervisorReporter({
+      client: mgr.client,
+      nodeName: o.nodeName,
+      driver: o.driver,
+      specDefaults: o.hypervisorSpec ?? {},
+      labels: o.labels ?? {},
+      ...(o.hostIP ? { hostIP: o.hostIP } : {}),
+      heartbeatSeconds: o.heartbeatSeconds ?? 10,
+      agentVersion: AGENT_VERSION,
+      readiness: () =>
+        compute?.servers.hasSynced()
+          ? { ready: true, message: `driver ${o.driver.name}` }
+          : { ready: false, message: 'server cache not synced yet' },
+      logger: this.#log,
+      ...(o.clock ? { clock: o.clock } : {}),
+    });
+    const s = (v: number | undefined) => (v === undefined ? undefined : v * 1000);
+    compute = new ComputeService({
+      manager: mgr,
+      nodeName: o.nodeName,
+      driver: o.driver,
+      events: this.events,
+      hypervisor: this.hypervisor,
+      ...defined({
+        concurrency: o.concurrency,
+        powerOffTimeoutMs: s(o.powerOffTimeoutSeconds),
+        orphanGraceMs: s(o.orphanGraceSeconds),
+        orphanSweepMs: s(o.orphanSweepSeconds),
+        resyncMs: s(o.resyncSeconds),
+        clock: o.clock,
+      }),
+      logger: this.#log,
+    });
+    this.compute = compute;
+  }
+
+  /** Initialises the driver and creates the Hypervisor (before the manager starts). */
+  async init(): Promise<void> {
+    await this.driver.init();
+    await this.hypervisor.ensure();
+  }
+
+  /** Starts the heartbeat and the orphan sweep (after the manager started: caches synced). */
+  start(): void {
+    this.compute.start();
+    this.hypervisor.start();
+    this.#log.info({ driver: this.driver.name }, 'node agent started');
+  }
+
+  /** Stops heartbeat and sweep; the manager stops the controller. Guests keep running. */
+  async stop(): Promise<void> {
+    this.compute.stop();
+    await this.hypervisor.stop();
+  }
+}
+
+function defined<T extends Record<string, unknown>>(o: T): { [K in keyof T]?: Exclude<T[K], undefined> } {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as never;
+}
+
+export interface StartAgentOptions extends Omit<NodeAgentOptions, 'driver'> {
+  kubeConfig: KubeConfig;
+  /** A driver instance (tests keep it across agent restarts); default: a new fake driver. */
+  driver?: HypervisorDriver;
+  logger?: Logger;
+  /** HTTP endpoints of the manager (default: none). */
+  http?: { port: number; host?: string } | false;
+  /** Use this manager instead of a new one (it must not have been started yet). */
+  manager?: Manager;
+}
+
+export interface RunningAgent {
+  agent: NodeAgent;
+  driver: HypervisorDriver;
+  hypervisorName: string;
+  manager: Manager;
+  stop(): Promise<void>;
+}
+
+/** Starts one node agent in-process (tests, tools). */
+export async function startAgent(o: StartAgentOptions): Promise<RunningAgent> {
+  const logger = o.logger ?? silentLogger();
+  const manager =
+    o.manager ??
+    new Manager({ kubeConfig: o.kubeConfig, logger, http: o.http ?? false, ...(o.clock ? { clock: o.clock } : {}) });
+  const driver = o.driver ?? createDriver('fake', { nodeName: o.nodeName, logger });
+  const agent = new NodeAgent(manager, { ...o, driver });
+  await agent.init();
+  await manager.start();
+  agent.start();
+  return {
+    agent,
+    driver,
+    hypervisorName: agent.hypervisor.name,
+    manager,
+    stop: async () => {
+      await agent.stop();
+      await manager.stop();
+    },
+  };
+}
+
+export interface FakeNodesOptions extends Omit<StartAgentOptions, 'driver' | 'nodeName'> {
+  /** Nodes are named `<prefix>-<i>`. */
+  prefix: string;
+  fake?: FakeDriverOptions;
+}
+
+export interface RunningFakeNodes {
+  agents: NodeAgent[];
+  manager: Manager;
+  stop(): Promise<void>;
+}
+
+/** Simulates n nodes with fake drivers in this process: n Hypervisors, heartbeats and Server informers. */
+export async function startFakeNodes(n: number, o: FakeNodesOptions): Promise<RunningFakeNodes> {
+  const logger = o.logger ?? silentLogger();
+  const manager =
+    o.manager ??
+    new Manager({ kubeConfig: o.kubeConfig, logger, http: o.http ?? false, ...(o.clock ? { clock: o.clock } : {}) });
+  const agents: NodeAgent[] = [];
+  for (let i = 0; i < n; i++) {
+    const nodeName = `${o.prefix}-${i}`;
+    const driver = createDriver('fake', { nodeName, logger, ...(o.fake ? { fake: o.fake } : {}) });
+    agents.push(new NodeAgent(manager, { ...o, nodeName, driver }));
+  }
+  // Hypervisors are created a few at a time, so 100 nodes do not open 100 requests at once.
+  for (let i = 0; i < agents.length; i += 10) await Promise.all(agents.slice(i, i + 10).map((a) => a.init()));
+  await manager.start();
+  for (const a of agents) a.start();
+  return {
+    agents,
+    manager,
+    stop: async () => {
+      await Promise.all(agents.map((a) => a.stop()));
+      await manager.stop();
+    },
+  };
+}
+
+/** Agent options from the configuration (everything but driver and node name). */
+export function nodeOptionsFrom(cfg: AgentConfig): Omit<NodeAgentOptions, 'driver' | 'nodeName'> {
+  const hostIP = cfg.hostIP ?? detectHostIP();
+  return {
+    labels: { ...cfg.labels, ...(cfg.zone ? { [ZONE_LABEL]: cfg.zone } : {}) },
+    ...(hostIP ? { hostIP } : {}),
+    hypervisorSpec: {
+      accelerator: cfg.accelerator,
+      cpuAllocationRatio: cfg.cpuAllocationRatio,
+      ramAllocationRatio: cfg.ramAllocationRatio,
+      diskAllocationRatio: cfg.diskAllocationRatio,
+      reserved: { vcpus: cfg.reservedVcpus, ram: cfg.reservedRam, disk: cfg.reservedDisk },
+    },
+    heartbeatSeconds: cfg.heartbeatSeconds,
+    concurrency: cfg.concurrency,
+    powerOffTimeoutSeconds: cfg.powerOffTimeoutSeconds,
+    orphanGraceSeconds: cfg.orphanGraceSeconds,
+    orphanSweepSeconds: cfg.orphanSweepSeconds,
+    resyncSeconds: cfg.resyncSeconds,
+  };
+}
+
+/** The fake driver options from the configuration. */
+export function fakeOptionsFrom(cfg: AgentConfig): FakeDriverOptions {
+  return {
+    vcpus: cfg.fakeVcpus,
+    ram: cfg.fakeRam,
+    disk: cfg.fakeDisk,
+    latencyMs: cfg.fakeLatencyMs,
+    opLatencyMs: cfg.fakeOpLatencyMs,
+    failureRate: cfg.fakeFailureRate,
+    opFailureRate: cfg.fakeOpFailureRate,
+  };
+}

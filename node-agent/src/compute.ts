@@ -1,0 +1,781 @@
+// The per-node Server reconciler (nova-compute's instance lifecycle). It watches the Servers bound to its node
+// (label compute.stratus.io/node=<node>), decides the next step with lifecycle.decide() from the Server and the
+// guest the driver reports, and executes it, looping until nothing is left to do. Level-triggered and idempotent:
+// the guest's state always comes from the driver, so an agent restart adopts running guests, and a Server never
+// gets a second guest (spawn happens only when the driver has none for its uid).
+//
+// Every status write is updateStatus (resourceVersion-guarded merge patch of the agent's own fields). A write that
+// starts a step re-checks the decision against the object it is about to patch, so a stale cache or a concurrent
+// writer makes the step re-decide instead of acting twice. The agent's own status writes do not requeue the
+// Server (see serverChanged); operator writes that matter (binding, NOSTATE on node loss) do.
+//
+// Guests whose Server left this node (rebound, deleted) are destroyed when the Server's key is reconciled; the
+// orphan sweep (on start and periodically) destroys any other guest that no Server bound here owns, after a grace
+// period.
+import type { KubernetesObject } from '@kubernetes/client-node';
+import {
+  GUEST_FINALIZER,
+  type KeyPair,
+  KeyPairKind,
+  SERVER_NODE_LABEL,
+  type Server,
+  ServerKind,
+  toGiB,
+  toMiB,
+} from '../../operator/src/api/index.ts';
+import {
+  addFinalizer,
+  type Clock,
+  type Controller,
+  defaultControllerRateLimiter,
+  type EventRecorder,
+  type GVR,
+  hasFinalizer,
+  Informer,
+  isNotFound,
+  type KubeClient,
+  type Logger,
+  type Manager,
+  objectKey,
+  type ReconcileContext,
+  type ReconcileResult,
+  type Request,
+  removeFinalizer,
+  silentLogger,
+  systemClock,
+  type TimerHandle,
+  updateStatus,
+} from '../../operator/src/runtime/index.ts';
+import type { GuestExit, GuestSpec, GuestState, HypervisorDriver } from './driver.ts';
+import {
+  AGENT_TASKS,
+  type AgentAction,
+  appendAction,
+  type ConditionUpdate,
+  type Decision,
+  decide,
+  desiredVmState,
+  finishAction,
+  interruptActions,
+  NOT_REFUSED,
+  recordTriggers,
+  refusalIsStale,
+  setConditions,
+  setStates,
+  startAction,
+  TRANSITIONS,
+  TRIGGERS,
+} from './lifecycle.ts';
+
+export const SERVERS: GVR = { group: ServerKind.group, version: ServerKind.version, plural: ServerKind.plural };
+const KEYPAIRS: GVR = { group: KeyPairKind.group, version: KeyPairKind.version, plural: KeyPairKind.plural };
+
+/** A Server as the informer holds it (raw JSON; parsed with ServerKind.schema where read). */
+export type ServerObject = KubernetesObject & { spec?: unknown; status?: Record<string, unknown> };
+type Status = Record<string, unknown>;
+
+/** Steps one reconcile may take before requeueing itself (a full cycle needs at most about five). */
+const MAX_STEPS = 12;
+
+export interface ComputeOptions {
+  manager: Manager;
+  nodeName: string;
+  driver: HypervisorDriver;
+  events: EventRecorder;
+  /** The node's Hypervisor reporter: the accelerator guests get, and a nudge when usage changed. */
+  hypervisor: { accelerator(): 'kvm' | 'tcg' | undefined; poke(): void };
+  /** Parallel Server reconciles (default 4). */
+  concurrency?: number;
+  /** Grace of a graceful power off before it is forced (default 60 s, Nova's shutdown_timeout). */
+  powerOffTimeoutMs?: number;
+  /** A guest no Server owns is destroyed after this long (default 60 s). */
+  orphanGraceMs?: number;
+  /** Orphan sweep period (default 60 s). */
+  orphanSweepMs?: number;
+  /** Every Server is reconciled this often even without events, re-syncing power states (default 60 s). */
+  resyncMs?: number;
+  logger?: Logger;
+  clock?: Clock;
+}
+
+/**
+ * Update predicate: spec and metadata changes, the operator's status fields (binding, flavor, allocation, image),
+ * the operator's tasks and a NOSTATE set on node loss. The agent's own status writes are ignored, so a failing step
+ * retries on the controller's backoff instead of requeueing itself through its own write.
+ */
+export function serverChanged(a: ServerObject, b: ServerObject): boolean {
+  if (a === b) return true;
+  const m = a.metadata ?? {};
+  const n = b.metadata ?? {};
+  const s = a.status ?? {};
+  const t = b.status ?? {};
+  const json = (v: unknown) => JSON.stringify(v ?? null);
+  const agentTask = (x: unknown) => x === undefined || AGENT_TASKS.has(x as never);
+  return (
+    m.generation !== n.generation ||
+    String(m.deletionTimestamp ?? '') !== String(n.deletionTimestamp ?? '') ||
+    json(m.finalizers) !== json(n.finalizers) ||
+    json(m.labels) !== json(n.labels) ||
+    json(m.annotations) !== json(n.annotations) ||
+    s.node !== t.node ||
+    json(s.flavor) !== json(t.flavor) ||
+    json(s.allocation) !== json(t.allocation) ||
+    s.image !== t.image ||
+    (s.taskState !== t.taskState && !(agentTask(s.taskState) && agentTask(t.taskState))) ||
+    (t.powerState === 'NOSTATE' && s.powerState !== 'NOSTATE')
+  );
+}
+
+export function parseServer(obj: unknown): Server | undefined {
+  const r = ServerKind.schema.safeParse(obj);
+  return r.success ? r.data : undefined;
+}
+
+function nowIso(clock: Clock): string {
+  return new Date(clock.now()).toISOString().replace(/\.\d+Z$/, 'Z');
+}
+
+function errorMessage(err: unknown): string {
+  return (err instanceof Error ? err.message : String(err)).slice(0, 1024);
+}
+
+/** The Server's compute lifecycle on one node. */
+export class ComputeService {
+  readonly nodeName: string;
+  readonly servers: Informer<ServerObject>;
+  readonly controller: Controller;
+  readonly #o: ComputeOptions;
+  readonly #client: KubeClient;
+  readonly #driver: HypervisorDriver;
+  readonly #events: EventRecorder;
+  readonly #log: Logger;
+  readonly #clock: Clock;
+  readonly #orphanSince = new Map<string, number>();
+  /** Unexpected exits reported by the driver, by guest id, until recorded on the Server. */
+  readonly #exits = new Map<string, GuestExit>();
+  #unsubscribe: (() => void) | undefined;
+  #sweepTimer: TimerHandle | undefined;
+  #stopped = false;
+
+  constructor(o: ComputeOptions) {
+    this.#o = o;
+    this.nodeName = o.nodeName;
+    this.#client = o.manager.client;
+    this.#driver = o.driver;
+    this.#events = o.events;
+    this.#clock = o.clock ?? systemClock;
+    this.#log = (o.logger ?? o.manager.logger ?? silentLogger()).child({ node: o.nodeName });
+    const labelSelector = `${SERVER_NODE_LABEL}=${o.nodeName}`;
+    this.servers = o.manager.addInformer(
+      `servers|${labelSelector}`,
+      Informer.forResource<ServerObject>(this.#client, SERVERS, {
+        labelSelector,
+        resyncPeriodMs: o.resyncMs ?? 60_000,
+        logger: this.#log,
+        clock: this.#clock,
+      }),
+    );
+    this.servers.addIndex('uid', (s) => (s.metadata?.uid ? [s.metadata.uid] : []));
+    this.controller = o.manager.addController({
+      name: `compute/${o.nodeName}`,
+      reconcile: (req, ctx) => this.reconcile(req, ctx),
+      maxConcurrentReconciles: o.concurrency ?? 4,
+      rateLimiter: defaultControllerRateLimiter({ baseDelayMs: 1000, maxDelayMs: 300_000 }),
+      logger: this.#log,
+    });
+    this.controller.for(this.servers, { updatePredicate: serverChanged });
+  }
+
+  /** Subscribes to guest exits and starts the orphan sweep (call once the manager has started). */
+  start(): void {
+    this.#unsubscribe = this.#driver.onGuestExit((e) => this.#onExit(e));
+    const sweep = () => {
+      if (this.#stopped) return;
+      void this.sweepOrphans()
+        .catch((err: unknown) => this.#log.warn({ err }, 'orphan sweep failed'))
+        .finally(() => {
+          if (!this.#stopped) this.#sweepTimer = this.#clock.setTimer(sweep, this.#o.orphanSweepMs ?? 60_000);
+        });
+    };
+    sweep();
+  }
+
+  stop(): void {
+    this.#stopped = true;
+    this.#unsubscribe?.();
+    this.#sweepTimer?.cancel();
+  }
+
+  /**
+   * Destroys guests that no Server bound here owns and that have been orphaned for the grace period (a live read
+   * confirms before anything is destroyed). Returns the number destroyed.
+   */
+  async sweepOrphans(): Promise<number> {
+    if (!this.servers.hasSynced()) return 0;
+    const now = this.#clock.now();
+    const grace = this.#o.orphanGraceMs ?? 60_000;
+    const guests = await this.#driver.list();
+    const listed = new Set(guests.map((g) => g.id));
+    for (const id of this.#orphanSince.keys()) if (!listed.has(id)) this.#orphanSince.delete(id);
+    for (const id of this.#exits.keys()) if (!listed.has(id)) this.#exits.delete(id);
+    let destroyed = 0;
+    for (const g of guests) {
+      if (this.servers.byIndex('uid', g.id).length > 0) {
+        this.#orphanSince.delete(g.id);
+        continue;
+      }
+      const since = this.#orphanSince.get(g.id) ?? now;
+      this.#orphanSince.set(g.id, since);
+      if (now - since < grace) continue;
+      const live = await this.#readLive(g.namespace, g.name);
+      if (live?.metadata?.uid === g.id && live.metadata.labels?.[SERVER_NODE_LABEL] === this.nodeName) continue;
+      this.#log.warn({ guest: g.id, server: `${g.namespace}/${g.name}` }, 'destroying an orphaned guest');
+      await this.#driver.destroy(g.id);
+      this.#orphanSince.delete(g.id);
+      this.#exits.delete(g.id);
+      destroyed++;
+    }
+    if (destroyed > 0) this.#o.hypervisor.poke();
+    return destroyed;
+  }
+
+  async reconcile(req: Request, ctx: ReconcileContext): Promise<ReconcileResult> {
+    const cached = this.servers.get(req.name, req.namespace);
+    if (!cached || cached.metadata?.labels?.[SERVER_NODE_LABEL] !== this.nodeName) return this.#gone(req, ctx);
+    let server = parseServer(cached);
+    if (!server) {
+      ctx.log.warn('server does not parse; ignored until it changes');
+      return undefined;
+    }
+    for (let step = 0; step < MAX_STEPS; step++) {
+      const uid = server.metadata.uid;
+      if (!uid) return undefined;
+      const guest = await this.#driver.state(uid);
+      const d = decide(server, guest, this.nodeName);
+      ctx.log.debug({ decision: d, guest: guest?.powerState }, 'step');
+      const next = await this.#step(server, guest, d, ctx);
+      if (!next) return undefined;
+      server = next;
+    }
+    return { requeue: true };
+  }
+
+  // ---- steps ----
+
+  /** Executes one decision; returns the Server to continue with, or undefined when done. */
+  async #step(
+    server: Server,
+    guest: GuestState | undefined,
+    d: Decision,
+    ctx: ReconcileContext,
+  ): Promise<Server | undefined> {
+    const now = nowIso(this.#clock);
+    const date = new Date(this.#clock.now());
+    const uid = server.metadata.uid!;
+    switch (d.kind) {
+      case 'wait':
+        return undefined;
+
+      case 'steady': {
+        const r = await this.#write(server, guest, d, (st, s) => {
+          st.powerState = d.powerState;
+          const updates: ConditionUpdate[] = [{ type: 'Ready', ...d.ready }];
+          if (refusalIsStale(st.conditions as never, s.metadata.generation)) updates.push(NOT_REFUSED);
+          setConditions(st, updates, s.metadata.generation, date);
+        });
+        return r.applied ? undefined : r.server;
+      }
+
+      case 'refuse': {
+        const message = `${d.action}: ${d.reason}`;
+        const previous = server.status?.conditions?.find((c) => c.type === 'ActionRefused');
+        const r = await this.#write(server, guest, d, (st, s) => {
+          if (d.trigger) recordTriggers(st, s, [d.trigger]);
+          if (guest) st.powerState = guest.powerState;
+          setConditions(
+            st,
+            [
+              { type: 'ActionRefused', status: 'True', reason: 'Refused', message },
+              { type: 'Ready', status: 'False', reason: 'ActionRefused', message: d.reason },
+            ],
+            s.metadata.generation,
+            date,
+          );
+        });
+        if (!r.applied) return r.server;
+        if (d.trigger || previous?.status !== 'True' || previous.message !== message) {
+          this.#events.warning(ref(r.server), 'ActionRefused', verbOf(d.action), message);
+        }
+        ctx.log.info({ action: d.action, reason: d.reason }, 'action refused');
+        return d.trigger ? r.server : undefined;
+      }
+
+      case 'destroy': {
+        const r = await this.#write(
+          server,
+          guest,
+          d,
+          (st) => {
+            setStates(st, undefined, 'deleting');
+            st.actions = startAction(st.actions as never, 'delete', now);
+          },
+          true,
+        );
+        if (!r.applied) return r.server;
+        try {
+          await this.#driver.destroy(uid);
+        } catch (err) {
+          await this.#write(r.server, undefined, undefined, (st) => {
+            setStates(st, undefined, undefined);
+            st.actions = finishAction(st.actions as never, 'delete', 'Error', now, errorMessage(err));
+          });
+          this.#events.warning(ref(r.server), 'DeleteFailed', 'Delete', errorMessage(err));
+          throw err;
+        }
+        this.#exits.delete(uid);
+        this.#o.hypervisor.poke();
+        const done = await this.#write(r.server, undefined, undefined, (st, s) => {
+          setStates(st, 'deleted', undefined);
+          st.powerState = 'NOSTATE';
+          st.actions = finishAction(st.actions as never, 'delete', 'Success', now);
+          setConditions(
+            st,
+            [{ type: 'Ready', status: 'False', reason: 'Deleted', message: 'guest destroyed' }],
+            s.metadata.generation,
+            date,
+          );
+        });
+        this.#events.normal(ref(done.server), 'Deleted', 'Delete', `guest destroyed on ${this.nodeName}`);
+        ctx.log.info('guest destroyed');
+        return done.server;
+      }
+
+      case 'releaseFinalizer': {
+        await removeFinalizer(this.#client, SERVERS, server.metadata.name!, server.metadata.namespace, GUEST_FINALIZER);
+        ctx.log.info('guest finalizer released');
+        return undefined;
+      }
+
+      case 'spawn':
+      case 'adopt': {
+        if (!hasFinalizer(server as unknown as KubernetesObject, GUEST_FINALIZER)) {
+          // Before a guest exists: the Server cannot disappear without the agent destroying it.
+          const obj = await addFinalizer(
+            this.#client,
+            SERVERS,
+            server.metadata.name!,
+            server.metadata.namespace,
+            GUEST_FINALIZER,
+          );
+          return parseServer(obj);
+        }
+        return d.kind === 'spawn' ? this.#spawn(server, d.trigger, ctx) : this.#adopt(server, guest!, d.vmState, ctx);
+      }
+
+      case 'recover': {
+        const r = await this.#write(server, guest, d, (st) => {
+          setStates(st, undefined, undefined);
+          st.actions = interruptActions(st.actions as never, now);
+        });
+        if (r.applied) ctx.log.warn({ task: d.task }, 'cleared a task left by an interrupted agent');
+        return r.server;
+      }
+
+      case 'exited': {
+        const exit = this.#exits.get(uid);
+        const running = server.spec.powerState === 'Running';
+        const message = `guest exited on its own (${d.powerState}${exit ? `: ${exit.reason}` : ''})`;
+        const r = await this.#write(server, guest, d, (st, s) => {
+          setStates(st, 'stopped', undefined);
+          st.powerState = d.powerState;
+          st.actions = appendAction(st.actions as never, {
+            action: 'exit',
+            startTime: exit?.at.replace(/\.\d+Z$/, 'Z') ?? now,
+            finishTime: now,
+            result: d.powerState === 'CRASHED' ? 'Error' : 'Success',
+            message,
+          });
+          setConditions(
+            st,
+            [{ type: 'Ready', status: 'False', reason: 'GuestExited', message }],
+            s.metadata.generation,
+            date,
+          );
+        });
+        if (!r.applied) return r.server;
+        this.#exits.delete(uid);
+        this.#events.warning(
+          ref(r.server),
+          'GuestExited',
+          'Exit',
+          running ? `${message}; starting it again (spec.powerState is Running)` : message,
+        );
+        ctx.log.warn({ powerState: d.powerState, reason: exit?.reason }, 'guest exited unexpectedly');
+        return r.server;
+      }
+
+      case 'sync': {
+        const from = server.status?.vmState;
+        const r = await this.#write(server, guest, d, (st) => {
+          setStates(st, d.vmState, undefined);
+          st.powerState = d.powerState;
+        });
+        if (!r.applied) return r.server;
+        const note = `the guest is ${d.powerState}: vm_state ${from} -> ${d.vmState}`;
+        this.#events.warning(ref(r.server), 'StateChanged', 'Sync', note);
+        ctx.log.warn({ from, to: d.vmState }, 'guest changed state outside the agent');
+        return r.server;
+      }
+
+      case 'missing': {
+        const wasMissing = server.status?.conditions?.some((c) => c.type === 'Ready' && c.reason === 'GuestMissing');
+        const message = `no guest for this server on ${this.nodeName}; a hard reboot recreates it`;
+        const r = await this.#write(server, guest, d, (st, s) => {
+          st.powerState = 'NOSTATE';
+          setConditions(
+            st,
+            [{ type: 'Ready', status: 'False', reason: 'GuestMissing', message }],
+            s.metadata.generation,
+            date,
+          );
+        });
+        if (!r.applied) return r.server;
+        if (!wasMissing) this.#events.warning(ref(r.server), 'GuestMissing', 'Sync', message);
+        return undefined;
+      }
+
+      case 'transition':
+        return this.#transition(server, guest, d, ctx);
+    }
+  }
+
+  async #transition(
+    server: Server,
+    guest: GuestState | undefined,
+    d: Extract<Decision, { kind: 'transition' }>,
+    ctx: ReconcileContext,
+  ): Promise<Server | undefined> {
+    const info = TRANSITIONS[d.action];
+    const uid = server.metadata.uid!;
+    const now = nowIso(this.#clock);
+    const date = new Date(this.#clock.now());
+    const started = await this.#write(
+      server,
+      guest,
+      d,
+      (st, s) => {
+        setStates(st, undefined, info.task);
+        st.actions = startAction(st.actions as never, d.action, now);
+        setConditions(st, [inProgress(d.action)], s.metadata.generation, date);
+      },
+      true,
+    );
+    if (!started.applied) return started.server;
+    try {
+      await this.#run(d.action, uid);
+    } catch (err) {
+      const message = errorMessage(err);
+      const after = await this.#driver.state(uid).catch(() => undefined);
+      const failed = await this.#write(started.server, undefined, undefined, (st, s) => {
+        setStates(st, undefined, undefined);
+        if (after) st.powerState = after.powerState;
+        st.actions = finishAction(st.actions as never, d.action, 'Error', nowIso(this.#clock), message);
+        if (d.trigger) recordTriggers(st, s, [d.trigger]);
+        setConditions(
+          st,
+          [{ type: 'Ready', status: 'False', reason: `${info.verb}Failed`, message }],
+          s.metadata.generation,
+          date,
+        );
+      });
+      this.#events.warning(ref(failed.server), `${info.verb}Failed`, info.verb, `${d.action} failed: ${message}`);
+      ctx.log.warn({ err, action: d.action }, 'guest action failed');
+      if (d.trigger) return failed.server; // one-shot: consumed, not retried
+      throw err; // desired state: retried with backoff
+    }
+    const after = await this.#driver.state(uid);
+    const done = await this.#write(started.server, undefined, undefined, (st, s) => {
+      setStates(st, info.target, undefined);
+      st.powerState = after?.powerState ?? 'NOSTATE';
+      st.actions = finishAction(st.actions as never, d.action, 'Success', nowIso(this.#clock));
+      if (d.trigger) recordTriggers(st, s, [d.trigger]);
+      const updates: ConditionUpdate[] = [NOT_REFUSED];
+      if (desiredVmState(s.spec.powerState) === info.target && after) {
+        updates.push({
+          type: 'Ready',
+          status: 'True',
+          reason: s.spec.powerState,
+          message: `guest is ${after.powerState}`,
+        });
+      }
+      setConditions(st, updates, s.metadata.generation, date);
+    });
+    this.#events.normal(ref(done.server), info.done, info.verb, `${d.action} done on ${this.nodeName}`);
+    ctx.log.info({ action: d.action, powerState: after?.powerState }, 'guest action done');
+    return done.server;
+  }
+
+  async #spawn(server: Server, trigger: 'hardReboot' | undefined, ctx: ReconcileContext): Promise<Server | undefined> {
+    const uid = server.metadata.uid!;
+    const action = trigger ?? 'create';
+    const now = nowIso(this.#clock);
+    const decision: Decision = trigger ? { kind: 'spawn', trigger } : { kind: 'spawn' };
+    const started = await this.#write(
+      server,
+      undefined,
+      decision,
+      (st, s) => {
+        setStates(st, undefined, trigger ? 'rebooting_hard' : 'spawning');
+        st.actions = startAction(st.actions as never, action, now);
+        setConditions(st, [inProgress(action)], s.metadata.generation, new Date(this.#clock.now()));
+      },
+      true,
+    );
+    if (!started.applied) return started.server;
+    let state: GuestState;
+    try {
+      const spec = await this.#guestSpec(started.server);
+      state = await this.#driver.spawn(spec);
+    } catch (err) {
+      const message = errorMessage(err);
+      await this.#driver.destroy(uid).catch(() => {}); // leave no half-built guest behind
+      const failed = await this.#write(started.server, undefined, undefined, (st, s) => {
+        const t = nowIso(this.#clock);
+        setStates(st, 'error', undefined);
+        st.powerState = 'NOSTATE';
+        st.fault = { code: 500, message: message.slice(0, 4096), time: t };
+        st.actions = finishAction(st.actions as never, action, 'Error', t, message);
+        recordTriggers(st, s, trigger ? [trigger] : TRIGGERS);
+        setConditions(
+          st,
+          [{ type: 'Ready', status: 'False', reason: 'SpawnFailed', message }],
+          s.metadata.generation,
+          new Date(this.#clock.now()),
+        );
+      });
+      this.#events.warning(ref(failed.server), 'SpawnFailed', 'Spawn', message);
+      ctx.log.warn({ err }, 'spawn failed');
+      return undefined; // ERROR until a hard reboot (or delete)
+    }
+    this.#o.hypervisor.poke();
+    const done = await this.#write(started.server, undefined, undefined, (st, s) => {
+      this.#launched(st, s, state, action, trigger ? [trigger] : TRIGGERS);
+    });
+    this.#events.normal(
+      ref(done.server),
+      trigger ? 'Rebooted' : 'Spawned',
+      'Spawn',
+      `guest ${trigger ? 're-created' : 'spawned'} on ${this.nodeName}${state.pid ? ` (pid ${state.pid})` : ''}`,
+    );
+    ctx.log.info({ pid: state.pid }, 'guest spawned');
+    return done.server;
+  }
+
+  async #adopt(
+    server: Server,
+    guest: GuestState,
+    vmState: NonNullable<Server['status']>['vmState'],
+    ctx: ReconcileContext,
+  ): Promise<Server | undefined> {
+    const r = await this.#write(server, guest, { kind: 'adopt', vmState: vmState! }, (st, s) => {
+      this.#launched(st, s, guest, 'create', TRIGGERS, vmState);
+    });
+    if (!r.applied) return r.server;
+    this.#events.normal(ref(r.server), 'GuestAdopted', 'Spawn', `adopted the existing guest (${guest.powerState})`);
+    ctx.log.info({ powerState: guest.powerState }, 'adopted an existing guest');
+    this.#o.hypervisor.poke();
+    return r.server;
+  }
+
+  /** Status after a successful spawn or adoption. */
+  #launched(
+    st: Status,
+    s: Server,
+    state: GuestState,
+    action: string,
+    triggers: readonly ('softReboot' | 'hardReboot')[],
+    vmState: NonNullable<Server['status']>['vmState'] = 'active',
+  ): void {
+    const now = nowIso(this.#clock);
+    setStates(st, vmState, undefined);
+    st.powerState = state.powerState;
+    st.launchedAt ??= state.startedAt?.replace(/\.\d+Z$/, 'Z') ?? now;
+    const accel = this.#o.hypervisor.accelerator();
+    if (accel) st.accelerator = accel;
+    delete st.fault;
+    st.actions = finishAction(st.actions as never, action, 'Success', now);
+    recordTriggers(st, s, triggers);
+    const updates: ConditionUpdate[] = [NOT_REFUSED];
+    if (desiredVmState(s.spec.powerState) === vmState) {
+      updates.push({
+        type: 'Ready',
+        status: 'True',
+        reason: s.spec.powerState,
+        message: `guest is ${state.powerState}`,
+      });
+    }
+    setConditions(st, updates, s.metadata.generation, new Date(this.#clock.now()));
+  }
+
+  async #run(action: AgentAction, id: string): Promise<void> {
+    const d = this.#driver;
+    switch (action) {
+      case 'start':
+        return d.powerOn(id);
+      case 'stop':
+        return d.powerOff(id, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+      case 'pause':
+        return d.pause(id);
+      case 'unpause':
+        return d.unpause(id);
+      case 'suspend':
+        return d.suspend(id);
+      case 'resume':
+        return d.resume(id);
+      case 'softReboot':
+        return d.reboot(id, { hard: false });
+      case 'hardReboot':
+        return d.reboot(id, { hard: true });
+    }
+  }
+
+  /** What the driver needs to boot the server: sizes from the bound flavor snapshot, the key pair resolved. */
+  async #guestSpec(server: Server): Promise<GuestSpec> {
+    const st = server.status ?? {};
+    const f = st.flavor;
+    if (!f) throw new Error('status.flavor is not set');
+    const ephemeralGiB = toGiB(f.ephemeral ?? '0');
+    const swapMiB = toMiB(f.swap ?? '0');
+    let rootGiB = toGiB(f.disk);
+    // A flavor with disk 0 sizes the root disk to the image; the scheduler's claim says how much that is.
+    if (rootGiB === 0 && st.allocation) {
+      rootGiB = Math.max(0, st.allocation.diskGiB - ephemeralGiB - Math.ceil(swapMiB / 1024));
+    }
+    let keyPair: GuestSpec['keyPair'];
+    const keyName = server.spec.keyPair;
+    if (keyName) {
+      try {
+        const kp = await this.#client.get<KeyPair & KubernetesObject>(KEYPAIRS, keyName, server.metadata.namespace);
+        keyPair = { name: keyName, publicKey: kp.spec.publicKey };
+      } catch (err) {
+        if (isNotFound(err)) throw new Error(`key pair ${keyName} not found`);
+        throw err;
+      }
+    }
+    const image = st.image ?? server.spec.image;
+    return {
+      id: server.metadata.uid!,
+      name: server.metadata.name!,
+      namespace: server.metadata.namespace ?? '',
+      vcpus: f.vcpus,
+      ramMiB: toMiB(f.ram),
+      disk: { rootGiB, ephemeralGiB, swapMiB },
+      ...(image ? { image } : {}),
+      ...(server.spec.userData !== undefined ? { userData: server.spec.userData } : {}),
+      ...(keyPair ? { keyPair } : {}),
+      hostname: server.spec.hostname ?? server.metadata.name!,
+      annotations: { ...(server.metadata.annotations ?? {}) },
+    };
+  }
+
+  /**
+   * updateStatus with the agent's conventions: `mutate` edits the current status; with `check`, the write happens
+   * only if decide() still returns that decision for the object being patched (else nothing is written and the
+   * caller re-decides from the returned object). With `confirm` (steps about to act on the guest), a check that
+   * needed no write (e.g. a retried spawn whose task is already set) is confirmed against a live read, since only a
+   * real write proves through its resourceVersion that the object was current.
+   */
+  async #write(
+    server: Server,
+    guest: GuestState | undefined,
+    check: Decision | undefined,
+    mutate: (st: Status, s: Server) => void,
+    confirm = false,
+  ): Promise<{ server: Server; applied: boolean }> {
+    let applied = false;
+    const want = check && JSON.stringify(check);
+    const fn = (st: Status, obj: ServerObject): Status | undefined => {
+      applied = false;
+      const fresh = parseServer(obj);
+      if (!fresh) return undefined;
+      if (want !== undefined && JSON.stringify(decide(fresh, guest, this.nodeName)) !== want) return undefined;
+      applied = true;
+      mutate(st, fresh);
+      return st;
+    };
+    const passed = server as unknown as ServerObject;
+    let raw = await updateStatus(this.#client, SERVERS, passed, fn);
+    if (confirm && applied && raw === passed) {
+      const live = await this.#client.get<ServerObject>(SERVERS, server.metadata.name!, server.metadata.namespace);
+      if (live.metadata?.resourceVersion !== passed.metadata?.resourceVersion) {
+        raw = await updateStatus(this.#client, SERVERS, live, fn);
+      }
+    }
+    return { server: parseServer(raw) ?? server, applied };
+  }
+
+  /** The Server behind this key is no longer bound here (or gone): destroy its guests on this node. */
+  async #gone(req: Request, ctx: ReconcileContext): Promise<ReconcileResult> {
+    const namespace = req.namespace ?? '';
+    const guests = (await this.#driver.list()).filter((g) => g.namespace === namespace && g.name === req.name);
+    if (guests.length === 0) return undefined;
+    const live = await this.#readLive(namespace, req.name);
+    const boundHere = live?.metadata?.labels?.[SERVER_NODE_LABEL] === this.nodeName;
+    for (const g of guests) {
+      if (live?.metadata?.uid === g.id && boundHere) return { requeueAfter: 2000 }; // the cache is behind
+      await this.#driver.destroy(g.id);
+      this.#exits.delete(g.id);
+      const movedTo = live?.metadata?.labels?.[SERVER_NODE_LABEL];
+      ctx.log.info({ guest: g.id, movedTo }, 'destroyed the guest of a server no longer bound here');
+      if (live && live.metadata?.uid === g.id) {
+        this.#events.normal(
+          { ...live, apiVersion: ServerKind.apiVersion, kind: ServerKind.kind },
+          'GuestRemoved',
+          'Destroy',
+          `guest removed from ${this.nodeName}: the server is ${movedTo ? `bound to ${movedTo}` : 'no longer bound here'}`,
+        );
+      }
+    }
+    this.#o.hypervisor.poke();
+    return undefined;
+  }
+
+  async #readLive(namespace: string, name: string): Promise<ServerObject | undefined> {
+    try {
+      return await this.#client.get<ServerObject>(SERVERS, name, namespace || undefined);
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
+  }
+
+  #onExit(e: GuestExit): void {
+    const owners = this.servers.byIndex('uid', e.id);
+    if (owners.length === 0) return; // an orphan: the sweep handles it
+    this.#exits.set(e.id, e);
+    for (const s of owners) this.controller.enqueue(objectKey(s));
+  }
+}
+
+/** The object an Event is about (informer items and patch results both carry metadata; kind is set here). */
+function ref(server: Server): KubernetesObject {
+  return {
+    apiVersion: ServerKind.apiVersion,
+    kind: ServerKind.kind,
+    metadata: {
+      name: server.metadata.name,
+      namespace: server.metadata.namespace,
+      uid: server.metadata.uid,
+      resourceVersion: server.metadata.resourceVersion,
+    },
+  };
+}
+
+/** Ready while a transition runs: the guest does not match the desired state yet. */
+function inProgress(action: string): ConditionUpdate {
+  return { type: 'Ready', status: 'False', reason: 'TaskInProgress', message: `${action} in progress` };
+}
+
+function verbOf(action: string): string {
+  return TRANSITIONS[action as AgentAction]?.verb ?? action.charAt(0).toUpperCase() + action.slice(1);
+}

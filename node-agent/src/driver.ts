@@ -1,0 +1,161 @@
+// The hypervisor driver interface (Nova's nova.virt.driver.ComputeDriver, reduced to what the node agent uses).
+// The agent talks to guests only through this interface; a driver is one file under drivers/ plus one line in
+// drivers/index.ts. Drivers: fake (in memory, for tests and simulations) and, later, qemu.
+//
+// Rules every driver follows:
+//  - A guest is identified by GuestSpec.id, the Server's uid. There is never more than one guest per id:
+//    spawn() of an id that already exists leaves it alone and returns its state.
+//  - Operations are idempotent towards their target: powerOff of a shut-off guest, unpause of a running guest,
+//    destroy of an unknown id... succeed without doing anything. An operation impossible from the guest's
+//    current state (pause a shut-off guest) throws InvalidGuestStateError; an unknown id throws GuestNotFoundError.
+//  - State comes from the hypervisor, never from the caller: state() and list() describe what really runs.
+//  - A driver persists what it needs to bring a guest back (its definition and disks); guests survive a restart
+//    of the agent, which re-adopts them through list()/state().
+//  - Power states use Nova's names (RUNNING, PAUSED, SHUTDOWN, CRASHED, SUSPENDED; NOSTATE when unknown).
+import type { PowerState } from '../../operator/src/api/index.ts';
+
+/** What to boot: the Server's uid plus everything the guest needs, resolved by the agent. */
+export interface GuestSpec {
+  /** Stable guest id: the Server's metadata.uid. */
+  id: string;
+  /** Server name and namespace (guest naming, logs, orphan matching). */
+  name: string;
+  namespace: string;
+  vcpus: number;
+  ramMiB: number;
+  /** Root disk (0: sized to the image), ephemeral disk (0: none), swap (0: none). */
+  disk: { rootGiB: number; ephemeralGiB: number; swapMiB: number };
+  /** Image to build the root disk from (Image name in the Server's namespace). */
+  image?: string;
+  /** cloud-init user data, as text. */
+  userData?: string;
+  /** Key pair installed for the default user. */
+  keyPair?: { name: string; publicKey: string };
+  /** Guest hostname (defaults to the Server name). */
+  hostname?: string;
+  /** The Server's annotations (drivers may read hints from them, e.g. the fake driver's failure injection). */
+  annotations: Readonly<Record<string, string>>;
+}
+
+/** Observed state of one guest. */
+export interface GuestState {
+  id: string;
+  powerState: PowerState;
+  /** Process id of the guest (the QEMU process), while one exists. */
+  pid?: number;
+  /** When the current guest process started (RFC 3339), while one exists. */
+  startedAt?: string;
+}
+
+/** A guest as list() reports it: state plus the identity and size it was spawned with. */
+export interface GuestInfo extends GuestState {
+  name: string;
+  namespace: string;
+  vcpus: number;
+  ramMiB: number;
+  /** Local disk used: root + ephemeral + swap, in GiB (rounded up). */
+  diskGiB: number;
+}
+
+export type Accelerator = 'kvm' | 'tcg';
+
+/** The host as the driver sees it (Nova get_available_resource + host capabilities). */
+export interface HostInfo {
+  /** Physical resources of the host; ram and disk are byte quantities ("64Gi"). */
+  capacity: { vcpus: number; ram: string; disk: string };
+  cpu: { architecture: string; model?: string; vendor?: string };
+  accelerator: Accelerator;
+  /** Why that accelerator (e.g. "/dev/kvm usable", "fake driver"). */
+  acceleratorReason: string;
+  /** Hypervisor version, e.g. QEMU's. */
+  version?: string;
+}
+
+/** A guest stopped without being asked to (guest-initiated shutdown, crash, QEMU killed). */
+export interface GuestExit {
+  id: string;
+  /** SHUTDOWN for a clean guest shutdown, CRASHED otherwise. */
+  powerState: 'SHUTDOWN' | 'CRASHED';
+  /** RFC 3339. */
+  at: string;
+  reason: string;
+}
+
+export interface PowerOffOptions {
+  /** true: ask the guest (ACPI) first and force it off after timeoutMs; false: force off at once. */
+  graceful: boolean;
+  /** Grace for a graceful power off (Nova shutdown_timeout, 60 s). */
+  timeoutMs: number;
+}
+
+/** Operation names, for failure injection, metrics and messages. */
+export const DRIVER_OPS = [
+  'spawn',
+  'destroy',
+  'powerOff',
+  'powerOn',
+  'reboot',
+  'pause',
+  'unpause',
+  'suspend',
+  'resume',
+] as const;
+export type DriverOp = (typeof DRIVER_OPS)[number];
+
+export interface HypervisorDriver {
+  /** Driver name as reported in Hypervisor status.driver: 'fake', 'qemu'. */
+  readonly name: string;
+  /** Prepares the driver (probe the host, open state directories, re-attach to running guests). */
+  init(): Promise<void>;
+  /** Stops watching guests; guests keep running. */
+  close(): Promise<void>;
+  hostInfo(): Promise<HostInfo>;
+  /** Creates the guest's disks and definition and boots it; resolves once it runs (RUNNING). */
+  spawn(guest: GuestSpec): Promise<GuestState>;
+  /** Stops the guest if needed and removes it with its files. Unknown ids succeed. */
+  destroy(id: string): Promise<void>;
+  powerOff(id: string, opts: PowerOffOptions): Promise<void>;
+  /** Boots a SHUTDOWN or CRASHED guest from its definition. */
+  powerOn(id: string): Promise<void>;
+  /** Soft (ACPI reboot, hard after a timeout) or hard (reset; also boots a guest that is off, paused or suspended). */
+  reboot(id: string, opts: { hard: boolean }): Promise<void>;
+  /** vCPUs stopped, memory kept (QEMU stop / cont). */
+  pause(id: string): Promise<void>;
+  unpause(id: string): Promise<void>;
+  /** State saved to disk and the process ended (managed save) / restored. */
+  suspend(id: string): Promise<void>;
+  resume(id: string): Promise<void>;
+  /** The guest's state, or undefined when no guest with this id exists. */
+  state(id: string): Promise<GuestState | undefined>;
+  list(): Promise<GuestInfo[]>;
+  /** Subscribes to unexpected exits; returns an unsubscribe function. */
+  onGuestExit(listener: (e: GuestExit) => void): () => void;
+}
+
+export class DriverError extends Error {
+  override name = 'DriverError';
+  readonly op: DriverOp;
+  readonly id: string;
+
+  constructor(op: DriverOp, id: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.op = op;
+    this.id = id;
+  }
+}
+
+export class GuestNotFoundError extends DriverError {
+  override name = 'GuestNotFoundError';
+
+  constructor(op: DriverOp, id: string) {
+    super(op, id, `${op}: no guest ${id} on this host`);
+  }
+}
+
+export class InvalidGuestStateError extends DriverError {
+  override name = 'InvalidGuestStateError';
+
+  constructor(op: DriverOp, id: string, state: PowerState) {
+    super(op, id, `${op}: guest ${id} is ${state}`);
+  }
+}

@@ -1,0 +1,323 @@
+// The fake driver (Nova's nova.virt.fake.FakeDriver): guests are entries in a Map with Nova's power-state machine,
+// no processes, no disks. For tests and for simulating many compute nodes in one process. Besides capacity it offers
+// per-operation latency and failure injection:
+//  - opLatencyMs / latencyMs: how long each operation takes (default 0);
+//  - opFailureRate / failureRate: probability that an operation fails (default 0);
+//  - the annotation `fake.stratus.io/fail: spawn,powerOff,...` on a Server makes those operations fail for its guest
+//    (read when the guest is spawned; `spawn` fails the spawn itself);
+//  - crash(id) / shutdownFromGuest(id) stop a guest unexpectedly and emit a GuestExit, as a dying QEMU would.
+// Memory per guest is a few hundred bytes, so a process can simulate many nodes.
+import * as z from 'zod';
+import { byteQuantity, type PowerState } from '../../../operator/src/api/index.ts';
+import { type Clock, sleep, systemClock } from '../../../operator/src/runtime/index.ts';
+import {
+  DRIVER_OPS,
+  DriverError,
+  type DriverOp,
+  type GuestExit,
+  type GuestInfo,
+  GuestNotFoundError,
+  type GuestSpec,
+  type GuestState,
+  type HostInfo,
+  type HypervisorDriver,
+  InvalidGuestStateError,
+  type PowerOffOptions,
+} from '../driver.ts';
+
+export const FAKE_FAIL_ANNOTATION = 'fake.stratus.io/fail';
+
+const DriverOpName = z.enum(DRIVER_OPS);
+
+export const FakeDriverOptions = z.object({
+  vcpus: z.int().min(1).max(100_000).default(16).describe('Host CPUs the fake hypervisor reports.'),
+  ram: byteQuantity('Host memory').default('64Gi').describe('Host memory the fake hypervisor reports.'),
+  disk: byteQuantity('Host local disk').default('1Ti').describe('Host local disk the fake hypervisor reports.'),
+  architecture: z.string().default('x86_64').describe('CPU architecture reported.'),
+  accelerator: z.enum(['kvm', 'tcg']).default('kvm').describe('Accelerator reported.'),
+  latencyMs: z.int().min(0).default(0).describe('Latency of every operation without its own entry in opLatencyMs.'),
+  opLatencyMs: z.partialRecord(DriverOpName, z.int().min(0)).default({}).describe('Latency per operation.'),
+  failureRate: z
+    .number()
+    .min(0)
+    .max(1)
+    .default(0)
+    .describe('Failure probability of every operation without its own entry in opFailureRate.'),
+  opFailureRate: z.partialRecord(DriverOpName, z.number().min(0).max(1)).default({}).describe('Failure probability.'),
+});
+export type FakeDriverOptions = z.input<typeof FakeDriverOptions>;
+
+export interface FakeDriverDeps {
+  clock?: Clock;
+  /** Random numbers in [0, 1) for failure injection (default Math.random). */
+  random?: () => number;
+}
+
+interface FakeGuest {
+  id: string;
+  name: string;
+  namespace: string;
+  vcpus: number;
+  ramMiB: number;
+  diskGiB: number;
+  powerState: PowerState;
+  pid: number | undefined;
+  startedAt: string | undefined;
+  failOps: ReadonlySet<string> | undefined;
+}
+
+/** One entry of the operation log kept for tests (last 200 calls). */
+export interface FakeCall {
+  op: DriverOp;
+  id: string;
+  ok: boolean;
+}
+
+const CALL_LOG = 200;
+
+export class FakeDriver implements HypervisorDriver {
+  readonly name = 'fake';
+  readonly options: z.output<typeof FakeDriverOptions>;
+  readonly #clock: Clock;
+  readonly #random: () => number;
+  readonly #guests = new Map<string, FakeGuest>();
+  readonly #listeners = new Set<(e: GuestExit) => void>();
+  #nextPid = 10_000;
+  /** Most recent operations, oldest first. */
+  readonly calls: FakeCall[] = [];
+
+  constructor(options: FakeDriverOptions = {}, deps: FakeDriverDeps = {}) {
+    this.options = FakeDriverOptions.parse(options);
+    this.#clock = deps.clock ?? systemClock;
+    this.#random = deps.random ?? Math.random;
+  }
+
+  async init(): Promise<void> {}
+
+  async close(): Promise<void> {
+    this.#listeners.clear();
+  }
+
+  async hostInfo(): Promise<HostInfo> {
+    const o = this.options;
+    return {
+      capacity: { vcpus: o.vcpus, ram: o.ram, disk: o.disk },
+      cpu: { architecture: o.architecture, model: 'Fake CPU', vendor: 'Stratus' },
+      accelerator: o.accelerator,
+      acceleratorReason: 'fake driver',
+      version: 'fake-1.0',
+    };
+  }
+
+  async spawn(spec: GuestSpec): Promise<GuestState> {
+    const existing = this.#guests.get(spec.id);
+    if (existing) return stateOf(existing);
+    const failOps = parseFailOps(spec.annotations[FAKE_FAIL_ANNOTATION]);
+    await this.#work('spawn', spec.id, failOps);
+    // A concurrent spawn of the same id may have finished during the latency: still one guest per id.
+    const raced = this.#guests.get(spec.id);
+    if (raced) return stateOf(raced);
+    const g: FakeGuest = {
+      id: spec.id,
+      name: spec.name,
+      namespace: spec.namespace,
+      vcpus: spec.vcpus,
+      ramMiB: spec.ramMiB,
+      diskGiB: spec.disk.rootGiB + spec.disk.ephemeralGiB + Math.ceil(spec.disk.swapMiB / 1024),
+      powerState: 'NOSTATE',
+      pid: undefined,
+      startedAt: undefined,
+      failOps,
+    };
+    this.#boot(g);
+    this.#guests.set(g.id, g);
+    return stateOf(g);
+  }
+
+  async destroy(id: string): Promise<void> {
+    await this.#work('destroy', id, this.#guests.get(id)?.failOps);
+    this.#guests.delete(id);
+  }
+
+  async powerOff(id: string, _opts: PowerOffOptions): Promise<void> {
+    const g = await this.#op('powerOff', id);
+    if (g.powerState === 'SHUTDOWN') return;
+    this.#halt(g, 'SHUTDOWN');
+  }
+
+  async powerOn(id: string): Promise<void> {
+    const g = await this.#op('powerOn', id);
+    if (g.powerState === 'RUNNING') return;
+    if (g.powerState !== 'SHUTDOWN' && g.powerState !== 'CRASHED') {
+      throw new InvalidGuestStateError('powerOn', id, g.powerState);
+    }
+    this.#boot(g);
+  }
+
+  async reboot(id: string, opts: { hard: boolean }): Promise<void> {
+    const g = await this.#op('reboot', id);
+    if (opts.hard) {
+      this.#boot(g); // a hard reboot recreates the guest process from any state
+      return;
+    }
+    if (g.powerState !== 'RUNNING') throw new InvalidGuestStateError('reboot', id, g.powerState);
+  }
+
+  async pause(id: string): Promise<void> {
+    await this.#transition('pause', id, 'RUNNING', 'PAUSED');
+  }
+
+  async unpause(id: string): Promise<void> {
+    await this.#transition('unpause', id, 'PAUSED', 'RUNNING');
+  }
+
+  async suspend(id: string): Promise<void> {
+    const g = await this.#op('suspend', id);
+    if (g.powerState === 'SUSPENDED') return;
+    if (g.powerState !== 'RUNNING') throw new InvalidGuestStateError('suspend', id, g.powerState);
+    this.#halt(g, 'SUSPENDED');
+  }
+
+  async resume(id: string): Promise<void> {
+    const g = await this.#op('resume', id);
+    if (g.powerState === 'RUNNING') return;
+    if (g.powerState !== 'SUSPENDED') throw new InvalidGuestStateError('resume', id, g.powerState);
+    this.#boot(g);
+  }
+
+  async state(id: string): Promise<GuestState | undefined> {
+    const g = this.#guests.get(id);
+    return g && stateOf(g);
+  }
+
+  async list(): Promise<GuestInfo[]> {
+    return [...this.#guests.values()].map((g) => ({
+      ...stateOf(g),
+      name: g.name,
+      namespace: g.namespace,
+      vcpus: g.vcpus,
+      ramMiB: g.ramMiB,
+      diskGiB: g.diskGiB,
+    }));
+  }
+
+  onGuestExit(listener: (e: GuestExit) => void): () => void {
+    this.#listeners.add(listener);
+    return () => {
+      this.#listeners.delete(listener);
+    };
+  }
+
+  // ---- test hooks ----
+
+  /** The guest dies (QEMU killed, guest kernel panic with reboot disabled): CRASHED, and a GuestExit. */
+  crash(id: string, reason = 'guest crashed'): void {
+    const g = this.#guests.get(id);
+    if (!g) throw new GuestNotFoundError('powerOff', id);
+    if (g.powerState !== 'RUNNING' && g.powerState !== 'PAUSED') {
+      throw new InvalidGuestStateError('powerOff', id, g.powerState);
+    }
+    this.#halt(g, 'CRASHED');
+    this.#emit({ id, powerState: 'CRASHED', at: this.#now(), reason });
+  }
+
+  /** The guest powers itself off (`poweroff` inside): SHUTDOWN, and a GuestExit. */
+  shutdownFromGuest(id: string, reason = 'guest powered off'): void {
+    const g = this.#guests.get(id);
+    if (!g) throw new GuestNotFoundError('powerOff', id);
+    if (g.powerState !== 'RUNNING') throw new InvalidGuestStateError('powerOff', id, g.powerState);
+    this.#halt(g, 'SHUTDOWN');
+    this.#emit({ id, powerState: 'SHUTDOWN', at: this.#now(), reason });
+  }
+
+  /** Replaces the operations that fail for one guest (as the annotation would at spawn). */
+  setFailOps(id: string, ops: readonly DriverOp[]): void {
+    const g = this.#guests.get(id);
+    if (g) g.failOps = new Set(ops);
+  }
+
+  /** Number of guests. */
+  get size(): number {
+    return this.#guests.size;
+  }
+
+  // ---- internals ----
+
+  #now(): string {
+    return new Date(this.#clock.now()).toISOString();
+  }
+
+  #boot(g: FakeGuest): void {
+    g.powerState = 'RUNNING';
+    g.pid = this.#nextPid++;
+    g.startedAt = this.#now();
+  }
+
+  #halt(g: FakeGuest, to: PowerState): void {
+    g.powerState = to;
+    g.pid = undefined;
+    g.startedAt = undefined;
+  }
+
+  async #transition(op: DriverOp, id: string, from: PowerState, to: PowerState): Promise<void> {
+    const g = await this.#op(op, id);
+    if (g.powerState === to) return;
+    if (g.powerState !== from) throw new InvalidGuestStateError(op, id, g.powerState);
+    g.powerState = to;
+  }
+
+  /** Latency and failure injection for an operation on an existing guest; returns the guest. */
+  async #op(op: DriverOp, id: string): Promise<FakeGuest> {
+    const before = this.#guests.get(id);
+    if (!before) {
+      this.#log(op, id, false);
+      throw new GuestNotFoundError(op, id);
+    }
+    await this.#work(op, id, before.failOps);
+    const g = this.#guests.get(id);
+    if (!g) throw new GuestNotFoundError(op, id); // destroyed meanwhile
+    return g;
+  }
+
+  async #work(op: DriverOp, id: string, failOps: ReadonlySet<string> | undefined): Promise<void> {
+    const o = this.options;
+    const latency = o.opLatencyMs[op] ?? o.latencyMs;
+    if (latency > 0) await sleep(this.#clock, latency);
+    const rate = o.opFailureRate[op] ?? o.failureRate;
+    const annotated = failOps?.has(op) ?? false;
+    if (annotated || (rate > 0 && this.#random() < rate)) {
+      this.#log(op, id, false);
+      throw new DriverError(op, id, `${op} failed: injected failure (${annotated ? FAKE_FAIL_ANNOTATION : 'rate'})`);
+    }
+    this.#log(op, id, true);
+  }
+
+  #log(op: DriverOp, id: string, ok: boolean): void {
+    this.calls.push({ op, id, ok });
+    if (this.calls.length > CALL_LOG) this.calls.splice(0, this.calls.length - CALL_LOG);
+  }
+
+  #emit(e: GuestExit): void {
+    for (const l of [...this.#listeners]) {
+      queueMicrotask(() => l(e));
+    }
+  }
+}
+
+function stateOf(g: FakeGuest): GuestState {
+  return {
+    id: g.id,
+    powerState: g.powerState,
+    ...(g.pid !== undefined ? { pid: g.pid } : {}),
+    ...(g.startedAt !== undefined ? { startedAt: g.startedAt } : {}),
+  };
+}
+
+function parseFailOps(v: string | undefined): ReadonlySet<string> | undefined {
+  if (!v) return undefined;
+  const ops = v
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
+  return ops.length > 0 ? new Set(ops) : undefined;
+}

@@ -1,0 +1,292 @@
+// The node's Hypervisor object (Nova's compute service record + resource provider). The agent creates it once with
+// spec defaults from its configuration, then keeps status current by server-side apply (field manager
+// stratus-agent): host facts from the driver, allocatable after reservations and allocation ratios, usage of the
+// guests it runs, and lastHeartbeatTime every heartbeatSeconds. status.state and status.status are the operator's.
+import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
+import {
+  type Hypervisor,
+  HypervisorKind,
+  HypervisorSpec,
+  parseBytes,
+  parseMilli,
+  toGiB,
+  toMiB,
+} from '../../operator/src/api/index.ts';
+import {
+  type Clock,
+  type Condition,
+  type GVR,
+  isAlreadyExists,
+  type KubeClient,
+  type Logger,
+  patchStatus,
+  setCondition,
+  silentLogger,
+  systemClock,
+  type TimerHandle,
+} from '../../operator/src/runtime/index.ts';
+import type { Accelerator, GuestInfo, HostInfo, HypervisorDriver } from './driver.ts';
+
+/** Field manager of every status write of the agent on its Hypervisor. */
+export const AGENT_FIELD_MANAGER = 'stratus-agent';
+/** Field manager of the one-time create (so the heartbeat manager owns no spec field). */
+const CREATE_FIELD_MANAGER = 'stratus-agent-create';
+export const HYPERVISORS: GVR = {
+  group: HypervisorKind.group,
+  version: HypervisorKind.version,
+  plural: HypervisorKind.plural,
+};
+
+const MiB = 1024n ** 2n;
+const GiB = 1024n ** 3n;
+
+export interface Amounts {
+  vcpus: number;
+  ram: string;
+  disk: string;
+}
+
+/** floor((capacity − reserved) × ratio), never negative; ratio in thousandths. */
+function limit(capacity: number, reserved: number, ratioMilli: number): number {
+  const usable = capacity - reserved;
+  if (usable <= 0) return 0;
+  return Number((BigInt(usable) * BigInt(ratioMilli)) / 1000n);
+}
+
+/**
+ * What servers may use in total: (capacity − reserved) × allocation ratio, in the scheduler's units (vCPUs, whole
+ * MiB of RAM, whole GiB of disk; capacity rounded down, reservations rounded up), so the Hypervisor shows exactly
+ * the limits placement uses.
+ */
+export function allocatableOf(capacity: Amounts, spec: HypervisorSpec): Amounts {
+  return {
+    vcpus: limit(capacity.vcpus, spec.reserved.vcpus, parseMilli(spec.cpuAllocationRatio)),
+    ram: `${limit(Number(parseBytes(capacity.ram) / MiB), toMiB(spec.reserved.ram), parseMilli(spec.ramAllocationRatio))}Mi`,
+    disk: `${limit(Number(parseBytes(capacity.disk) / GiB), toGiB(spec.reserved.disk), parseMilli(spec.diskAllocationRatio))}Gi`,
+  };
+}
+
+/** Resources of the guests defined on the node (running or not: a stopped server keeps its claim). */
+export function usageOf(guests: readonly GuestInfo[]): Amounts & { servers: number } {
+  let vcpus = 0;
+  let ramMiB = 0;
+  let diskGiB = 0;
+  for (const g of guests) {
+    vcpus += g.vcpus;
+    ramMiB += g.ramMiB;
+    diskGiB += g.diskGiB;
+  }
+  return { vcpus, ram: `${ramMiB}Mi`, disk: `${diskGiB}Gi`, servers: guests.length };
+}
+
+/** The accelerator guests get: spec.accelerator unless auto, and never KVM on a host without it. */
+export function effectiveAccelerator(
+  wanted: HypervisorSpec['accelerator'],
+  host: Pick<HostInfo, 'accelerator' | 'acceleratorReason'>,
+): { accelerator: Accelerator; reason: string } {
+  if (wanted === 'auto') return { accelerator: host.accelerator, reason: host.acceleratorReason };
+  if (wanted === 'tcg') return { accelerator: 'tcg', reason: 'spec.accelerator is tcg' };
+  if (host.accelerator === 'kvm') return { accelerator: 'kvm', reason: 'spec.accelerator is kvm' };
+  return { accelerator: 'tcg', reason: `spec.accelerator is kvm but KVM is unusable: ${host.acceleratorReason}` };
+}
+
+export interface HypervisorReporterOptions {
+  client: KubeClient;
+  nodeName: string;
+  driver: HypervisorDriver;
+  /** Spec of a Hypervisor the agent creates (API defaults fill the rest). */
+  specDefaults: Partial<HypervisorSpec>;
+  /** Labels the Hypervisor must carry (e.g. topology.kubernetes.io/zone). */
+  labels: Readonly<Record<string, string>>;
+  hostIP?: string;
+  heartbeatSeconds: number;
+  agentVersion: string;
+  /** Whether the agent is ready to run servers (caches synced), with a message when not. */
+  readiness: () => { ready: boolean; message: string };
+  logger?: Logger;
+  clock?: Clock;
+}
+
+/** Creates the node's Hypervisor and heartbeats its status. */
+export class HypervisorReporter {
+  readonly name: string;
+  readonly #o: HypervisorReporterOptions;
+  readonly #log: Logger;
+  readonly #clock: Clock;
+  #spec: HypervisorSpec = HypervisorSpec.parse({});
+  #generation: number | undefined;
+  #conditions: Condition[] | undefined;
+  #host: HostInfo | undefined;
+  #usage: (Amounts & { servers: number }) | undefined;
+  #timer: TimerHandle | undefined;
+  #pokeTimer: TimerHandle | undefined;
+  #running: Promise<void> | undefined;
+  #again = false;
+  #stopped = false;
+  /** Successful status writes (for tests and metrics). */
+  heartbeats = 0;
+
+  constructor(o: HypervisorReporterOptions) {
+    this.#o = o;
+    this.name = o.nodeName;
+    this.#log = (o.logger ?? silentLogger()).child({ hypervisor: o.nodeName });
+    this.#clock = o.clock ?? systemClock;
+  }
+
+  /** The spec as last read from the API (API defaults before the first read). */
+  get spec(): HypervisorSpec {
+    return this.#spec;
+  }
+
+  /** The accelerator guests are started with, once host facts are known. */
+  accelerator(): Accelerator | undefined {
+    return this.#host && effectiveAccelerator(this.#spec.accelerator, this.#host).accelerator;
+  }
+
+  /** Creates the Hypervisor if absent (spec from config), else adds missing labels. Leaves an existing spec alone. */
+  async ensure(): Promise<void> {
+    const { client, nodeName, labels } = this.#o;
+    let obj: Hypervisor;
+    try {
+      obj = await client.create<Hypervisor>(
+        HYPERVISORS,
+        {
+          apiVersion: HypervisorKind.apiVersion,
+          kind: HypervisorKind.kind,
+          metadata: { name: nodeName, labels: { ...labels } },
+          spec: this.#o.specDefaults as HypervisorSpec,
+        },
+        { fieldManager: CREATE_FIELD_MANAGER },
+      );
+      this.#log.info('created the Hypervisor');
+    } catch (err) {
+      if (!isAlreadyExists(err)) throw err;
+      obj = await client.get<Hypervisor>(HYPERVISORS, nodeName);
+      const current = obj.metadata.labels ?? {};
+      const missing = Object.fromEntries(Object.entries(labels).filter(([k, v]) => current[k] !== v));
+      if (Object.keys(missing).length > 0) {
+        obj = await client.patch<Hypervisor>(
+          HYPERVISORS,
+          nodeName,
+          undefined,
+          { metadata: { labels: missing } },
+          PatchStrategy.MergePatch,
+          { fieldManager: AGENT_FIELD_MANAGER },
+        );
+      }
+    }
+    this.#observe(obj);
+  }
+
+  /** Reports now and then every heartbeatSeconds. */
+  start(): void {
+    if (this.#timer || this.#stopped) return;
+    const tick = () => {
+      if (this.#stopped) return;
+      void this.report().finally(() => {
+        if (!this.#stopped) this.#timer = this.#clock.setTimer(tick, this.#o.heartbeatSeconds * 1000);
+      });
+    };
+    tick();
+  }
+
+  /** Asks for an early report (usage changed); several pokes within a second make one write. */
+  poke(): void {
+    if (this.#stopped || this.#pokeTimer) return;
+    this.#pokeTimer = this.#clock.setTimer(() => {
+      this.#pokeTimer = undefined;
+      void this.report();
+    }, 1000);
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    this.#timer?.cancel();
+    this.#pokeTimer?.cancel();
+    await this.#running;
+  }
+
+  /** One status write (never throws; failures are logged). Concurrent calls coalesce into one more write. */
+  async report(): Promise<void> {
+    if (this.#running) {
+      this.#again = true;
+      return this.#running;
+    }
+    this.#running = (async () => {
+      do {
+        this.#again = false;
+        await this.#reportOnce();
+      } while (this.#again && !this.#stopped);
+    })().finally(() => {
+      this.#running = undefined;
+    });
+    return this.#running;
+  }
+
+  async #reportOnce(): Promise<void> {
+    let driverProblem: string | undefined;
+    try {
+      this.#host = await this.#o.driver.hostInfo();
+      this.#usage = usageOf(await this.#o.driver.list());
+    } catch (err) {
+      driverProblem = `driver ${this.#o.driver.name}: ${(err as Error).message}`;
+      this.#log.warn({ err }, 'cannot read host facts from the driver');
+    }
+    const readiness = this.#o.readiness();
+    const ready =
+      driverProblem !== undefined
+        ? { status: 'False' as const, reason: 'DriverError', message: driverProblem }
+        : !readiness.ready || !this.#host
+          ? { status: 'False' as const, reason: 'Starting', message: readiness.message || 'reading host facts' }
+          : { status: 'True' as const, reason: 'AgentReady', message: readiness.message };
+    const now = new Date(this.#clock.now());
+    const status: Record<string, unknown> = {
+      ...(this.#o.hostIP ? { hostIP: this.#o.hostIP } : {}),
+      networkBackend: 'linuxbridge',
+      agentVersion: this.#o.agentVersion,
+      driver: this.#o.driver.name,
+      lastHeartbeatTime: now.toISOString().replace(/\.\d+Z$/, 'Z'),
+      ...(this.#generation !== undefined ? { observedGeneration: this.#generation } : {}),
+      conditions: setCondition(this.#conditions, { type: 'Ready', ...ready }, this.#generation, now).filter(
+        (c) => c.type === 'Ready',
+      ),
+    };
+    const host = this.#host;
+    if (host) {
+      const accel = effectiveAccelerator(this.#spec.accelerator, host);
+      Object.assign(status, {
+        accelerator: accel.accelerator,
+        acceleratorReason: accel.reason.slice(0, 1024),
+        cpu: host.cpu,
+        capacity: host.capacity,
+        allocatable: allocatableOf(host.capacity, this.#spec),
+        ...(this.#o.driver.name === 'qemu' && host.version ? { qemuVersion: host.version } : {}),
+      });
+    }
+    if (this.#usage) status.usage = this.#usage;
+    try {
+      const obj = await patchStatus<Hypervisor & KubernetesObject>(
+        this.#o.client,
+        HYPERVISORS,
+        { apiVersion: HypervisorKind.apiVersion, kind: HypervisorKind.kind, metadata: { name: this.#o.nodeName } },
+        status,
+        { fieldManager: AGENT_FIELD_MANAGER },
+      );
+      this.heartbeats++;
+      const generationBefore = this.#generation;
+      this.#observe(obj);
+      // The spec changed since the values were computed (ratios, reservations): report again at once.
+      if (this.#generation !== generationBefore && generationBefore !== undefined) this.#again = true;
+    } catch (err) {
+      this.#log.warn({ err }, 'hypervisor heartbeat failed');
+    }
+  }
+
+  #observe(obj: Hypervisor): void {
+    const parsed = HypervisorSpec.safeParse(obj.spec ?? {});
+    if (parsed.success) this.#spec = parsed.data;
+    else this.#log.warn({ issues: parsed.error.issues }, 'Hypervisor spec is invalid; keeping the previous one');
+    this.#generation = obj.metadata.generation;
+    this.#conditions = obj.status?.conditions as Condition[] | undefined;
+  }
+}

@@ -1,0 +1,76 @@
+// The Stratus node agent: nova-compute for one node (or, with --driver=fake --fake-nodes=N, N simulated nodes).
+// `node node-agent/src/main.ts --help` lists the flags.
+import { KubeConfig } from '@kubernetes/client-node';
+import {
+  ConfigError,
+  configUsage,
+  createLogger,
+  handleSignals,
+  loadConfig,
+  Manager,
+} from '../../operator/src/runtime/index.ts';
+import { AgentConfig, fakeOptionsFrom, NodeAgent, nodeOptionsFrom } from './agent.ts';
+import { createDriver } from './drivers/index.ts';
+
+async function main(): Promise<void> {
+  if (process.argv.includes('--help')) {
+    console.log(`usage: stratus-node-agent [flags]\n\n${configUsage(AgentConfig)}`);
+    return;
+  }
+  let cfg: AgentConfig;
+  try {
+    cfg = loadConfig(AgentConfig);
+    if (cfg.fakeNodes > 1 && cfg.driver !== 'fake') throw new ConfigError(['--fake-nodes needs --driver=fake']);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      console.error(e.message);
+      process.exit(2);
+    }
+    throw e;
+  }
+  const log = createLogger({ level: cfg.logLevel, name: 'stratus-node-agent' });
+  const kc = new KubeConfig();
+  if (cfg.kubeconfig) kc.loadFromFile(cfg.kubeconfig);
+  else kc.loadFromDefault();
+
+  const names =
+    cfg.fakeNodes > 1 ? Array.from({ length: cfg.fakeNodes }, (_, i) => `${cfg.nodeName}-${i}`) : [cfg.nodeName];
+  let drivers: ReturnType<typeof createDriver>[];
+  try {
+    drivers = names.map((nodeName) =>
+      createDriver(cfg.driver, {
+        nodeName,
+        logger: log,
+        ...(cfg.driver === 'fake' ? { fake: fakeOptionsFrom(cfg) } : {}),
+      }),
+    );
+  } catch (e) {
+    console.error((e as Error).message);
+    process.exit(2);
+  }
+
+  // Agents run no leader election: each node's agent is the only writer of its guests.
+  const mgr = new Manager({
+    kubeConfig: kc,
+    logger: log,
+    http: { port: cfg.metricsPort, host: cfg.metricsHost },
+    gracefulShutdownMs: cfg.gracefulShutdownSeconds * 1000,
+  });
+  const common = nodeOptionsFrom(cfg);
+  const agents = names.map((nodeName, i) => new NodeAgent(mgr, { ...common, nodeName, driver: drivers[i]! }));
+  for (let i = 0; i < agents.length; i += 10) await Promise.all(agents.slice(i, i + 10).map((a) => a.init()));
+
+  handleSignals(mgr, {
+    exit: (code) => {
+      void Promise.all(agents.map((a) => a.stop().then(() => a.driver.close()))).finally(() => process.exit(code));
+    },
+  });
+  await mgr.start();
+  for (const a of agents) a.start();
+  log.info({ address: mgr.address(), nodes: names.length, driver: cfg.driver, first: names[0] }, 'node agent started');
+}
+
+main().catch((err: unknown) => {
+  console.error(err);
+  process.exit(1);
+});
