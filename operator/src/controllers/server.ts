@@ -122,9 +122,13 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     mgr.logger.info({ claims: claims.length }, 'claim ledger rebuilt from the API');
   }
 
-  async function writeStatus(server: Server, mutate: (st: Status) => void): Promise<Server> {
+  /**
+   * Read-modify-write of status. `mutate` sees the freshest status (re-read after a conflict) and returns
+   * false to leave it alone, e.g. when the server got bound meanwhile and its status belongs to the agent.
+   */
+  async function writeStatus(server: Server, mutate: (st: Status) => undefined | false): Promise<Server> {
     return updateStatus<Server>(client, SERVERS, server, (st) => {
-      mutate(st as Status);
+      if (mutate(st as Status) === false) return undefined;
       if ((st as Status).vmState)
         (st as Status).status = deriveServerStatus((st as Status).vmState, (st as Status).taskState);
       return st;
@@ -138,6 +142,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
   /** A server that cannot be scheduled yet because something it names is missing. */
   async function waitFor(server: Server, reason: string, message: string) {
     await writeStatus(server, (st) => {
+      if (st.node) return false;
       st.vmState = 'building';
       st.taskState = 'scheduling';
       st.observedGeneration = server.metadata.generation;
@@ -149,6 +154,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
   async function fail(server: Server, reason: string, message: string) {
     const t = new Date(now()).toISOString();
     await writeStatus(server, (st) => {
+      if (st.node) return false;
       st.vmState = 'error';
       delete st.taskState;
       st.fault = { code: reason === 'NoValidHost' ? 500 : 400, message, time: t };
@@ -217,6 +223,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
       // The status is the record of the claim (rebuilt from it after a restart), so it is written first;
       // the label that hands the server to the node's agent follows.
       const bound = await writeStatus(server, (st) => {
+        if (st.node) return false; // bound meanwhile (a previous leader): keep that binding
         st.node = node;
         st.allocation = { vcpus: resources.vcpus, ramMiB: resources.ramMiB, diskGiB: resources.diskGiB };
         st.flavor = {
@@ -240,6 +247,10 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         });
         recordAction(st, 'create', 'InProgress', undefined, t);
       });
+      if (bound.status?.node !== node) {
+        ledger.forget(key);
+        return { requeue: true };
+      }
       await labelNode(bound, node);
       ledger.confirm(key);
     } catch (e) {
@@ -424,6 +435,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     ledger.assume({ server: key, node: target, ...resources, ...(group ? { group } : {}) });
     try {
       const updated = await writeStatus(server, (s) => {
+        if (s.taskState || s.node !== node) return false; // the agent started something meanwhile
         s.node = target;
         s.allocation = { vcpus: resources.vcpus, ramMiB: resources.ramMiB, diskGiB: resources.diskGiB };
         if (resize) {
@@ -447,6 +459,10 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         });
         recordAction(s, action, 'InProgress', `${node} -> ${target}`, t);
       });
+      if (updated.status?.taskState !== 'resize_migrated' || updated.status.node !== target) {
+        ledger.assume(claimOf(updated) ?? { server: key, node, ...resources });
+        return { requeueAfter: 2000 };
+      }
       await labelNode(updated, target);
       ledger.confirm(key);
     } catch (e) {
