@@ -446,7 +446,85 @@ export class ComputeService {
 
       case 'transition':
         return this.#transition(server, guest, d, ctx);
+
+      case 'finishResize':
+        return this.#finishResize(server, guest, d, ctx);
     }
+  }
+
+  /**
+   * Finishes a resize or cold migration the operator placed on this node: a guest of the old size is destroyed
+   * (same-host resize), the guest is spawned with the flavor now in status, and a server that was stopped is
+   * powered off again. Safe to repeat after a crash: a guest that already has the new size is kept.
+   */
+  async #finishResize(
+    server: Server,
+    guest: GuestState | undefined,
+    d: Extract<Decision, { kind: 'finishResize' }>,
+    ctx: ReconcileContext,
+  ): Promise<Server | undefined> {
+    const uid = server.metadata.uid!;
+    const stopped = server.status?.vmState === 'stopped';
+    let state = guest;
+    try {
+      const spec = await this.#guestSpec(server);
+      const info = guest ? (await this.#driver.list()).find((g) => g.id === uid) : undefined;
+      if (guest && !(info && info.vcpus === spec.vcpus && info.ramMiB === spec.ramMiB)) {
+        await this.#driver.destroy(uid);
+        state = undefined;
+      }
+      state ??= await this.#driver.spawn(spec);
+      if (stopped && state.powerState !== 'SHUTDOWN') {
+        await this.#driver.powerOff(uid, { graceful: false, timeoutMs: 0 });
+        state = (await this.#driver.state(uid)) ?? state;
+      }
+    } catch (err) {
+      const message = errorMessage(err);
+      const failed = await this.#write(server, undefined, undefined, (st, s) => {
+        const t = nowIso(this.#clock);
+        setStates(st, 'error', undefined);
+        st.powerState = 'NOSTATE';
+        st.fault = { code: 500, message: message.slice(0, 4096), time: t };
+        st.actions = finishAction(st.actions as never, d.action, 'Error', t, message);
+        setConditions(
+          st,
+          [{ type: 'Ready', status: 'False', reason: 'ResizeFailed', message }],
+          s.metadata.generation,
+          new Date(this.#clock.now()),
+        );
+      });
+      this.#events.warning(ref(failed.server), 'ResizeFailed', d.action === 'migrate' ? 'Migrate' : 'Resize', message);
+      return undefined;
+    }
+    this.#o.hypervisor.poke();
+    const final = state;
+    const done = await this.#write(server, undefined, undefined, (st, s) => {
+      const t = nowIso(this.#clock);
+      setStates(st, stopped ? 'stopped' : 'active', undefined);
+      st.powerState = final.powerState;
+      st.actions = finishAction(st.actions as never, d.action, 'Success', t);
+      setConditions(
+        st,
+        [
+          {
+            type: 'Ready',
+            status: 'True',
+            reason: s.spec.powerState,
+            message: `${d.action} finished on ${this.nodeName}`,
+          },
+        ],
+        s.metadata.generation,
+        new Date(this.#clock.now()),
+      );
+    });
+    this.#events.normal(
+      ref(done.server),
+      d.action === 'migrate' ? 'Migrated' : 'Resized',
+      d.action === 'migrate' ? 'Migrate' : 'Resize',
+      `${d.action} finished on ${this.nodeName}`,
+    );
+    ctx.log.info({ action: d.action }, 'resize/migration finished');
+    return done.server;
   }
 
   async #transition(

@@ -487,3 +487,19 @@ describe('decide converges with the fake driver', () => {
     }
   }
 });
+
+describe('resize and migration placed by the operator', () => {
+  it('finishes a resize_migrated task of an active or stopped server, naming the action', () => {
+    const g: GuestState = { id: 'uid-1', powerState: 'RUNNING' };
+    const active = server({ vmState: 'active', taskState: 'resize_migrated' });
+    expect(decide(active, g, NODE)).toEqual({ kind: 'finishResize', action: 'resize' });
+    expect(decide(active, undefined, NODE)).toEqual({ kind: 'finishResize', action: 'resize' });
+    const migrating = server({ vmState: 'stopped', taskState: 'resize_migrated' });
+    migrating.status!.actions = [{ action: 'migrate', startTime: 't', result: 'InProgress' }];
+    expect(decide(migrating, undefined, NODE)).toEqual({ kind: 'finishResize', action: 'migrate' });
+  });
+  it('does not finish one on a server in another state', () => {
+    const paused = server({ vmState: 'paused', taskState: 'resize_migrated' });
+    expect(decide(paused, { id: 'uid-1', powerState: 'PAUSED' }, NODE).kind).not.toBe('finishResize');
+  });
+});

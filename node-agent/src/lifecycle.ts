@@ -118,7 +118,9 @@ export type Decision =
   | { kind: 'missing' }
   | { kind: 'transition'; action: AgentAction; trigger?: Trigger }
   /** A requested action is forbidden from the current state; a trigger's token is consumed. */
-  | { kind: 'refuse'; action: ServerActionName; reason: string; trigger?: Trigger };
+  | { kind: 'refuse'; action: ServerActionName; reason: string; trigger?: Trigger }
+  /** The operator moved or resized the server onto this node (taskState resize_migrated): (re)spawn it at its new size. */
+  | { kind: 'finishResize'; action: 'resize' | 'migrate' };
 
 function wait(reason: string, message: string): Decision {
   return { kind: 'wait', reason, message };
@@ -158,6 +160,10 @@ export function decide(server: Server, guest: GuestState | undefined, nodeName: 
   }
 
   // 4. tasks
+  if (task === 'resize_migrated' && (vm === 'active' || vm === 'stopped')) {
+    const last = [...(st.actions ?? [])].reverse().find((a) => a.action === 'resize' || a.action === 'migrate');
+    return { kind: 'finishResize', action: last?.action === 'migrate' ? 'migrate' : 'resize' };
+  }
   if (task !== undefined) {
     if (AGENT_TASKS.has(task)) return { kind: 'recover', task };
     const t = pendingTriggers(server)[0];
