@@ -117,6 +117,27 @@ describe('Manager', () => {
     expect(m.address()).toBeUndefined();
   });
 
+  it('stop() waits for pending Event writes only until the deadline (API server unreachable)', async () => {
+    const { clock, m } = setup({ http: false });
+    const hang = () => new Promise<never>(() => {});
+    const events = m.eventRecorder({
+      reportingController: 'test',
+      reportingInstance: 'me',
+      sink: { create: hang, patch: hang },
+    });
+    await m.start();
+    events.normal(cm('a'), 'Created', 'Create', 'never written');
+    let stopped = false;
+    const stopping = m.stop(1000).then(() => {
+      stopped = true;
+    });
+    await clock.advance(999);
+    expect(stopped).toBe(false);
+    await clock.advance(1);
+    await stopping;
+    expect(stopped).toBe(true);
+  });
+
   it('without leader election starts controllers right after sync; fails start when caches do not sync', async () => {
     const { m, seen } = setup({ http: false });
     await m.start();

@@ -14,7 +14,7 @@ import { KubeConfig, type KubernetesObject } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import { collectDefaultMetrics, Registry } from 'prom-client';
 import { type GVR, KubeClient } from './client.ts';
-import { type Clock, systemClock } from './clock.ts';
+import { type Clock, systemClock, type TimerHandle } from './clock.ts';
 import { Controller, type ControllerOptions } from './controller.ts';
 import { EventRecorder, type EventRecorderOptions } from './events.ts';
 import { Informer, type InformerOptions, type ResourceInformerOptions } from './informer.ts';
@@ -236,12 +236,22 @@ export class Manager {
     if (this.#stopping) return;
     this.#stopping = true;
     this.logger.info({ deadlineMs }, 'stopping');
+    const deadline = this.#clock.now() + deadlineMs;
     const drained = await Promise.all(this.#controllers.map((c) => c.stop(deadlineMs)));
     if (drained.includes(false)) this.logger.warn('some reconciles did not finish before the shutdown deadline');
     await Promise.all([...this.#informers.values()].map((i) => i.stop()));
     await this.#elector?.stop();
     this.#leading = false;
-    await Promise.all(this.#recorders.map((r) => r.close()));
+    // Pending Event writes get what is left of the deadline: an unreachable API server must not hold up the exit.
+    let timer: TimerHandle | undefined;
+    const flushed = await Promise.race([
+      Promise.all(this.#recorders.map((r) => r.close())).then(() => true),
+      new Promise<boolean>((resolve) => {
+        timer = this.#clock.setTimer(() => resolve(false), deadline - this.#clock.now());
+      }),
+    ]);
+    timer?.cancel();
+    if (!flushed) this.logger.warn('pending events not written before the shutdown deadline');
     await new Promise<void>((resolve) => {
       if (!this.#server) return resolve();
       this.#server.close(() => resolve());
