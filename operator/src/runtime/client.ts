@@ -67,17 +67,20 @@ type Query = Record<string, string | number | boolean | undefined>;
 
 export class KubeClient {
   readonly kubeConfig: KubeConfig;
+  /** Default deadline of one request (list, get, write), in ms. */
+  readonly timeoutMs: number;
   readonly #http = new IsomorphicFetchHttpLibrary();
 
-  constructor(kc: KubeConfig) {
+  constructor(kc: KubeConfig, opts: { timeoutMs?: number } = {}) {
     this.kubeConfig = kc;
+    this.timeoutMs = opts.timeoutMs ?? 60_000;
   }
 
   /** Raw request: JSON body in, parsed JSON out; non-2xx throws ApiException whose body is the parsed V1Status. */
   async request<R>(
     method: HttpMethod,
     path: string,
-    opts: { query?: Query; body?: unknown; contentType?: string; signal?: AbortSignal } = {},
+    opts: { query?: Query; body?: unknown; contentType?: string; signal?: AbortSignal; timeoutMs?: number } = {},
   ): Promise<R> {
     const cluster = this.kubeConfig.getCurrentCluster();
     if (!cluster) throw new Error('kubeconfig has no current cluster');
@@ -89,7 +92,9 @@ export class KubeClient {
       ctx.setHeaderParam('Content-Type', opts.contentType ?? 'application/json');
       ctx.setBody(JSON.stringify(opts.body));
     }
-    if (opts.signal) ctx.setSignal(opts.signal);
+    // No request may hang a worker forever (a half-open connection answers nothing): default 60 s.
+    const timeout = AbortSignal.timeout(opts.timeoutMs ?? this.timeoutMs);
+    ctx.setSignal(opts.signal ? AbortSignal.any([opts.signal, timeout]) : timeout);
     await this.kubeConfig.applySecurityAuthentication(ctx);
     const res = await this.#http.send(ctx).toPromise();
     const text = await res.body.text();
