@@ -1,7 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import { MAX_SERVER_ACTIONS, recordAction, type Server } from '../api/index.ts';
 import { statusMergePatch } from '../runtime/index.ts';
-import { claimOf } from './server.ts';
+import { type Claim, hostStatesFrom, schedule } from '../scheduler/index.ts';
+import { hypervisor, NOW } from '../scheduler/test-fixtures.ts';
+import { claimOf, moveGroup } from './server.ts';
 
 const server = (status: Server['status'], spec: Partial<Server['spec']> = {}): Server =>
   ({
@@ -26,6 +28,64 @@ describe('claimOf', () => {
   it('has none for an unbound server or one without an allocation', () => {
     expect(claimOf(server({}))).toBeUndefined();
     expect(claimOf(server({ node: 'hv1' }))).toBeUndefined();
+  });
+});
+
+describe('moveGroup (resize and migrate keep the server group policy)', () => {
+  const vm = server({ node: 'hv1' }, { serverGroup: 'g' });
+  const member = (name: string, node: string): Claim => ({
+    server: `p1/${name}`,
+    node,
+    vcpus: 1,
+    ramMiB: 512,
+    diskGiB: 1,
+    group: 'p1/g',
+  });
+  const claims = [member('vm', 'hv1'), member('other', 'hv2'), { ...member('stranger', 'hv3'), group: 'p1/h' }];
+  const group = (policy: 'affinity' | 'anti-affinity') => ({
+    metadata: { name: 'g', namespace: 'p1' },
+    spec: { policy, rules: {} },
+  });
+  const hosts = (names: string[]) =>
+    hostStatesFrom(
+      names.map((n) => hypervisor(n)),
+      claims,
+      NOW,
+      { exclude: 'p1/vm' },
+    );
+  const migrate = (policy: 'affinity' | 'anti-affinity', names: string[], c = claims) =>
+    schedule(
+      {
+        server: 'p1/vm',
+        resources: { vcpus: 1, ramMiB: 512, diskGiB: 1 },
+        ignoreHosts: ['hv1'],
+        group: moveGroup(vm, group(policy), c)!,
+      },
+      hosts(names),
+    );
+
+  it('names the hosts of the other members only', () => {
+    expect(moveGroup(vm, group('anti-affinity'), claims)).toEqual({
+      key: 'p1/g',
+      policy: 'anti-affinity',
+      maxServerPerHost: 1,
+      hosts: ['hv2'],
+    });
+    expect(moveGroup(vm, undefined, claims)).toBeUndefined();
+  });
+  it('anti-affinity: a migration skips the hosts of other members, and fails when only those are left', () => {
+    expect(migrate('anti-affinity', ['hv1', 'hv2', 'hv3'])).toMatchObject({ ok: true, host: 'hv3' });
+    expect(migrate('anti-affinity', ['hv1', 'hv2'])).toMatchObject({
+      ok: false,
+      message: expect.stringContaining('ServerGroupAntiAffinityFilter removed 1 (0 left)'),
+    });
+  });
+  it('affinity: a member cannot leave the others, a lone member can move', () => {
+    expect(migrate('affinity', ['hv1', 'hv2', 'hv3'], [member('vm', 'hv1'), member('other', 'hv1')])).toMatchObject({
+      ok: false,
+      message: expect.stringContaining('ServerGroupAffinityFilter removed 2 (0 left)'),
+    });
+    expect(migrate('affinity', ['hv1', 'hv2'], [member('vm', 'hv1')])).toMatchObject({ ok: true, host: 'hv2' });
   });
 });
 

@@ -76,6 +76,23 @@ export function claimOf(server: Server): Claim | undefined {
   };
 }
 
+/**
+ * The server group a resize or migration must keep honouring: the group's policy, with the hosts of the server's
+ * *other* members (its own placement is the one being changed). Undefined when the server is in no group.
+ */
+export function moveGroup(
+  server: Server,
+  group: Pick<ServerGroup, 'metadata' | 'spec'> | undefined,
+  claims: Iterable<Claim>,
+): RequestGroup | undefined {
+  if (!group) return undefined;
+  const policy = groupPolicyOf(group);
+  const key = objectKey(server);
+  const hosts = new Set<string>();
+  for (const c of claims) if (c.group === policy.key && c.server !== key) hosts.add(c.node);
+  return { ...policy, hosts: [...hosts].sort() };
+}
+
 export function registerServerController(mgr: Manager, opts: ServerControllerOptions) {
   const servers = mgr.informer<Server>(SERVERS);
   const flavors = mgr.informer<Flavor>(gvrOf(FlavorKind));
@@ -415,12 +432,19 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
       exclude: key,
       heartbeatGraceSeconds: opts.heartbeatGraceMs / 1000,
     });
+    // The group's policy still applies: an anti-affinity member must not move next to another member, an
+    // affinity member must not leave the others.
+    const groupObj = server.spec.serverGroup
+      ? groups.get(server.spec.serverGroup, server.metadata.namespace)
+      : undefined;
+    const requestGroup = moveGroup(server, groupObj, ledger.claims());
     const req = {
       server: key,
       resources,
       ...(image?.spec?.properties ? { imageProperties: image.spec.properties } : {}),
       ...(server.spec.availabilityZone ? { availabilityZone: server.spec.availabilityZone } : {}),
       ...(server.spec.nodeSelector ? { nodeSelector: server.spec.nodeSelector } : {}),
+      ...(requestGroup ? { group: requestGroup } : {}),
     };
     let result = resize
       ? schedule(
