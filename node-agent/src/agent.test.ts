@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../../operator/src/runtime/index.ts';
-import { AgentConfig, fakeOptionsFrom, nodeOptionsFrom, ZONE_LABEL } from './agent.ts';
+import { AgentConfig, fakeOptionsFrom, nodeOptionsFrom, qemuOptionsFrom, ZONE_LABEL } from './agent.ts';
 import { type ServerObject, serverChanged } from './compute.ts';
 
 const load = (argv: string[], env: Record<string, string> = {}) => loadConfig(AgentConfig, { argv, env });
@@ -33,6 +33,32 @@ describe('AgentConfig', () => {
     expect(n.labels).toEqual({ rack: 'r1', [ZONE_LABEL]: 'az1' });
     expect(n.hostIP).toBe('10.0.0.5');
     expect(n.hypervisorSpec).toMatchObject({ reserved: { vcpus: 0, ram: '512Mi', disk: '0' } });
+  });
+
+  it('passes the qemu driver flags through', () => {
+    expect(qemuOptionsFrom(load(['--node-name=n1']))).toEqual({
+      stateDir: '/var/lib/stratus',
+      accelerator: 'auto',
+      qemuBinary: 'qemu-system-x86_64',
+      launcher: 'direct',
+      powerOffTimeoutMs: 60_000,
+    });
+    const c = load([
+      '--state-dir=/srv/stratus',
+      '--image-cache-dir=/cache',
+      '--launcher=systemd',
+      '--accelerator=tcg',
+      '--power-off-timeout-seconds=5',
+    ]);
+    expect(qemuOptionsFrom(c)).toMatchObject({
+      stateDir: '/srv/stratus',
+      imageCacheDir: '/cache',
+      launcher: 'systemd',
+      accelerator: 'tcg',
+      powerOffTimeoutMs: 5000,
+    });
+    expect(() => load(['--state-dir=relative'])).toThrow(/--state-dir/);
+    expect(() => load(['--launcher=docker'])).toThrow(/--launcher/);
   });
 
   it('rejects bad values naming the flag', () => {

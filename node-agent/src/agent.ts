@@ -17,6 +17,7 @@ import { ComputeService } from './compute.ts';
 import type { HypervisorDriver } from './driver.ts';
 import { FakeDriverOptions } from './drivers/fake.ts';
 import { createDriver, DRIVER_NAMES } from './drivers/index.ts';
+import type { QemuDriverOptions } from './drivers/qemu.ts';
 import { HypervisorReporter } from './hypervisor.ts';
 
 export const ZONE_LABEL = 'topology.kubernetes.io/zone';
@@ -37,7 +38,7 @@ export const AgentConfig = z.object({
   driver: z
     .enum(DRIVER_NAMES)
     .default('qemu')
-    .describe('Hypervisor driver: qemu (not implemented yet) or fake (in-memory guests).'),
+    .describe('Hypervisor driver: qemu (QEMU guests) or fake (in-memory guests).'),
   fakeNodes: z
     .int()
     .min(1)
@@ -82,7 +83,26 @@ export const AgentConfig = z.object({
   accelerator: z
     .enum(['auto', 'kvm', 'tcg'])
     .default('auto')
-    .describe('spec.accelerator of a Hypervisor the agent creates.'),
+    .describe(
+      'Accelerator: auto (KVM when a boot probe works, else TCG), kvm (the qemu driver refuses to start without it) or tcg; also spec.accelerator of a Hypervisor the agent creates.',
+    ),
+  stateDir: z
+    .string()
+    .regex(/^\//, 'must be an absolute path')
+    .default('/var/lib/stratus')
+    .describe('qemu driver: root of the guest directories (guests/<uid>/) and, by default, the image cache.'),
+  imageCacheDir: z
+    .string()
+    .regex(/^\//, 'must be an absolute path')
+    .optional()
+    .describe('qemu driver: image cache directory; default <state-dir>/images.'),
+  qemuBinary: z.string().min(1).default('qemu-system-x86_64').describe('qemu driver: the QEMU system emulator.'),
+  launcher: z
+    .enum(['direct', 'systemd'])
+    .default('direct')
+    .describe(
+      'qemu driver: how QEMU is started so guests outlive the agent: direct (detached child; local runs) or systemd (a transient unit per guest on the host; the DaemonSet).',
+    ),
   cpuAllocationRatio: decimalRatio('spec.cpuAllocationRatio')
     .default('4.0')
     .describe('spec.cpuAllocationRatio of a Hypervisor the agent creates.'),
@@ -338,5 +358,17 @@ export function fakeOptionsFrom(cfg: AgentConfig): FakeDriverOptions {
     opLatencyMs: cfg.fakeOpLatencyMs,
     failureRate: cfg.fakeFailureRate,
     opFailureRate: cfg.fakeOpFailureRate,
+  };
+}
+
+/** The QEMU driver options from the configuration. */
+export function qemuOptionsFrom(cfg: AgentConfig): QemuDriverOptions {
+  return {
+    stateDir: cfg.stateDir,
+    ...(cfg.imageCacheDir ? { imageCacheDir: cfg.imageCacheDir } : {}),
+    accelerator: cfg.accelerator,
+    qemuBinary: cfg.qemuBinary,
+    launcher: cfg.launcher,
+    powerOffTimeoutMs: cfg.powerOffTimeoutSeconds * 1000,
   };
 }

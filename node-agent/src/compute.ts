@@ -15,6 +15,8 @@
 import type { KubernetesObject } from '@kubernetes/client-node';
 import {
   GUEST_FINALIZER,
+  type Image,
+  ImageKind,
   type KeyPair,
   KeyPairKind,
   SERVER_NODE_LABEL,
@@ -47,6 +49,7 @@ import {
   updateStatus,
 } from '../../operator/src/runtime/index.ts';
 import type { GuestExit, GuestSpec, GuestState, HypervisorDriver } from './driver.ts';
+import { ImageError, type ImageErrorReason } from './images/cache.ts';
 import {
   AGENT_TASKS,
   type AgentAction,
@@ -69,6 +72,8 @@ import {
 
 export const SERVERS: GVR = { group: ServerKind.group, version: ServerKind.version, plural: ServerKind.plural };
 const KEYPAIRS: GVR = { group: KeyPairKind.group, version: KeyPairKind.version, plural: KeyPairKind.plural };
+const IMAGES: GVR = { group: ImageKind.group, version: ImageKind.version, plural: ImageKind.plural };
+const SECRETS: GVR = { group: '', version: 'v1', plural: 'secrets' };
 
 /** A Server as the informer holds it (raw JSON; parsed with ServerKind.schema where read). */
 export type ServerObject = KubernetesObject & { spec?: unknown; status?: Record<string, unknown> };
@@ -137,6 +142,26 @@ function nowIso(clock: Clock): string {
 
 function errorMessage(err: unknown): string {
   return (err instanceof Error ? err.message : String(err)).slice(0, 1024);
+}
+
+const IMAGE_REASONS: Record<ImageErrorReason, string> = {
+  DownloadFailed: 'download failed',
+  ChecksumMismatch: 'checksum mismatch',
+  FormatMismatch: 'disk format mismatch',
+  NotADiskImage: 'not a disk image',
+  NoSpace: 'not enough space in the node image cache',
+  TooBig: 'image too big for the root disk of the flavor',
+};
+
+/** Why a spawn failed, for the fault and the SpawnFailed condition: image refusals name the image and the reason. */
+export function spawnFailureMessage(err: unknown, image: string | undefined): string {
+  if (err instanceof ImageError) {
+    return `image ${image ?? '(unknown)'} unusable: ${IMAGE_REASONS[err.reason] ?? err.reason}: ${err.message}`.slice(
+      0,
+      1024,
+    );
+  }
+  return errorMessage(err);
 }
 
 /** The Server's compute lifecycle on one node. */
@@ -479,7 +504,7 @@ export class ComputeService {
         state = (await this.#driver.state(uid)) ?? state;
       }
     } catch (err) {
-      const message = errorMessage(err);
+      const message = spawnFailureMessage(err, server.status?.image ?? server.spec.image);
       const failed = await this.#write(server, undefined, undefined, (st, s) => {
         const t = nowIso(this.#clock);
         setStates(st, 'error', undefined);
@@ -615,7 +640,7 @@ export class ComputeService {
       const spec = await this.#guestSpec(started.server);
       state = await this.#driver.spawn(spec);
     } catch (err) {
-      const message = errorMessage(err);
+      const message = spawnFailureMessage(err, started.server.status?.image ?? started.server.spec.image);
       await this.#driver.destroy(uid).catch(() => {}); // leave no half-built guest behind
       const failed = await this.#write(started.server, undefined, undefined, (st, s) => {
         const t = nowIso(this.#clock);
@@ -678,7 +703,7 @@ export class ComputeService {
     setStates(st, vmState, undefined);
     st.powerState = state.powerState;
     st.launchedAt ??= state.startedAt?.replace(/\.\d+Z$/, 'Z') ?? now;
-    const accel = this.#o.hypervisor.accelerator();
+    const accel = state.accelerator ?? this.#o.hypervisor.accelerator();
     if (accel) st.accelerator = accel;
     delete st.fault;
     st.actions = finishAction(st.actions as never, action, 'Success', now);
@@ -740,20 +765,65 @@ export class ComputeService {
         throw err;
       }
     }
+    const namespace = server.metadata.namespace ?? '';
     const image = st.image ?? server.spec.image;
+    const imageSource = image ? await this.#imageSource(image, namespace) : undefined;
+    const userData = server.spec.userData ?? (await this.#userDataFromSecret(server));
+    const accelerator = this.#o.hypervisor.accelerator();
     return {
       id: server.metadata.uid!,
       name: server.metadata.name!,
-      namespace: server.metadata.namespace ?? '',
+      namespace,
       vcpus: f.vcpus,
       ramMiB: toMiB(f.ram),
       disk: { rootGiB, ephemeralGiB, swapMiB },
       ...(image ? { image } : {}),
-      ...(server.spec.userData !== undefined ? { userData: server.spec.userData } : {}),
+      ...(imageSource ? { imageSource } : {}),
+      ...(userData !== undefined ? { userData } : {}),
       ...(keyPair ? { keyPair } : {}),
       hostname: server.spec.hostname ?? server.metadata.name!,
+      configDrive: server.spec.configDrive,
+      ...(server.spec.metadata ? { metadata: { ...server.spec.metadata } } : {}),
+      ...(accelerator ? { accelerator } : {}),
       annotations: { ...(server.metadata.annotations ?? {}) },
     };
+  }
+
+  /** The Image in the server's namespace as the node's image cache needs it; undefined when it does not exist. */
+  async #imageSource(name: string, namespace: string): Promise<GuestSpec['imageSource']> {
+    let img: Image & KubernetesObject;
+    try {
+      img = await this.#client.get<Image & KubernetesObject>(IMAGES, name, namespace || undefined);
+    } catch (err) {
+      if (isNotFound(err)) return undefined; // drivers that need the image fail the spawn, naming it
+      throw err;
+    }
+    return {
+      name,
+      namespace,
+      uid: img.metadata?.uid ?? '',
+      url: img.spec.source.url,
+      diskFormat: img.spec.diskFormat,
+      ...(img.spec.checksum
+        ? { checksum: { algorithm: img.spec.checksum.algorithm, value: img.spec.checksum.value } }
+        : {}),
+    };
+  }
+
+  /** spec.userDataSecretRef: the key of a Secret in the server's namespace, as text. */
+  async #userDataFromSecret(server: Server): Promise<string | undefined> {
+    const ref = server.spec.userDataSecretRef;
+    if (!ref) return undefined;
+    let secret: KubernetesObject & { data?: Record<string, string>; stringData?: Record<string, string> };
+    try {
+      secret = await this.#client.get(SECRETS, ref.name, server.metadata.namespace);
+    } catch (err) {
+      if (isNotFound(err)) throw new Error(`user data secret ${ref.name} not found`);
+      throw err;
+    }
+    const b64 = secret.data?.[ref.key];
+    if (b64 === undefined) throw new Error(`user data secret ${ref.name} has no key ${ref.key}`);
+    return Buffer.from(b64, 'base64').toString('utf8');
   }
 
   /**

@@ -1,6 +1,6 @@
 // The hypervisor driver interface (Nova's nova.virt.driver.ComputeDriver, reduced to what the node agent uses).
 // The agent talks to guests only through this interface; a driver is one file under drivers/ plus one line in
-// drivers/index.ts. Drivers: fake (in memory, for tests and simulations) and, later, qemu.
+// drivers/index.ts. Drivers: fake (in memory, for tests and simulations) and qemu (docs/design/qemu-driver.md).
 //
 // Rules every driver follows:
 //  - A guest is identified by GuestSpec.id, the Server's uid. There is never more than one guest per id:
@@ -13,6 +13,7 @@
 //    of the agent, which re-adopts them through list()/state().
 //  - Power states use Nova's names (RUNNING, PAUSED, SHUTDOWN, CRASHED, SUSPENDED; NOSTATE when unknown).
 import type { PowerState } from '../../operator/src/api/index.ts';
+import type { ImageSource } from './images/cache.ts';
 
 /** What to boot: the Server's uid plus everything the guest needs, resolved by the agent. */
 export interface GuestSpec {
@@ -27,12 +28,26 @@ export interface GuestSpec {
   disk: { rootGiB: number; ephemeralGiB: number; swapMiB: number };
   /** Image to build the root disk from (Image name in the Server's namespace). */
   image?: string;
+  /**
+   * That Image as the node's image cache downloads it, resolved by the agent from the Image object; undefined when
+   * the object does not exist (drivers that need it fail the spawn).
+   */
+  imageSource?: ImageSource;
   /** cloud-init user data, as text. */
   userData?: string;
   /** Key pair installed for the default user. */
   keyPair?: { name: string; publicKey: string };
   /** Guest hostname (defaults to the Server name). */
   hostname?: string;
+  /** Also attach an OpenStack config drive (label config-2) besides the NoCloud seed. */
+  configDrive?: boolean;
+  /** Server metadata (Nova metadata key/values), visible to the guest through the config drive. */
+  metadata?: Readonly<Record<string, string>>;
+  /**
+   * Accelerator the node's Hypervisor settled on (spec.accelerator against what the host supports). A driver never
+   * uses KVM where it found KVM unusable; undefined: the driver's own choice.
+   */
+  accelerator?: Accelerator;
   /** The Server's annotations (drivers may read hints from them, e.g. the fake driver's failure injection). */
   annotations: Readonly<Record<string, string>>;
 }
@@ -45,6 +60,8 @@ export interface GuestState {
   pid?: number;
   /** When the current guest process started (RFC 3339), while one exists. */
   startedAt?: string;
+  /** Accelerator the guest runs (or last ran) with, when the driver knows it. */
+  accelerator?: Accelerator;
 }
 
 /** A guest as list() reports it: state plus the identity and size it was spawned with. */

@@ -9,7 +9,7 @@ import {
   loadConfig,
   Manager,
 } from '../../operator/src/runtime/index.ts';
-import { AgentConfig, fakeOptionsFrom, NodeAgent, nodeOptionsFrom } from './agent.ts';
+import { AgentConfig, fakeOptionsFrom, NodeAgent, nodeOptionsFrom, qemuOptionsFrom } from './agent.ts';
 import { createDriver } from './drivers/index.ts';
 
 async function main(): Promise<void> {
@@ -41,7 +41,7 @@ async function main(): Promise<void> {
       createDriver(cfg.driver, {
         nodeName,
         logger: log,
-        ...(cfg.driver === 'fake' ? { fake: fakeOptionsFrom(cfg) } : {}),
+        ...(cfg.driver === 'fake' ? { fake: fakeOptionsFrom(cfg) } : { qemu: qemuOptionsFrom(cfg) }),
       }),
     );
   } catch (e) {

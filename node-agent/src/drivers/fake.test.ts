@@ -186,10 +186,10 @@ describe('FakeDriver unexpected exits', () => {
 });
 
 describe('driver registry', () => {
-  it('creates the fake driver and fails clearly for qemu', () => {
+  it('creates the fake and qemu drivers and fails clearly for others', () => {
     const logger = { child: () => logger } as never;
     expect(createDriver('fake', { nodeName: 'n', logger }).name).toBe('fake');
-    expect(() => createDriver('qemu', { nodeName: 'n', logger })).toThrow(/not implemented yet.*--driver=fake/);
-    expect(() => createDriver('xen', { nodeName: 'n', logger })).toThrow(/available: fake/);
+    expect(createDriver('qemu', { nodeName: 'n', logger, qemu: { stateDir: '/tmp/x' } }).name).toBe('qemu');
+    expect(() => createDriver('xen', { nodeName: 'n', logger })).toThrow(/available: fake, qemu/);
   });
 });

@@ -3,6 +3,7 @@ import type { Logger } from 'pino';
 import type { Clock } from '../../../operator/src/runtime/index.ts';
 import type { HypervisorDriver } from '../driver.ts';
 import { FakeDriver, type FakeDriverOptions } from './fake.ts';
+import { QemuDriver, type QemuDriverOptions } from './qemu.ts';
 
 export interface DriverContext {
   /** The node (Hypervisor) the driver serves. */
@@ -11,15 +12,18 @@ export interface DriverContext {
   clock?: Clock;
   /** Options of the fake driver (capacity, latency, failure injection). */
   fake?: FakeDriverOptions;
+  /** Options of the QEMU driver (state directory, launcher, accelerator...). */
+  qemu?: QemuDriverOptions;
 }
 
 export type DriverFactory = (ctx: DriverContext) => HypervisorDriver;
 
 export const DRIVERS: Readonly<Record<string, DriverFactory>> = {
   fake: (ctx) => new FakeDriver(ctx.fake ?? {}, ctx.clock ? { clock: ctx.clock } : {}),
+  qemu: (ctx) => new QemuDriver(ctx.qemu ?? {}, { logger: ctx.logger }),
 };
 
-/** Names a driver may be configured with, including those not implemented yet (they fail in createDriver). */
+/** Names a driver may be configured with. */
 export const DRIVER_NAMES = ['fake', 'qemu'] as const;
 export type DriverName = (typeof DRIVER_NAMES)[number];
 
@@ -27,8 +31,7 @@ export function createDriver(name: string, ctx: DriverContext): HypervisorDriver
   const factory = DRIVERS[name];
   if (!factory) {
     const available = Object.keys(DRIVERS).join(', ');
-    const hint = name === 'qemu' ? ' (the QEMU driver is not implemented yet; run with --driver=fake)' : '';
-    throw new Error(`hypervisor driver "${name}" is not available${hint}; available: ${available}`);
+    throw new Error(`hypervisor driver "${name}" is not available; available: ${available}`);
   }
   return factory(ctx);
 }

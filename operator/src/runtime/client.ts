@@ -315,6 +315,8 @@ export function applyObject<T extends KubernetesObject>(
 export interface FinalizerOptions {
   /** Attempts when the object changed between read and patch (default 5). */
   attempts?: number;
+  /** The object as last seen (e.g. from an informer cache): the first attempt patches it without a GET. */
+  current?: KubernetesObject;
 }
 
 async function patchFinalizers<T extends KubernetesObject>(
@@ -324,11 +326,16 @@ async function patchFinalizers<T extends KubernetesObject>(
   namespace: string | undefined,
   build: (obj: T) => unknown[] | undefined,
   attempts: number,
+  current?: KubernetesObject,
 ): Promise<T> {
   for (let i = 1; ; i++) {
-    const obj = await client.get<T>(gvr, name, namespace);
+    const cached = i === 1 && current?.metadata?.resourceVersion !== undefined;
+    const obj = cached ? (current as T) : await client.get<T>(gvr, name, namespace);
     const ops = build(obj);
-    if (!ops) return obj;
+    if (!ops) {
+      if (cached) continue; // a cached "nothing to do" is confirmed against the live object
+      return obj;
+    }
     const rv = obj.metadata?.resourceVersion;
     try {
       return await client.patch<T>(
@@ -367,6 +374,7 @@ export function addFinalizer<T extends KubernetesObject>(
         : [{ op: 'add', path: '/metadata/finalizers', value: [finalizer] }];
     },
     opts.attempts ?? 5,
+    opts.current,
   );
 }
 
@@ -394,6 +402,7 @@ export function removeFinalizer<T extends KubernetesObject>(
       ];
     },
     opts.attempts ?? 5,
+    opts.current,
   );
 }
 

@@ -1,0 +1,402 @@
+// Unit tests of the QEMU driver's pure parts: systemd launcher argv, guest.json, adoption decisions, host facts,
+// and driver behaviour that needs no QEMU (adoption scan, spawn failures, unknown ids). Real guests:
+// e2e/tests/qemu-driver.test.ts.
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { spawnFailureMessage } from '../compute.ts';
+import { DriverError, GuestNotFoundError, type GuestSpec } from '../driver.ts';
+import { type CachedImage, ImageError } from '../images/cache.ts';
+import { cpuOf, memTotalBytes, qemuVersionOf } from './qemu/host.ts';
+import { resetFailedArgv, SystemdLauncher, systemdRunArgv, unitEnded, unitName } from './qemu/launcher.ts';
+import { guestProcess, isGuestCmdline, type ProcReader, parsePid } from './qemu/proc.ts';
+import { diskGiBOf, type GuestRecord, guestPaths, readRecord, writeRecord } from './qemu/record.ts';
+import { acquireLaunchLock, disksOf, type ImageOps, QemuDriver } from './qemu.ts';
+
+const A = '6b1c3f0e-5a4d-4e8b-9c2f-1a2b3c4d5e6f';
+const B = '7c2d4f1e-6b5e-4f9c-8d3a-2b3c4d5e6f70';
+const C = '8d3e5a2f-7c6f-4a0d-9e4b-3c4d5e6f7081';
+const D = '9e4f6b3a-8d7a-4b1e-8f5c-4d5e6f708192';
+
+function record(id: string, over: Partial<GuestRecord> = {}): GuestRecord {
+  const p = guestPaths('/var/lib/stratus', id);
+  return {
+    version: 1,
+    spec: {
+      id,
+      name: `srv-${id.slice(0, 4)}`,
+      namespace: 'demo',
+      vcpus: 2,
+      ramMiB: 512,
+      disk: { rootGiB: 0, ephemeralGiB: 2, swapMiB: 512 },
+      image: 'cirros',
+      imageSource: {
+        name: 'cirros',
+        namespace: 'demo',
+        uid: 'img-uid',
+        url: 'http://127.0.0.1/cirros.qcow2',
+        diskFormat: 'qcow2',
+        checksum: { algorithm: 'sha256', value: 'a'.repeat(64) },
+      },
+      userData: '#cloud-config\n{}\n',
+      keyPair: { name: 'k', publicKey: 'ssh-ed25519 AAAA test' },
+      hostname: 'h1',
+      configDrive: true,
+      metadata: { role: 'web' },
+      accelerator: 'tcg',
+      annotations: { a: 'b' },
+    },
+    accelerator: 'tcg',
+    cache: 'none',
+    image: {
+      key: 'img-uid-0123',
+      path: '/var/lib/stratus/images/img.qcow2',
+      format: 'qcow2',
+      virtualSize: 5 * 1024 ** 3 + 1,
+      sha256: 'f'.repeat(64),
+    },
+    disks: {
+      root: p.root,
+      rootBytes: 5 * 1024 ** 3 + 1,
+      ephemeral: p.ephemeral,
+      swap: p.swap,
+      seed: p.seed,
+      configDrive: p.configDrive,
+    },
+    createdAt: '2026-01-01T00:00:00.000Z',
+    ...over,
+  };
+}
+
+/** A /proc and pid-file view from tables. */
+function fakeProc(pidFiles: Record<string, string>, procs: Record<number, string[]>): ProcReader {
+  return {
+    readPidFile: async (path) => pidFiles[path],
+    cmdline: async (pid) => procs[pid],
+  };
+}
+
+describe('systemd launcher', () => {
+  const req = {
+    id: A,
+    name: 'web-1',
+    namespace: 'demo',
+    binary: 'qemu-system-x86_64',
+    args: ['-name', 'guest=demo:web-1', '-uuid', A],
+    dir: `/var/lib/stratus/guests/${A}`,
+    logFile: `/var/lib/stratus/guests/${A}/qemu.log`,
+  };
+
+  it('builds a transient unit per guest, in the host namespaces when asked', () => {
+    expect(systemdRunArgv(req, { nsenter: true })).toEqual([
+      'nsenter',
+      '-t',
+      '1',
+      '-m',
+      '-u',
+      '-i',
+      '-p',
+      '--',
+      'systemd-run',
+      `--unit=stratus-guest-${A}.service`,
+      `--description=Stratus guest demo/web-1 (${A})`,
+      '--slice=machine.slice',
+      '--collect',
+      '--quiet',
+      '--property=Type=exec',
+      '--property=KillMode=mixed',
+      '--property=TimeoutStopSec=30',
+      `--property=WorkingDirectory=/var/lib/stratus/guests/${A}`,
+      `--property=StandardOutput=append:/var/lib/stratus/guests/${A}/qemu.log`,
+      `--property=StandardError=append:/var/lib/stratus/guests/${A}/qemu.log`,
+      '--',
+      'qemu-system-x86_64',
+      '-name',
+      'guest=demo:web-1',
+      '-uuid',
+      A,
+    ]);
+    const plain = systemdRunArgv(req, { nsenter: false, slice: 'stratus.slice', stopTimeoutSeconds: 5 });
+    expect(plain[0]).toBe('systemd-run');
+    expect(plain).toContain('--slice=stratus.slice');
+    expect(plain).toContain('--property=TimeoutStopSec=5');
+    expect(plain.slice(plain.indexOf('--') + 1)).toEqual(['qemu-system-x86_64', ...req.args]);
+    expect(unitName(A)).toBe(`stratus-guest-${A}.service`);
+    expect(resetFailedArgv(A, false)).toEqual(['systemctl', 'reset-failed', `stratus-guest-${A}.service`]);
+    expect(() => systemdRunArgv({ ...req, dir: '/x\ny' }, { nsenter: false })).toThrow(/invalid systemd property/);
+  });
+
+  it('clears a failed unit of the same name, then starts the unit', async () => {
+    const calls: string[][] = [];
+    const l = new SystemdLauncher({
+      nsenter: false,
+      run: async (argv) => {
+        calls.push([...argv]);
+        if (argv[1] === 'reset-failed') throw new Error('Unit not loaded');
+        if (argv[1] === 'show') return 'ActiveState=failed\nResult=exit-code\nExecMainStatus=1\n';
+        return '';
+      },
+    });
+    const launched = await l.launch(req);
+    expect(launched.pid).toBeUndefined();
+    expect(calls.map((c) => c.slice(0, 2))).toEqual([
+      ['systemctl', 'reset-failed'],
+      ['systemd-run', `--unit=stratus-guest-${A}.service`],
+    ]);
+    expect(await launched.ended?.()).toBe('unit failed (result exit-code, exit status 1)');
+    expect(calls[2]).toEqual([
+      'systemctl',
+      'show',
+      '--property=ActiveState,Result,ExecMainStatus',
+      `stratus-guest-${A}.service`,
+    ]);
+  });
+});
+
+describe('guest.json', () => {
+  let dir: string;
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'stratus-rec-'));
+  });
+  afterEach(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('round-trips atomically and validates', async () => {
+    const r = record(A, { suspended: { stateFile: '/x/state.bin', at: '2026-01-01T00:00:00Z', bytes: 10 } });
+    const path = join(dir, 'guest.json');
+    await writeRecord(path, r);
+    expect(await readRecord(path)).toEqual(r);
+    expect(await readdir(dir)).toEqual(['guest.json']); // no temporary file left
+    expect(await readRecord(join(dir, 'none.json'))).toBeUndefined();
+    await writeFile(path, JSON.stringify({ ...r, accelerator: 'xen' }));
+    await expect(readRecord(path)).rejects.toThrow(/invalid guest record/);
+    expect(diskGiBOf(r)).toBe(6 + 2 + 1);
+  });
+
+  it('orders the disks root, ephemeral, swap, seed, config drive', () => {
+    const disks = disksOf(record(A));
+    expect(disks.map((d) => [d.id, d.format, d.readOnly, d.bootIndex])).toEqual([
+      ['root', 'qcow2', false, 0],
+      ['ephemeral0', 'qcow2', false, undefined],
+      ['swap', 'qcow2', false, undefined],
+      ['seed', 'raw', true, undefined],
+      ['config-drive', 'raw', true, undefined],
+    ]);
+  });
+});
+
+describe('adoption decision', () => {
+  const pidFile = '/g/qemu.pid';
+  const qemu = (id: string) => ['qemu-system-x86_64', '-name', 'guest=demo:x', '-uuid', id, '-m', '512M'];
+
+  it('is running only when the pid is alive and its command line carries the uuid', async () => {
+    expect(await guestProcess(fakeProc({ [pidFile]: '4242\n' }, { 4242: qemu(A) }), pidFile, A)).toEqual({
+      kind: 'running',
+      pid: 4242,
+    });
+    // pid reused by another guest's QEMU or any other process
+    expect(await guestProcess(fakeProc({ [pidFile]: '4242' }, { 4242: qemu(B) }), pidFile, A)).toMatchObject({
+      kind: 'stopped',
+      why: 'other-process',
+    });
+    expect(await guestProcess(fakeProc({ [pidFile]: '4242' }, { 4242: ['sleep', A] }), pidFile, A)).toMatchObject({
+      kind: 'running',
+    });
+    expect(await guestProcess(fakeProc({ [pidFile]: '4242' }, { 4242: ['bash'] }), pidFile, A)).toMatchObject({
+      kind: 'stopped',
+      why: 'other-process',
+    });
+    // dead, zombie (empty cmdline), no pid file, garbage
+    expect(await guestProcess(fakeProc({ [pidFile]: '4242' }, {}), pidFile, A)).toMatchObject({ why: 'dead' });
+    expect(await guestProcess(fakeProc({ [pidFile]: '4242' }, { 4242: [] }), pidFile, A)).toMatchObject({
+      why: 'dead',
+    });
+    expect(await guestProcess(fakeProc({}, {}), pidFile, A)).toMatchObject({ why: 'no-pidfile' });
+    expect(await guestProcess(fakeProc({ [pidFile]: 'x1' }, {}), pidFile, A)).toMatchObject({ why: 'bad-pidfile' });
+  });
+
+  it('parses pids and matches -uuid exactly', () => {
+    expect(parsePid(' 17\n')).toBe(17);
+    expect(parsePid('0')).toBeUndefined();
+    expect(parsePid('-5')).toBeUndefined();
+    expect(parsePid('99999999999')).toBeUndefined();
+    expect(isGuestCmdline(['q', '-uuid', A.toUpperCase()], A)).toBe(true);
+    expect(isGuestCmdline(['q', '-uuid', B, A], A)).toBe(false);
+    expect(isGuestCmdline([], A)).toBe(false);
+  });
+});
+
+describe('host facts', () => {
+  it('parses /proc/meminfo, /proc/cpuinfo and qemu --version', () => {
+    expect(memTotalBytes('MemTotal:        8140436 kB\nMemFree: 1 kB\n')).toBe(8140436 * 1024);
+    expect(memTotalBytes('nothing')).toBeUndefined();
+    expect(cpuOf('processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n')).toEqual({
+      model: 'AMD EPYC 7B13',
+      vendor: 'AMD',
+    });
+    expect(cpuOf('vendor_id : GenuineIntel\n')).toEqual({ vendor: 'Intel' });
+    expect(qemuVersionOf('QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n')).toBe('7.2.22');
+  });
+});
+
+describe('QemuDriver without QEMU', () => {
+  let stateDir: string;
+  beforeEach(async () => {
+    stateDir = await mkdtemp(join(tmpdir(), 'stratus-qd-'));
+  });
+  afterEach(async () => {
+    await rm(stateDir, { recursive: true, force: true });
+  });
+
+  const image: CachedImage = {
+    key: 'k',
+    path: '/cache/k.qcow2',
+    format: 'qcow2',
+    virtualSize: 1024 ** 3,
+    size: 1000,
+    sha256: 'f'.repeat(64),
+    sourceFormat: 'qcow2',
+  };
+
+  function driver(proc: ProcReader, images: Partial<ImageOps> = {}) {
+    return new QemuDriver(
+      { stateDir, accelerator: 'tcg' },
+      {
+        proc,
+        qemuVersion: async () => '7.2.0',
+        detectAccelerator: async () => ({ accelerator: 'tcg', reason: 'configured: tcg' }),
+        images: {
+          ensure: async () => image,
+          createRootDisk: async () => {},
+          createBlankDisk: async () => {},
+          ...images,
+        },
+      },
+    );
+  }
+
+  const spec = (over: Partial<GuestSpec> = {}): GuestSpec => ({
+    id: A,
+    name: 'web',
+    namespace: 'demo',
+    vcpus: 1,
+    ramMiB: 128,
+    disk: { rootGiB: 1, ephemeralGiB: 0, swapMiB: 0 },
+    image: 'cirros',
+    imageSource: { name: 'cirros', namespace: 'demo', uid: 'u', url: 'http://x/c.qcow2', diskFormat: 'qcow2' },
+    annotations: {},
+    ...over,
+  });
+
+  it('adopts from guest.json and qemu.pid: running, dead, pid reused, suspended; drops unfinished spawns', async () => {
+    const put = async (r: GuestRecord, pid?: number) => {
+      const p = guestPaths(stateDir, r.spec.id);
+      await mkdir(p.dir, { recursive: true });
+      await writeRecord(p.record, r);
+      if (pid) await writeFile(p.pidFile, `${pid}\n`);
+    };
+    await put(record(A), 101); // alive, QMP socket missing: state unknown
+    await put(record(B), 102); // dead
+    await put(record(C), 103); // pid now belongs to something else
+    await put(record(D, { suspended: { stateFile: 'x', at: 'y', bytes: 1 } }));
+    const leftover = guestPaths(stateDir, '0a0b0c0d-1111-4222-8333-444455556666').dir;
+    await mkdir(leftover, { recursive: true });
+    await writeFile(join(leftover, 'root.qcow2'), 'partial');
+    const procs: Record<number, string[]> = { 101: ['qemu', '-uuid', A], 103: ['nginx'] };
+    const pidFiles: Record<string, string> = {};
+    for (const [id, pid] of [
+      [A, '101'],
+      [B, '102'],
+      [C, '103'],
+    ] as const) {
+      pidFiles[guestPaths(stateDir, id).pidFile] = pid;
+    }
+    const d = driver(fakeProc(pidFiles, procs));
+    await d.init();
+    expect((await readdir(join(stateDir, 'guests'))).sort()).toEqual([A, B, C, D].sort());
+    expect(await d.state(A)).toMatchObject({ powerState: 'NOSTATE', pid: 101 });
+    expect(await d.state(B)).toMatchObject({ powerState: 'SHUTDOWN' });
+    expect((await d.state(B))?.pid).toBeUndefined();
+    expect(await d.state(C)).toMatchObject({ powerState: 'SHUTDOWN' });
+    expect(await d.state(D)).toMatchObject({ powerState: 'SUSPENDED' });
+    expect(await d.state('0f0f0f0f-1111-4222-8333-444455556666')).toBeUndefined();
+    const list = await d.list();
+    expect(list).toHaveLength(4);
+    expect(list[0]).toMatchObject({ name: 'srv-6b1c', namespace: 'demo', vcpus: 2, ramMiB: 512, diskGiB: 9 });
+    expect(await d.imagesInUse()).toEqual(new Set(['img-uid-0123']));
+    expect((await d.hostInfo()).accelerator).toBe('tcg');
+    await d.close();
+  });
+
+  it('fails a spawn cleanly: unresolved image, ImageError, disk failure', async () => {
+    const none = fakeProc({}, {});
+    const d = driver(none);
+    await d.init();
+    const { imageSource: _, ...noSource } = spec();
+    await expect(d.spawn(noSource)).rejects.toThrow(/image cirros was not found in namespace demo/);
+    const bad = driver(none, {
+      ensure: async () => {
+        throw new ImageError('ChecksumMismatch', 'sha256 of the data is 00…, expected aa…');
+      },
+    });
+    await bad.init();
+    const err = await bad.spawn(spec()).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ImageError);
+    expect(spawnFailureMessage(err, 'cirros')).toBe(
+      'image cirros unusable: checksum mismatch: sha256 of the data is 00…, expected aa…',
+    );
+    const tooBig = driver(none, {
+      createRootDisk: async () => {
+        throw new ImageError('TooBig', 'virtual size 2 GiB is larger than the root disk of 1 GiB');
+      },
+    });
+    await tooBig.init();
+    await expect(tooBig.spawn(spec())).rejects.toMatchObject({ reason: 'TooBig' });
+    expect(await readdir(join(stateDir, 'guests'))).toEqual([]);
+    await expect(d.spawn(spec({ id: 'not-a-uuid' }))).rejects.toThrow(DriverError);
+  });
+
+  it('treats unknown ids as the interface says', async () => {
+    const d = driver(fakeProc({}, {}));
+    await d.init();
+    await d.destroy(A);
+    await d.destroy('not-a-uuid');
+    await expect(d.powerOn(A)).rejects.toBeInstanceOf(GuestNotFoundError);
+    await expect(d.pause('nope')).rejects.toBeInstanceOf(GuestNotFoundError);
+    expect(await d.list()).toEqual([]);
+  });
+});
+
+describe('launch lock', () => {
+  it('is exclusive while its holder lives and taken over when it is stale', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'stratus-lock-'));
+    try {
+      const path = join(dir, 'launch.lock');
+      await writeFile(path, '999999\n'); // dead holder
+      const release = await acquireLaunchLock(path, fakeProc({}, {}));
+      await release();
+      await writeFile(path, '4242\n'); // live holder
+      await expect(acquireLaunchLock(path, fakeProc({}, { 4242: ['node'] }), 200)).rejects.toThrow(
+        /held by process 4242/,
+      );
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('systemd unit state', () => {
+  it('tells an ended unit from a running one', () => {
+    expect(unitEnded('ActiveState=active\nResult=success\nExecMainStatus=0\n')).toBeUndefined();
+    expect(unitEnded('ActiveState=activating\n')).toBeUndefined();
+    expect(unitEnded('')).toBeUndefined();
+    expect(unitEnded('ActiveState=failed\nResult=exit-code\nExecMainStatus=1\n')).toBe(
+      'unit failed (result exit-code, exit status 1)',
+    );
+    expect(unitEnded('ActiveState=inactive\nResult=success\nExecMainStatus=0')).toBe(
+      'unit inactive (result success, exit status 0)',
+    );
+  });
+});

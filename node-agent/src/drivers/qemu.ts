@@ -1,0 +1,1109 @@
+// The QEMU driver (Nova's libvirt driver without libvirt): one qemu-system-x86_64 process per running guest,
+// driven over QMP. Design notes: docs/design/qemu-driver.md. In short:
+//  - Each guest has a directory <stateDir>/guests/<uid>/ holding guest.json (its definition, written atomically),
+//    its disks (root overlay on the node's cached image, ephemeral, swap), the seed ISOs, the console log and the
+//    QMP/console/VNC sockets, and qemu.pid. destroy() removes the directory.
+//  - QEMU does not live and die with the agent (drivers/qemu/launcher.ts). A driver adopts guests from the
+//    directory: a guest whose qemu.pid names a live process whose command line carries its uuid is running, and the
+//    driver connects to its QMP socket; otherwise it is stopped (SHUTDOWN, or SUSPENDED with a saved state).
+//  - One long-lived QMP connection per running guest carries commands and events; when QEMU exits without the
+//    driver asking, listeners get a GuestExit (guest-shutdown after a guest SHUTDOWN event, crash otherwise).
+//  - Operations on one guest are serialised; a launch takes a lock file and re-checks the pid first, so one uid
+//    never gets two QEMUs (QEMU's own image and pid-file locks are a second line).
+import { constants, createReadStream, createWriteStream } from 'node:fs';
+import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { createServer, type Server as NetServer, connect as netConnect } from 'node:net';
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import { silentLogger } from '../../../operator/src/runtime/index.ts';
+import {
+  type Accelerator,
+  DriverError,
+  type DriverOp,
+  type GuestExit,
+  type GuestInfo,
+  GuestNotFoundError,
+  type GuestSpec,
+  type GuestState,
+  type HostInfo,
+  type HypervisorDriver,
+  InvalidGuestStateError,
+  type PowerOffOptions,
+} from '../driver.ts';
+import { type CachedImage, ImageCache, ImageError, type ImageSource } from '../images/cache.ts';
+import { createBlankDisk, createRootDisk } from '../images/disks.ts';
+import { type AcceleratorDecision, type AcceleratorMode, detectAccelerator } from '../qemu/accel.ts';
+import { type DiskSpec, qemuArgs } from '../qemu/cmdline.ts';
+import { QmpClient, type QmpEvent, type QmpStatus } from '../qemu/qmp.ts';
+import { writeConfigDriveIso } from '../seed/configdrive.ts';
+import { writeNoCloudIso } from '../seed/nocloud.ts';
+import { hostFacts, mebibytes, qemuVersion } from './qemu/host.ts';
+import {
+  DirectLauncher,
+  type Launched,
+  type Launcher,
+  type LauncherName,
+  needsNsenter,
+  SystemdLauncher,
+} from './qemu/launcher.ts';
+import { type GuestProcess, guestProcess, type ProcReader, processOf, procReader, startedAtOf } from './qemu/proc.ts';
+import {
+  diskGiBOf,
+  GUESTS_DIR,
+  GuestId,
+  type GuestPaths,
+  type GuestRecord,
+  guestPaths,
+  MAX_SOCKET_PATH,
+  type RecordedSpec,
+  readRecord,
+  writeRecord,
+} from './qemu/record.ts';
+
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+
+export interface QemuDriverOptions {
+  /** Root of the driver's files (default /var/lib/stratus): guests/<uid>/ and, by default, images/. */
+  stateDir?: string;
+  /** Image cache directory (default <stateDir>/images). */
+  imageCacheDir?: string;
+  /** auto: KVM when a boot probe works, else TCG; kvm: KVM or init fails; tcg: TCG. Default auto. */
+  accelerator?: AcceleratorMode;
+  /** Default qemu-system-x86_64 (from PATH). */
+  qemuBinary?: string;
+  /** How QEMU is started (default direct; systemd for the DaemonSet). */
+  launcher?: LauncherName;
+  /** systemd launcher: run systemd-run through nsenter into PID 1's namespaces (default: when they differ). */
+  nsenter?: boolean;
+  /** Grace of the ACPI power off inside a soft reboot (default 60 s); powerOff gets its own from the caller. */
+  powerOffTimeoutMs?: number;
+  /** Time QEMU gets to come up (pid file + QMP) and, for resume, to load the saved state (default 120 s). */
+  startTimeoutMs?: number;
+  /** Serve the guest display on vnc.sock (adds a VGA adapter). Default true. */
+  vnc?: boolean;
+}
+
+/** What the driver needs from the image cache and disk helpers (injected in tests). */
+export interface ImageOps {
+  ensure(src: ImageSource, opts?: { signal?: AbortSignal }): Promise<CachedImage>;
+  createRootDisk(o: { base: CachedImage; path: string; sizeBytes: number }): Promise<void>;
+  createBlankDisk(o: { path: string; sizeBytes: number }): Promise<void>;
+}
+
+export interface QemuDriverDeps {
+  logger?: Logger;
+  images?: ImageOps;
+  proc?: ProcReader;
+  launcher?: Launcher;
+  detectAccelerator?: (o: { mode: AcceleratorMode; qemuBinary: string }) => Promise<AcceleratorDecision>;
+  /** QEMU's version (default: `<qemuBinary> --version`). */
+  qemuVersion?: () => Promise<string>;
+}
+
+/** A running guest the driver is connected to. */
+interface Live {
+  id: string;
+  pid: number;
+  qmp: QmpClient;
+  /** The driver is ending this process itself: its exit is no GuestExit. */
+  expectExit: boolean;
+  /** The driver closed the connection (close()): the process keeps running. */
+  detached: boolean;
+  /** Data of the last SHUTDOWN event. */
+  shutdown: { guest: boolean; reason: string } | undefined;
+  /** Resolves once the process is gone. */
+  gone: Promise<void>;
+  markGone: () => void;
+}
+
+function errMsg(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+function isoNow(): string {
+  return new Date().toISOString();
+}
+
+/** Guest name for -name: "<namespace>:<name>", restricted to what QEMU accepts. */
+function qemuName(spec: RecordedSpec): string {
+  const raw = `${spec.namespace || 'default'}:${spec.name}`.replace(/[^A-Za-z0-9_.:-]/g, '_');
+  return raw.slice(0, 128);
+}
+
+export class QemuDriver implements HypervisorDriver {
+  readonly name = 'qemu';
+  readonly stateDir: string;
+  readonly imageCacheDir: string;
+  readonly #o: QemuDriverOptions;
+  readonly #log: Logger;
+  readonly #proc: ProcReader;
+  readonly #qemu: string;
+  #images: ImageOps | undefined;
+  #launcher: Launcher | undefined;
+  #accel: AcceleratorDecision | undefined;
+  #version: string | undefined;
+  #cache: 'none' | 'writeback' = 'none';
+  readonly #deps: QemuDriverDeps;
+  readonly #live = new Map<string, Live>();
+  readonly #attaching = new Map<string, Promise<Live | undefined>>();
+  readonly #locks = new Map<string, Promise<void>>();
+  readonly #listeners = new Set<(e: GuestExit) => void>();
+  #closed = false;
+
+  constructor(options: QemuDriverOptions = {}, deps: QemuDriverDeps = {}) {
+    this.#o = options;
+    this.#deps = deps;
+    this.stateDir = options.stateDir ?? '/var/lib/stratus';
+    this.imageCacheDir = options.imageCacheDir ?? join(this.stateDir, 'images');
+    this.#qemu = options.qemuBinary ?? 'qemu-system-x86_64';
+    this.#log = (deps.logger ?? silentLogger()).child({ driver: 'qemu' });
+    this.#proc = deps.proc ?? procReader;
+  }
+
+  /** The accelerator decision made by init(). */
+  get accelerator(): AcceleratorDecision | undefined {
+    return this.#accel;
+  }
+
+  /** The guest directory layout of an id (for tools and tests). */
+  paths(id: string): GuestPaths {
+    return guestPaths(this.stateDir, id);
+  }
+
+  async init(): Promise<void> {
+    this.#closed = false;
+    const guestsDir = join(this.stateDir, GUESTS_DIR);
+    await mkdir(guestsDir, { recursive: true, mode: 0o700 });
+    await mkdir(this.imageCacheDir, { recursive: true, mode: 0o700 });
+    const longest = guestPaths(this.stateDir, '00000000-0000-0000-0000-000000000000').consoleSocket;
+    if (Buffer.byteLength(longest) > MAX_SOCKET_PATH) {
+      throw new Error(
+        `state directory ${this.stateDir} is too long: guest sockets would exceed ${MAX_SOCKET_PATH} bytes`,
+      );
+    }
+    this.#cache = (await supportsODirect(guestsDir)) ? 'none' : 'writeback';
+    if (this.#cache === 'writeback') {
+      this.#log.warn(
+        { dir: guestsDir },
+        'the state directory refuses O_DIRECT (tmpfs?): guest disks use cache=writeback',
+      );
+    }
+    this.#version = await (this.#deps.qemuVersion ?? (() => qemuVersion(this.#qemu)))();
+    const detect = this.#deps.detectAccelerator ?? detectAccelerator;
+    this.#accel = await detect({ mode: this.#o.accelerator ?? 'auto', qemuBinary: this.#qemu });
+    this.#images ??= this.#deps.images ?? {
+      ...bindCache(new ImageCache({ dir: this.imageCacheDir, logger: this.#log })),
+      createRootDisk,
+      createBlankDisk,
+    };
+    if (!this.#launcher) {
+      if (this.#deps.launcher) this.#launcher = this.#deps.launcher;
+      else if (this.#o.launcher === 'systemd') {
+        this.#launcher = new SystemdLauncher({ nsenter: this.#o.nsenter ?? (await needsNsenter()) });
+      } else this.#launcher = new DirectLauncher();
+    }
+    this.#log.info(
+      {
+        stateDir: this.stateDir,
+        qemu: this.#version,
+        accelerator: this.#accel.accelerator,
+        reason: this.#accel.reason,
+        launcher: this.#launcher.name,
+        cache: this.#cache,
+      },
+      'qemu driver ready',
+    );
+    // Adopt: connect to every guest whose QEMU still runs; clear leftovers of spawns interrupted before guest.json.
+    for (const id of await this.#guestIds()) {
+      const p = this.paths(id);
+      let rec: GuestRecord | undefined;
+      try {
+        rec = await readRecord(p.record);
+      } catch (err) {
+        this.#log.error({ err, guest: id }, 'unreadable guest record: guest ignored');
+        continue;
+      }
+      if (!rec) {
+        this.#log.warn({ guest: id, dir: p.dir }, 'removing the files of an interrupted spawn (no guest.json)');
+        await rm(p.dir, { recursive: true, force: true });
+        continue;
+      }
+      const proc = await guestProcess(this.#proc, p.pidFile, id);
+      if (proc.kind === 'running') {
+        const live = await this.#attach(id, proc.pid);
+        this.#log.info({ guest: id, pid: proc.pid, connected: Boolean(live) }, 'adopted a running guest');
+      } else {
+        this.#log.info({ guest: id, why: proc.why }, 'found a stopped guest');
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    this.#listeners.clear();
+    const lives = [...this.#live.values()];
+    this.#live.clear();
+    await Promise.all(
+      lives.map((l) => {
+        l.detached = true;
+        return l.qmp.close().catch(() => {});
+      }),
+    );
+  }
+
+  async hostInfo(): Promise<HostInfo> {
+    const accel = this.#ready();
+    const facts = await hostFacts(this.stateDir);
+    return {
+      capacity: { vcpus: availableParallelism(), ram: mebibytes(facts.ramBytes), disk: mebibytes(facts.diskBytes) },
+      cpu: {
+        architecture: facts.architecture,
+        ...(facts.model ? { model: facts.model } : {}),
+        ...(facts.vendor ? { vendor: facts.vendor } : {}),
+      },
+      accelerator: accel.accelerator,
+      acceleratorReason: accel.reason,
+      ...(this.#version ? { version: this.#version } : {}),
+    };
+  }
+
+  onGuestExit(listener: (e: GuestExit) => void): () => void {
+    this.#listeners.add(listener);
+    return () => {
+      this.#listeners.delete(listener);
+    };
+  }
+
+  /** Keys of the cached images the guests on this node are built on (for ImageCache.evict). */
+  async imagesInUse(): Promise<Set<string>> {
+    const keys = new Set<string>();
+    for (const id of await this.#guestIds()) {
+      const rec = await readRecord(this.paths(id).record).catch(() => undefined);
+      if (rec) keys.add(rec.image.key);
+    }
+    return keys;
+  }
+
+  // ---- spawn / destroy ----
+
+  async spawn(spec: GuestSpec): Promise<GuestState> {
+    const accel = this.#ready();
+    const id = spec.id;
+    if (!GuestId.safeParse(id).success) throw new DriverError('spawn', id, `spawn: guest id ${id} is not a UUID`);
+    return this.#withLock(id, async () => {
+      const p = this.paths(id);
+      const existing = await readRecord(p.record);
+      if (existing) return this.#stateOf(id, existing);
+      const src = spec.imageSource;
+      if (!src) {
+        const what = spec.image ? `image ${spec.image} was not found in namespace ${spec.namespace}` : 'no image';
+        throw new DriverError('spawn', id, `spawn: ${what} (booting from volumes is not supported yet)`);
+      }
+      // Download (or reuse) first: an ImageError leaves nothing behind in the guest directory.
+      const image = await this.#images!.ensure(src);
+      const rootBytes = spec.disk.rootGiB > 0 ? spec.disk.rootGiB * GiB : image.virtualSize;
+      await rm(p.dir, { recursive: true, force: true }); // leftovers of an interrupted spawn
+      await mkdir(p.dir, { recursive: true, mode: 0o700 });
+      let launched = false;
+      try {
+        await this.#images!.createRootDisk({ base: image, path: p.root, sizeBytes: rootBytes });
+        if (spec.disk.ephemeralGiB > 0) {
+          await this.#images!.createBlankDisk({ path: p.ephemeral, sizeBytes: spec.disk.ephemeralGiB * GiB });
+        }
+        if (spec.disk.swapMiB > 0) {
+          await this.#images!.createBlankDisk({ path: p.swap, sizeBytes: spec.disk.swapMiB * MiB });
+        }
+        const hostname = spec.hostname ?? spec.name;
+        const keyPair = spec.keyPair ? { name: spec.keyPair.name, publicKey: spec.keyPair.publicKey } : undefined;
+        await writeNoCloudIso(
+          {
+            instanceId: id,
+            hostname,
+            ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
+            ...(keyPair ? { keyPair } : {}),
+            nics: [],
+          },
+          p.seed,
+        );
+        if (spec.configDrive) {
+          await writeConfigDriveIso(
+            {
+              uuid: id,
+              name: spec.name,
+              hostname,
+              ...(keyPair ? { keyPair } : {}),
+              ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
+              metadata: { ...(spec.metadata ?? {}) },
+              nics: [],
+            },
+            p.configDrive,
+          );
+        }
+        const accelerator: Accelerator =
+          spec.accelerator === 'tcg' || accel.accelerator === 'tcg' ? 'tcg' : (spec.accelerator ?? accel.accelerator);
+        const rec: GuestRecord = {
+          version: 1,
+          spec: recordedSpec(spec),
+          accelerator,
+          cache: this.#cache,
+          image: {
+            key: image.key,
+            path: image.path,
+            format: image.format,
+            virtualSize: image.virtualSize,
+            sha256: image.sha256,
+          },
+          disks: {
+            root: p.root,
+            rootBytes,
+            ...(spec.disk.ephemeralGiB > 0 ? { ephemeral: p.ephemeral } : {}),
+            ...(spec.disk.swapMiB > 0 ? { swap: p.swap } : {}),
+            seed: p.seed,
+            ...(spec.configDrive ? { configDrive: p.configDrive } : {}),
+          },
+          createdAt: isoNow(),
+        };
+        await writeRecord(p.record, rec);
+        launched = true;
+        await this.#launch('spawn', rec);
+        this.#log.info({ guest: id, server: `${spec.namespace}/${spec.name}`, accelerator }, 'guest spawned');
+        return this.#stateOf(id, rec);
+      } catch (err) {
+        if (launched) await this.#kill(id).catch(() => {});
+        await rm(p.dir, { recursive: true, force: true });
+        if (err instanceof DriverError || err instanceof ImageError) throw err;
+        throw new DriverError('spawn', id, `spawn: ${errMsg(err)}`, { cause: err });
+      }
+    });
+  }
+
+  async destroy(id: string): Promise<void> {
+    this.#ready();
+    if (!GuestId.safeParse(id).success) return; // no such guest can exist
+    await this.#withLock(id, async () => {
+      const p = this.paths(id);
+      await this.#kill(id);
+      await rm(p.dir, { recursive: true, force: true });
+      this.#log.info({ guest: id }, 'guest destroyed');
+    });
+  }
+
+  // ---- power ----
+
+  async powerOff(id: string, opts: PowerOffOptions): Promise<void> {
+    await this.#op('powerOff', id, async (rec, live) => {
+      if (live) await this.#stop(live, opts);
+      if (rec.suspended) await rm(rec.suspended.stateFile, { force: true });
+      if (rec.suspended || rec.lastExit) {
+        delete rec.suspended;
+        delete rec.lastExit;
+        await writeRecord(this.paths(id).record, rec);
+      }
+    });
+  }
+
+  async powerOn(id: string): Promise<void> {
+    await this.#op('powerOn', id, async (rec, live) => {
+      if (live) {
+        const s = await live.qmp.queryStatus();
+        if (s.powerState === 'RUNNING') return;
+        throw new InvalidGuestStateError('powerOn', id, s.powerState);
+      }
+      if (rec.suspended) throw new InvalidGuestStateError('powerOn', id, 'SUSPENDED');
+      await this.#start('powerOn', rec);
+    });
+  }
+
+  async reboot(id: string, opts: { hard: boolean }): Promise<void> {
+    await this.#op('reboot', id, async (rec, live) => {
+      if (opts.hard) {
+        if (live) {
+          await live.qmp.reset();
+          const s = await live.qmp.queryStatus();
+          if (s.status === 'paused') await live.qmp.cont();
+          return;
+        }
+        if (rec.suspended) {
+          await rm(rec.suspended.stateFile, { force: true });
+          delete rec.suspended;
+        }
+        await this.#start('reboot', rec);
+        return;
+      }
+      // Soft: no guest agent, so (like libvirt without one) a graceful power off and a fresh start.
+      const s = live ? await live.qmp.queryStatus() : undefined;
+      if (!live || s?.powerState !== 'RUNNING') {
+        throw new InvalidGuestStateError('reboot', id, s?.powerState ?? this.#stoppedState(rec));
+      }
+      await this.#stop(live, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+      await this.#start('reboot', rec);
+    });
+  }
+
+  async pause(id: string): Promise<void> {
+    await this.#op('pause', id, async (rec, live) => {
+      const s = live ? await live.qmp.queryStatus() : undefined;
+      if (s?.powerState === 'PAUSED') return;
+      if (!live || s?.powerState !== 'RUNNING') {
+        throw new InvalidGuestStateError('pause', id, s?.powerState ?? this.#stoppedState(rec));
+      }
+      await live.qmp.stop();
+    });
+  }
+
+  async unpause(id: string): Promise<void> {
+    await this.#op('unpause', id, async (rec, live) => {
+      const s = live ? await live.qmp.queryStatus() : undefined;
+      if (s?.powerState === 'RUNNING') return;
+      if (!live || s?.status !== 'paused') {
+        throw new InvalidGuestStateError('unpause', id, s?.powerState ?? this.#stoppedState(rec));
+      }
+      await live.qmp.cont();
+    });
+  }
+
+  /** Managed save: the guest's state streams into state.bin over a UNIX socket, then QEMU quits. */
+  async suspend(id: string): Promise<void> {
+    await this.#op('suspend', id, async (rec, live) => {
+      if (!live && rec.suspended) return;
+      const s = live ? await live.qmp.queryStatus() : undefined;
+      if (!live || s?.powerState !== 'RUNNING') {
+        throw new InvalidGuestStateError('suspend', id, s?.powerState ?? this.#stoppedState(rec));
+      }
+      const p = this.paths(id);
+      const tmp = `${p.stateFile}.tmp`;
+      await rm(p.migrateSocket, { force: true });
+      let server: NetServer | undefined;
+      let stopped = false;
+      try {
+        await live.qmp.execute('migrate-set-capabilities', {
+          capabilities: [{ capability: 'events', state: true }],
+        });
+        await live.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 * GiB });
+        let received: Promise<void> | undefined;
+        server = createServer((sock) => {
+          // flush: fsync before the stream closes (pipeline resolves after the close).
+          received ??= pipeline(sock, createWriteStream(tmp, { mode: 0o600, flush: true }));
+        });
+        await new Promise<void>((resolve, reject) => {
+          server!.once('error', reject);
+          server!.listen(p.migrateSocket, () => resolve());
+        });
+        const done = live.qmp.waitForEvent('MIGRATION', {
+          timeoutMs: this.#startTimeout(),
+          predicate: (e) => ['completed', 'failed', 'cancelled'].includes(String(e.data.status)),
+        });
+        await live.qmp.stop();
+        stopped = true;
+        await live.qmp.execute('migrate', { uri: `unix:${p.migrateSocket}` });
+        this.#log.debug({ guest: id }, 'suspend: migration started');
+        const ev = await done;
+        this.#log.debug({ guest: id, status: ev.data.status }, 'suspend: migration ended');
+        if (ev.data.status !== 'completed') throw new Error(`saving the guest state: migration ${ev.data.status}`);
+        if (!received) throw new Error('saving the guest state: QEMU never connected');
+        await withTimeout(received, 30_000, 'saving the guest state: the stream did not end');
+        const { size } = await stat(tmp);
+        live.expectExit = true;
+        await this.#stop(live, { graceful: false, timeoutMs: 0 });
+        await rename(tmp, p.stateFile);
+        rec.suspended = { stateFile: p.stateFile, at: isoNow(), bytes: size };
+        delete rec.lastExit;
+        await writeRecord(p.record, rec);
+        this.#log.info({ guest: id, bytes: size }, 'guest suspended (state saved)');
+      } catch (err) {
+        await rm(tmp, { force: true });
+        if (this.#live.get(id) === live && !live.qmp.closed) {
+          live.expectExit = false;
+          if (stopped) await live.qmp.cont().catch(() => {});
+        }
+        throw err;
+      } finally {
+        server?.close();
+        await rm(p.migrateSocket, { force: true });
+      }
+    });
+  }
+
+  async resume(id: string): Promise<void> {
+    await this.#op('resume', id, async (rec, live) => {
+      if (live) {
+        const s = await live.qmp.queryStatus();
+        if (s.powerState === 'RUNNING') return;
+        throw new InvalidGuestStateError('resume', id, s.powerState);
+      }
+      if (!rec.suspended) throw new InvalidGuestStateError('resume', id, this.#stoppedState(rec));
+      await this.#start('resume', rec, { restore: rec.suspended.stateFile });
+      await rm(rec.suspended.stateFile, { force: true });
+      delete rec.suspended;
+      await writeRecord(this.paths(id).record, rec);
+      this.#log.info({ guest: id }, 'guest resumed from its saved state');
+    });
+  }
+
+  // ---- state ----
+
+  async state(id: string): Promise<GuestState | undefined> {
+    if (!GuestId.safeParse(id).success) return undefined;
+    const rec = await readRecord(this.paths(id).record).catch((err: unknown) => {
+      this.#log.warn({ err, guest: id }, 'unreadable guest record');
+      return undefined;
+    });
+    return rec && this.#stateOf(id, rec);
+  }
+
+  async list(): Promise<GuestInfo[]> {
+    const out: GuestInfo[] = [];
+    for (const id of await this.#guestIds()) {
+      const rec = await readRecord(this.paths(id).record).catch(() => undefined);
+      if (!rec) continue;
+      const st = await this.#stateOf(id, rec);
+      out.push({
+        ...st,
+        name: rec.spec.name,
+        namespace: rec.spec.namespace,
+        vcpus: rec.spec.vcpus,
+        ramMiB: rec.spec.ramMiB,
+        diskGiB: diskGiBOf(rec),
+      });
+    }
+    return out;
+  }
+
+  // ---- internals ----
+
+  #ready(): AcceleratorDecision {
+    if (!this.#accel) throw new Error('qemu driver: init() has not run');
+    return this.#accel;
+  }
+
+  #startTimeout(): number {
+    return this.#o.startTimeoutMs ?? 120_000;
+  }
+
+  async #guestIds(): Promise<string[]> {
+    let names: string[];
+    try {
+      names = await readdir(join(this.stateDir, GUESTS_DIR));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+    return names.filter((n) => GuestId.safeParse(n).success).sort();
+  }
+
+  async #withLock<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.#locks.get(id) ?? Promise.resolve();
+    let release!: () => void;
+    const mine = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const chained = prev.then(() => mine);
+    this.#locks.set(id, chained);
+    await prev;
+    try {
+      return await fn();
+    } finally {
+      release();
+      if (this.#locks.get(id) === chained) this.#locks.delete(id);
+    }
+  }
+
+  /** Runs an operation on an existing guest under its lock, with its record and (if it runs) its QMP link. */
+  async #op(op: DriverOp, id: string, fn: (rec: GuestRecord, live: Live | undefined) => Promise<void>): Promise<void> {
+    this.#ready();
+    if (!GuestId.safeParse(id).success) throw new GuestNotFoundError(op, id);
+    await this.#withLock(id, async () => {
+      const rec = await readRecord(this.paths(id).record);
+      if (!rec) throw new GuestNotFoundError(op, id);
+      const proc = await guestProcess(this.#proc, this.paths(id).pidFile, id);
+      let live: Live | undefined;
+      if (proc.kind === 'running') {
+        live = await this.#liveOf(id, proc.pid);
+        if (!live)
+          throw new DriverError(op, id, `${op}: guest ${id} runs (pid ${proc.pid}) but its QMP socket does not answer`);
+      }
+      try {
+        await fn(rec, live);
+      } catch (err) {
+        if (err instanceof DriverError) throw err;
+        throw new DriverError(op, id, `${op}: ${errMsg(err)}`, { cause: err });
+      }
+    });
+  }
+
+  #stoppedState(rec: GuestRecord): 'SHUTDOWN' | 'CRASHED' | 'SUSPENDED' {
+    if (rec.suspended) return 'SUSPENDED';
+    return rec.lastExit?.powerState ?? 'SHUTDOWN';
+  }
+
+  async #stateOf(id: string, rec: GuestRecord): Promise<GuestState> {
+    const p = this.paths(id);
+    const proc = await guestProcess(this.#proc, p.pidFile, id);
+    if (proc.kind !== 'running') return { id, powerState: this.#stoppedState(rec), accelerator: rec.accelerator };
+    const startedAt = await startedAtOf(p.pidFile);
+    const base = { id, pid: proc.pid, ...(startedAt ? { startedAt } : {}), accelerator: rec.accelerator };
+    const live = await this.#liveOf(id, proc.pid);
+    let status: QmpStatus | undefined;
+    if (live) status = await live.qmp.queryStatus({ timeoutMs: 10_000 }).catch(() => undefined);
+    if (!status) {
+      // Alive but not answering (another client holds the QMP socket, or QEMU is exiting): unknown.
+      const again = await processOf(this.#proc, proc.pid, id);
+      if (again.kind !== 'running') return { id, powerState: this.#stoppedState(rec), accelerator: rec.accelerator };
+      return { ...base, powerState: 'NOSTATE' };
+    }
+    return { ...base, powerState: status.powerState };
+  }
+
+  /** The QMP link of a running guest, connecting (adopting) if needed; undefined if QMP does not answer. */
+  async #liveOf(id: string, pid: number): Promise<Live | undefined> {
+    const live = this.#live.get(id);
+    if (live && live.pid === pid && !live.qmp.closed) return live;
+    return this.#attach(id, pid);
+  }
+
+  /** Connects to a guest's QMP socket, sharing an attempt already under way (QEMU serves one client at a time). */
+  #attach(id: string, pid: number, timeoutMs = 5_000): Promise<Live | undefined> {
+    const pending = this.#attaching.get(id);
+    if (pending) return pending;
+    const attempt = this.#connect(id, pid, timeoutMs).finally(() => this.#attaching.delete(id));
+    this.#attaching.set(id, attempt);
+    return attempt;
+  }
+
+  async #connect(id: string, pid: number, timeoutMs = 5_000): Promise<Live | undefined> {
+    if (this.#closed) return undefined;
+    const existing = this.#live.get(id);
+    if (existing && existing.pid === pid && !existing.qmp.closed) return existing;
+    let markGone!: () => void;
+    const gone = new Promise<void>((resolve) => {
+      markGone = resolve;
+    });
+    const qmp = new QmpClient({ commandTimeoutMs: 30_000 });
+    const live: Live = {
+      id,
+      pid,
+      qmp,
+      expectExit: false,
+      detached: false,
+      shutdown: undefined,
+      gone,
+      markGone,
+    };
+    qmp.on('event', (e) => this.#onEvent(live, e));
+    try {
+      await qmp.connect(this.paths(id).qmpSocket, { timeoutMs });
+    } catch (err) {
+      this.#log.warn({ guest: id, pid, err: errMsg(err) }, 'cannot connect to the guest QMP socket');
+      return undefined;
+    }
+    qmp.once('close', () => void this.#onClose(live));
+    this.#live.set(id, live);
+    return live;
+  }
+
+  #onEvent(live: Live, e: QmpEvent): void {
+    if (e.event === 'SHUTDOWN') {
+      live.shutdown = { guest: e.data.guest === true, reason: String(e.data.reason ?? '') };
+    }
+    if (['SHUTDOWN', 'RESET', 'STOP', 'RESUME', 'GUEST_PANICKED', 'SUSPEND', 'WAKEUP'].includes(e.event)) {
+      this.#log.debug({ guest: live.id, event: e.event, data: e.data }, 'qmp event');
+    }
+  }
+
+  /** The QMP connection ended: QEMU exited (or is exiting), or the driver detached. */
+  async #onClose(live: Live): Promise<void> {
+    if (live.detached) return;
+    const dead = await this.#waitDead(live.id, live.pid, 15_000);
+    if (this.#live.get(live.id) === live) this.#live.delete(live.id);
+    if (!dead) {
+      this.#log.warn({ guest: live.id, pid: live.pid }, 'QMP connection lost but QEMU still runs; will reconnect');
+      return;
+    }
+    live.markGone();
+    if (live.expectExit || this.#closed) return;
+    const guestShutdown = live.shutdown?.guest === true && live.shutdown.reason === 'guest-shutdown';
+    const exit: GuestExit = {
+      id: live.id,
+      powerState: guestShutdown ? 'SHUTDOWN' : 'CRASHED',
+      at: isoNow(),
+      reason: guestShutdown ? 'guest-shutdown' : 'crash',
+    };
+    let unexpected = true;
+    await this.#withLock(live.id, async () => {
+      // An operation holding the lock may have been ending this process itself (a failed start-up).
+      if (live.expectExit) {
+        unexpected = false;
+        return;
+      }
+      const p = this.paths(live.id);
+      const rec = await readRecord(p.record).catch(() => undefined);
+      if (!rec) return;
+      const now = await guestProcess(this.#proc, p.pidFile, live.id);
+      if (now.kind === 'running') return; // started again meanwhile
+      rec.lastExit = { powerState: exit.powerState, reason: exit.reason, at: exit.at };
+      await writeRecord(p.record, rec);
+    }).catch((err: unknown) => this.#log.warn({ err, guest: live.id }, 'cannot record the guest exit'));
+    if (!unexpected || this.#closed) return;
+    this.#log.warn({ guest: live.id, pid: live.pid, ...exit, qmpShutdown: live.shutdown }, 'guest exited on its own');
+    for (const l of [...this.#listeners]) {
+      try {
+        l(exit);
+      } catch (err) {
+        this.#log.warn({ err }, 'guest exit listener failed');
+      }
+    }
+  }
+
+  async #waitDead(id: string, pid: number, timeoutMs: number): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      if ((await processOf(this.#proc, pid, id)).kind !== 'running') return true;
+      if (Date.now() >= deadline) return false;
+      await sleep(50);
+    }
+  }
+
+  /** Ends a running QEMU: ACPI power button first when graceful, then quit, then SIGKILL. */
+  async #stop(live: Live, opts: PowerOffOptions): Promise<void> {
+    live.expectExit = true;
+    if (opts.graceful) {
+      const s = await live.qmp.queryStatus().catch(() => undefined);
+      if (s?.powerState === 'RUNNING') {
+        await live.qmp.powerdown().catch(() => {});
+        if (await settles(live.gone, opts.timeoutMs)) return;
+        this.#log.info({ guest: live.id, timeoutMs: opts.timeoutMs }, 'guest ignored the power button; forcing it off');
+      }
+    }
+    if (!live.qmp.closed) await live.qmp.quit({ timeoutMs: 5_000 }).catch(() => {});
+    if (await settles(live.gone, 15_000)) return;
+    if ((await processOf(this.#proc, live.pid, live.id)).kind === 'running') {
+      this.#log.warn({ guest: live.id, pid: live.pid }, 'QEMU did not quit; killing it');
+      try {
+        process.kill(live.pid, 'SIGKILL');
+      } catch {
+        // gone meanwhile
+      }
+    }
+    if (!(await this.#waitDead(live.id, live.pid, 15_000))) {
+      throw new Error(`QEMU (pid ${live.pid}) does not exit`);
+    }
+    live.markGone();
+  }
+
+  /** Stops whatever QEMU runs for this guest, connected or not (destroy, failed spawn). */
+  async #kill(id: string): Promise<void> {
+    const proc = await guestProcess(this.#proc, this.paths(id).pidFile, id);
+    const live = this.#live.get(id);
+    if (live && !live.qmp.closed && (proc.kind !== 'running' || live.pid === proc.pid)) {
+      await this.#stop(live, { graceful: false, timeoutMs: 0 });
+      return;
+    }
+    if (proc.kind !== 'running') return;
+    if (live) live.expectExit = true;
+    try {
+      process.kill(proc.pid, 'SIGKILL');
+    } catch {
+      // gone meanwhile
+    }
+    if (!(await this.#waitDead(id, proc.pid, 15_000))) throw new Error(`QEMU (pid ${proc.pid}) does not exit`);
+  }
+
+  /** Starts a stopped guest (from its definition, or restoring a saved state) and clears its last exit. */
+  async #start(op: DriverOp, rec: GuestRecord, o: { restore?: string } = {}): Promise<void> {
+    if (rec.lastExit) {
+      delete rec.lastExit;
+      await writeRecord(this.paths(rec.spec.id).record, rec);
+    }
+    await this.#launch(op, rec, o);
+  }
+
+  /** Starts QEMU for a guest and waits until it runs. Never starts a second QEMU for the same guest. */
+  async #launch(op: DriverOp, rec: GuestRecord, o: { restore?: string } = {}): Promise<Live> {
+    const id = rec.spec.id;
+    const p = this.paths(id);
+    const unlock = await acquireLaunchLock(p.launchLock, this.#proc);
+    try {
+      const before = await guestProcess(this.#proc, p.pidFile, id);
+      if (before.kind === 'running') {
+        // Someone (another agent instance) started it meanwhile: adopt, never start a second QEMU.
+        const live = await this.#liveOf(id, before.pid);
+        if (live) return live;
+        throw new DriverError(op, id, `${op}: guest ${id} already runs (pid ${before.pid})`);
+      }
+      for (const f of [p.qmpSocket, p.consoleSocket, p.vncSocket, p.migrateSocket, p.pidFile]) {
+        await rm(f, { force: true });
+      }
+      const args = qemuArgs({
+        name: qemuName(rec.spec),
+        uuid: id,
+        accelerator: rec.accelerator,
+        vcpus: rec.spec.vcpus,
+        memoryMiB: rec.spec.ramMiB,
+        qmpSocket: p.qmpSocket,
+        ...(this.#o.vnc === false ? {} : { vncSocket: p.vncSocket }),
+        serial: { socket: p.consoleSocket, log: p.consoleLog },
+        pidFile: p.pidFile,
+        disks: disksOf(rec),
+        ...(o.restore ? { incoming: 'defer' } : {}),
+      });
+      const started = Date.now();
+      const launched = await this.#launcher!.launch({
+        id,
+        name: rec.spec.name,
+        namespace: rec.spec.namespace,
+        binary: this.#qemu,
+        args,
+        dir: p.dir,
+        logFile: p.qemuLog,
+      });
+      let live: Live | undefined;
+      try {
+        const pid = await this.#waitStarted(p, id, launched);
+        live = (await this.#attach(id, pid, 10_000)) ?? (await this.#attach(id, pid, 10_000));
+        if (!live) throw new Error(`QEMU (pid ${pid}) started but its QMP socket does not answer`);
+        if (o.restore) await this.#restore(live, o.restore);
+        const s = await live.qmp.queryStatus();
+        if (s.powerState !== 'RUNNING') throw new Error(`QEMU started but the guest is ${s.status}`);
+        this.#log.info({ guest: id, pid, ms: Date.now() - started, op }, 'QEMU started');
+        return live;
+      } catch (err) {
+        if (live) live.expectExit = true;
+        await this.#kill(id).catch(() => {});
+        const log = await tail(p.qemuLog);
+        throw new DriverError(op, id, `${op}: starting QEMU failed: ${errMsg(err)}${log ? `; qemu: ${log}` : ''}`, {
+          cause: err,
+        });
+      }
+    } finally {
+      await unlock();
+    }
+  }
+
+  /** Waits for the pid file and the QMP socket; fails fast when a direct child exits. */
+  async #waitStarted(p: GuestPaths, id: string, launched: Launched): Promise<number> {
+    const deadline = Date.now() + this.#startTimeout();
+    let exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+    void launched.exited?.then((e) => {
+      exit = e;
+    });
+    let nextPoll = Date.now() + 500;
+    for (;;) {
+      const proc: GuestProcess = await guestProcess(this.#proc, p.pidFile, id);
+      if (proc.kind === 'running' && (await isSocket(p.qmpSocket))) return proc.pid;
+      if (exit) throw new Error(`QEMU exited during start-up (${exit.code ?? exit.signal})`);
+      if (launched.ended && Date.now() >= nextPoll) {
+        nextPoll = Date.now() + 1000;
+        const why = await launched.ended();
+        if (why) throw new Error(`QEMU exited during start-up: ${why}`);
+      }
+      if (Date.now() >= deadline) throw new Error(`QEMU did not come up within ${this.#startTimeout()} ms`);
+      await sleep(25);
+    }
+  }
+
+  /** Feeds a saved state into a QEMU started with -incoming defer, then lets the guest run. */
+  async #restore(live: Live, stateFile: string): Promise<void> {
+    const p = this.paths(live.id);
+    await live.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+    const done = live.qmp.waitForEvent('MIGRATION', {
+      timeoutMs: this.#startTimeout(),
+      predicate: (e) => ['completed', 'failed', 'cancelled'].includes(String(e.data.status)),
+    });
+    await live.qmp.execute('migrate-incoming', { uri: `unix:${p.migrateSocket}` });
+    const sock = netConnect({ path: p.migrateSocket });
+    await new Promise<void>((resolve, reject) => {
+      sock.once('connect', () => resolve());
+      sock.once('error', reject);
+    });
+    try {
+      const [ev] = await Promise.all([done, pipeline(createReadStream(stateFile), sock)]);
+      if (ev.data.status !== 'completed') throw new Error(`restoring the saved state: migration ${ev.data.status}`);
+    } finally {
+      sock.destroy();
+      await rm(p.migrateSocket, { force: true });
+    }
+    const s = await live.qmp.queryStatus();
+    if (s.status !== 'running') await live.qmp.cont();
+  }
+}
+
+function recordedSpec(spec: GuestSpec): RecordedSpec {
+  const { id, name, namespace, vcpus, ramMiB, disk, annotations } = spec;
+  return {
+    id,
+    name,
+    namespace,
+    vcpus,
+    ramMiB,
+    disk: { ...disk },
+    annotations: { ...annotations },
+    ...(spec.image !== undefined ? { image: spec.image } : {}),
+    ...(spec.imageSource ? { imageSource: { ...spec.imageSource } } : {}),
+    ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
+    ...(spec.keyPair ? { keyPair: { ...spec.keyPair } } : {}),
+    ...(spec.hostname !== undefined ? { hostname: spec.hostname } : {}),
+    ...(spec.configDrive !== undefined ? { configDrive: spec.configDrive } : {}),
+    ...(spec.metadata ? { metadata: { ...spec.metadata } } : {}),
+    ...(spec.accelerator ? { accelerator: spec.accelerator } : {}),
+  };
+}
+
+/** Disks in guest order: vda root (boot), vdb ephemeral, vdc swap, then the NoCloud seed and the config drive. */
+export function disksOf(rec: GuestRecord): DiskSpec[] {
+  const cache = rec.cache;
+  const disks: DiskSpec[] = [
+    {
+      id: 'root',
+      path: rec.disks.root,
+      format: 'qcow2',
+      media: 'disk',
+      readOnly: false,
+      cache,
+      discard: true,
+      bootIndex: 0,
+      serial: 'root',
+    },
+  ];
+  if (rec.disks.ephemeral) {
+    disks.push({
+      id: 'ephemeral0',
+      path: rec.disks.ephemeral,
+      format: 'qcow2',
+      media: 'disk',
+      readOnly: false,
+      cache,
+      discard: true,
+      serial: 'ephemeral0',
+    });
+  }
+  if (rec.disks.swap) {
+    disks.push({
+      id: 'swap',
+      path: rec.disks.swap,
+      format: 'qcow2',
+      media: 'disk',
+      readOnly: false,
+      cache,
+      discard: true,
+      serial: 'swap',
+    });
+  }
+  // Seeds are read-only virtio disks (cloud-init finds them by label; no AHCI driver needed in the guest).
+  disks.push({
+    id: 'seed',
+    path: rec.disks.seed,
+    format: 'raw',
+    media: 'disk',
+    readOnly: true,
+    cache,
+    discard: false,
+    serial: 'cidata',
+  });
+  if (rec.disks.configDrive) {
+    disks.push({
+      id: 'config-drive',
+      path: rec.disks.configDrive,
+      format: 'raw',
+      media: 'disk',
+      readOnly: true,
+      cache,
+      discard: false,
+      serial: 'config-2',
+    });
+  }
+  return disks;
+}
+
+function bindCache(cache: ImageCache): Pick<ImageOps, 'ensure'> {
+  return { ensure: (src, opts) => cache.ensure(src, opts) };
+}
+
+async function supportsODirect(dir: string): Promise<boolean> {
+  const probe = join(dir, `.odirect-probe-${process.pid}`);
+  try {
+    const fh = await open(probe, constants.O_CREAT | constants.O_RDWR | constants.O_DIRECT, 0o600);
+    await fh.close();
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EINVAL') return false;
+    throw err;
+  } finally {
+    await rm(probe, { force: true });
+  }
+}
+
+async function isSocket(path: string): Promise<boolean> {
+  try {
+    return (await stat(path)).isSocket();
+  } catch {
+    return false;
+  }
+}
+
+/** Whether p settles within ms. */
+async function settles(p: Promise<unknown>, ms: number): Promise<boolean> {
+  const timeout = Symbol('timeout');
+  const ac = new AbortController();
+  const r = await Promise.race([p.then(() => true), sleep(ms, timeout, { signal: ac.signal }).catch(() => timeout)]);
+  ac.abort();
+  return r === true;
+}
+
+async function withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> {
+  const timeout = Symbol('timeout');
+  const ac = new AbortController();
+  try {
+    const r = await Promise.race([p, sleep(ms, timeout, { signal: ac.signal }).catch(() => timeout)]);
+    if (r === timeout) throw new Error(message);
+    return r as T;
+  } finally {
+    ac.abort();
+  }
+}
+
+/** The last lines of QEMU's log (start-up errors), on one line. */
+async function tail(path: string): Promise<string> {
+  const text = await readFile(path, 'utf8').catch(() => '');
+  return text
+    .split('\n')
+    .map((l) => l.trim())
+    .filter(Boolean)
+    .slice(-3)
+    .join('; ')
+    .slice(0, 600);
+}
+
+/**
+ * A lock file held while a QEMU is started (O_EXCL create; the holder's pid inside). A lock whose holder process is
+ * gone is stale and taken over. Returns the release function.
+ */
+export async function acquireLaunchLock(
+  path: string,
+  proc: ProcReader,
+  timeoutMs = 30_000,
+): Promise<() => Promise<void>> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const fh = await open(path, 'wx', 0o600);
+      await fh.writeFile(`${process.pid}\n`);
+      await fh.close();
+      return () => unlink(path).catch(() => {});
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const holder = Number((await readFile(path, 'utf8').catch(() => '')).trim());
+    const alive =
+      Number.isInteger(holder) && holder > 0 && holder !== process.pid && (await proc.cmdline(holder)) !== undefined;
+    if (!alive) {
+      await unlink(path).catch(() => {});
+      continue;
+    }
+    if (Date.now() >= deadline) throw new Error(`${path} is held by process ${holder}`);
+    await sleep(100);
+  }
+}

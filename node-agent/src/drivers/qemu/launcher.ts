@@ -1,0 +1,193 @@
+// How a guest's QEMU process is started so that it outlives the agent (docs/design/qemu-driver.md):
+//
+//  - direct:  spawned detached (own session and process group, stdio to a file, unref'd): killing the agent, even
+//             with SIGKILL or by process group, leaves QEMU running; it is re-parented to init (or the nearest
+//             subreaper). It stays in the agent's cgroup, so a service manager that kills the agent's whole cgroup
+//             (systemd's default KillMode=control-group, a container runtime stopping the pod) kills the guests
+//             too: for local runs and tests.
+//  - systemd: a transient systemd service per guest (`systemd-run --unit=stratus-guest-<uid>`), run in the host's
+//             namespaces (nsenter into PID 1's mount/UTS/IPC/PID namespaces when the agent is in a container with
+//             hostPID). QEMU then lives in its own cgroup under machine.slice, independent of the agent's pod.
+//
+// Neither uses QEMU's -daemonize (incompatible with the full seccomp sandbox; see ../../qemu/README.md). QEMU writes
+// its pid file itself (-pidfile) in both cases; the driver finds and adopts guests through it.
+import { execFile, spawn } from 'node:child_process';
+import { open, readlink } from 'node:fs/promises';
+import { promisify } from 'node:util';
+
+const execFileP = promisify(execFile);
+
+export type LauncherName = 'direct' | 'systemd';
+
+export interface LaunchRequest {
+  /** Guest uid. */
+  id: string;
+  name: string;
+  namespace: string;
+  /** The QEMU binary and its arguments. */
+  binary: string;
+  args: readonly string[];
+  /** Guest directory (working directory of QEMU). */
+  dir: string;
+  /** QEMU's stdout and stderr are appended here. */
+  logFile: string;
+}
+
+export interface Launched {
+  /** Known at once for direct children; the driver reads the pid file otherwise. */
+  pid?: number;
+  /** Direct children only: resolves when the process exits (used to fail a start-up fast). */
+  exited?: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** Other launchers: says why the process has ended (undefined while it may still run). Polled during start-up. */
+  ended?: () => Promise<string | undefined>;
+}
+
+export interface Launcher {
+  readonly name: LauncherName;
+  launch(req: LaunchRequest): Promise<Launched>;
+}
+
+/** Spawns QEMU detached from the agent. */
+export class DirectLauncher implements Launcher {
+  readonly name = 'direct';
+
+  async launch(req: LaunchRequest): Promise<Launched> {
+    const out = await open(req.logFile, 'a', 0o600);
+    try {
+      const child = spawn(req.binary, [...req.args], {
+        cwd: req.dir,
+        detached: true,
+        stdio: ['ignore', out.fd, out.fd],
+      });
+      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+        child.once('exit', (code, signal) => resolve({ code, signal }));
+        child.once('error', () => resolve({ code: null, signal: null }));
+      });
+      await new Promise<void>((resolve, reject) => {
+        child.once('spawn', () => resolve());
+        child.once('error', (err) => reject(new Error(`cannot start ${req.binary}: ${err.message}`, { cause: err })));
+      });
+      // The handle stays (node reaps the child when it exits, so no zombie lingers), but keeps nothing alive.
+      child.unref();
+      return { ...(child.pid !== undefined ? { pid: child.pid } : {}), exited };
+    } finally {
+      await out.close();
+    }
+  }
+}
+
+export interface SystemdLauncherOptions {
+  /** Run systemd-run/systemctl through `nsenter -t 1 -m -u -i -p --` (agent in a container with hostPID). */
+  nsenter: boolean;
+  /** Slice of the guest units (default machine.slice, as libvirt and systemd-machined use). */
+  slice?: string;
+  /** Seconds systemd waits after SIGTERM to QEMU before SIGKILL when the unit is stopped (default 30). */
+  stopTimeoutSeconds?: number;
+  /** Runs a command and resolves with its stdout; injected in tests. */
+  run?: (argv: readonly string[]) => Promise<string>;
+}
+
+/** Transient unit name of a guest. */
+export function unitName(id: string): string {
+  return `stratus-guest-${id}.service`;
+}
+
+const NSENTER = ['nsenter', '-t', '1', '-m', '-u', '-i', '-p', '--'] as const;
+
+/** systemd quotes: a property value must not contain newlines; paths with spaces are fine in append:. */
+function checkProperty(v: string): string {
+  if (/[\n\r\0]/.test(v)) throw new Error(`invalid systemd property value ${JSON.stringify(v)}`);
+  return v;
+}
+
+/** The argv that starts a guest as a transient systemd service. */
+export function systemdRunArgv(req: LaunchRequest, o: Omit<SystemdLauncherOptions, 'run'>): string[] {
+  const argv: string[] = o.nsenter ? [...NSENTER] : [];
+  argv.push(
+    'systemd-run',
+    `--unit=${unitName(req.id)}`,
+    `--description=${checkProperty(`Stratus guest ${req.namespace}/${req.name} (${req.id})`)}`,
+    `--slice=${o.slice ?? 'machine.slice'}`,
+    '--collect',
+    '--quiet',
+    '--property=Type=exec',
+    // SIGTERM to QEMU only (a clean "terminating on signal"), SIGKILL to whatever is left after the timeout.
+    '--property=KillMode=mixed',
+    `--property=TimeoutStopSec=${o.stopTimeoutSeconds ?? 30}`,
+    `--property=WorkingDirectory=${checkProperty(req.dir)}`,
+    `--property=StandardOutput=append:${checkProperty(req.logFile)}`,
+    `--property=StandardError=append:${checkProperty(req.logFile)}`,
+    '--',
+    req.binary,
+    ...req.args,
+  );
+  return argv;
+}
+
+/** argv that clears a failed unit of the same name left from an earlier run (errors are ignored). */
+export function resetFailedArgv(id: string, nsenter: boolean): string[] {
+  return [...(nsenter ? NSENTER : []), 'systemctl', 'reset-failed', unitName(id)];
+}
+
+async function runCommand(argv: readonly string[]): Promise<string> {
+  const [bin, ...args] = argv;
+  try {
+    const { stdout } = await execFileP(bin!, args, { timeout: 30_000, maxBuffer: 1024 * 1024 });
+    return stdout;
+  } catch (err) {
+    const e = err as Error & { stderr?: string };
+    const detail = e.stderr?.trim() || e.message;
+    throw new Error(`${argv.slice(0, 2).join(' ')}…: ${detail}`, { cause: err });
+  }
+}
+
+/** Starts QEMU as a transient systemd service on the host. */
+export class SystemdLauncher implements Launcher {
+  readonly name = 'systemd';
+  readonly #o: SystemdLauncherOptions;
+
+  constructor(o: SystemdLauncherOptions) {
+    this.#o = o;
+  }
+
+  async launch(req: LaunchRequest): Promise<Launched> {
+    const run = this.#o.run ?? runCommand;
+    await run(resetFailedArgv(req.id, this.#o.nsenter)).catch(() => '');
+    await run(systemdRunArgv(req, this.#o));
+    const show = [
+      ...(this.#o.nsenter ? NSENTER : []),
+      'systemctl',
+      'show',
+      '--property=ActiveState,Result,ExecMainStatus',
+      unitName(req.id),
+    ];
+    return { ended: async () => unitEnded(await run(show).catch(() => '')) };
+  }
+}
+
+/** From `systemctl show --property=ActiveState,Result,ExecMainStatus`: why the unit's process ended, if it did. */
+export function unitEnded(show: string): string | undefined {
+  const props = Object.fromEntries(
+    show
+      .split('\n')
+      .map((l) => l.trim())
+      .filter((l) => l.includes('='))
+      .map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
+  );
+  const state = props.ActiveState;
+  if (state !== 'inactive' && state !== 'failed') return undefined;
+  return `unit ${state} (result ${props.Result ?? '?'}, exit status ${props.ExecMainStatus ?? '?'})`;
+}
+
+/**
+ * Whether the agent runs in another mount namespace than PID 1 (a container sharing the host's PID namespace), so
+ * host commands need nsenter. False when that cannot be told (no hostPID: PID 1 is the container's own init).
+ */
+export async function needsNsenter(): Promise<boolean> {
+  try {
+    const [self, init] = await Promise.all([readlink('/proc/self/ns/mnt'), readlink('/proc/1/ns/mnt')]);
+    return self !== init;
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,173 @@
+// The on-disk record of one QEMU guest: <stateDir>/guests/<uid>/ and its guest.json.
+//
+// guest.json is the guest's definition (the GuestSpec the agent resolved, plus what the driver resolved: the cached
+// image, the disk paths, the accelerator and cache mode) and the little state that has no process to ask: a saved
+// (suspended) state and the last unexpected exit. It is written atomically (temporary file, fsync, rename), so a
+// crash leaves either the old or the new version. Everything else in the directory is derived from it.
+import { randomBytes } from 'node:crypto';
+import { open, readFile, rename, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import * as z from 'zod';
+
+/** Files of one guest directory. */
+export interface GuestPaths {
+  dir: string;
+  record: string;
+  root: string;
+  ephemeral: string;
+  swap: string;
+  seed: string;
+  configDrive: string;
+  consoleLog: string;
+  consoleSocket: string;
+  qmpSocket: string;
+  vncSocket: string;
+  pidFile: string;
+  /** QEMU's own stdout/stderr (start-up errors). */
+  qemuLog: string;
+  /** Saved state of a suspended guest. */
+  stateFile: string;
+  /** UNIX socket the saved state streams through (suspend and resume). */
+  migrateSocket: string;
+  /** Held while a QEMU is being started for this guest (cross-process guard). */
+  launchLock: string;
+}
+
+export const GUESTS_DIR = 'guests';
+export const RECORD_FILE = 'guest.json';
+
+/** Longest UNIX socket path Linux accepts (sun_path is 108 bytes with the NUL). */
+export const MAX_SOCKET_PATH = 107;
+
+export function guestPaths(stateDir: string, id: string): GuestPaths {
+  const dir = join(stateDir, GUESTS_DIR, id);
+  const f = (name: string) => join(dir, name);
+  return {
+    dir,
+    record: f(RECORD_FILE),
+    root: f('root.qcow2'),
+    ephemeral: f('ephemeral.qcow2'),
+    swap: f('swap.qcow2'),
+    seed: f('seed.iso'),
+    configDrive: f('config-drive.iso'),
+    consoleLog: f('console.log'),
+    consoleSocket: f('console.sock'),
+    qmpSocket: f('qmp.sock'),
+    vncSocket: f('vnc.sock'),
+    pidFile: f('qemu.pid'),
+    qemuLog: f('qemu.log'),
+    stateFile: f('state.bin'),
+    migrateSocket: f('migrate.sock'),
+    launchLock: f('launch.lock'),
+  };
+}
+
+/** Guest ids become directory names and QEMU -uuid values: Kubernetes uids are RFC 4122 UUIDs. */
+export const GuestId = z.uuid();
+
+const Checksum = z.object({ algorithm: z.enum(['sha256', 'sha512']), value: z.string() });
+
+export const RecordedSpec = z.object({
+  id: GuestId,
+  name: z.string().min(1),
+  namespace: z.string(),
+  vcpus: z.int().min(1),
+  ramMiB: z.int().min(16),
+  disk: z.object({ rootGiB: z.int().min(0), ephemeralGiB: z.int().min(0), swapMiB: z.int().min(0) }),
+  image: z.string().optional(),
+  imageSource: z
+    .object({
+      name: z.string(),
+      namespace: z.string(),
+      uid: z.string(),
+      url: z.string(),
+      diskFormat: z.string(),
+      checksum: Checksum.optional(),
+    })
+    .optional(),
+  userData: z.string().optional(),
+  keyPair: z.object({ name: z.string(), publicKey: z.string() }).optional(),
+  hostname: z.string().optional(),
+  configDrive: z.boolean().optional(),
+  metadata: z.record(z.string(), z.string()).optional(),
+  accelerator: z.enum(['kvm', 'tcg']).optional(),
+  annotations: z.record(z.string(), z.string()).default({}),
+});
+export type RecordedSpec = z.infer<typeof RecordedSpec>;
+
+export const GuestRecord = z.object({
+  version: z.literal(1),
+  spec: RecordedSpec,
+  /** Accelerator the guest is started with (kept for every later start, so a saved state restores). */
+  accelerator: z.enum(['kvm', 'tcg']),
+  /** Disk cache mode: none (O_DIRECT) unless the state directory's filesystem refuses O_DIRECT. */
+  cache: z.enum(['none', 'writeback']),
+  /** The cached image the root disk is an overlay on. */
+  image: z.object({
+    key: z.string(),
+    path: z.string(),
+    format: z.enum(['qcow2', 'raw']),
+    virtualSize: z.int().min(0),
+    sha256: z.string(),
+  }),
+  /** Absolute paths of the guest's disks. */
+  disks: z.object({
+    root: z.string(),
+    rootBytes: z.int().min(0),
+    ephemeral: z.string().optional(),
+    swap: z.string().optional(),
+    seed: z.string(),
+    configDrive: z.string().optional(),
+  }),
+  createdAt: z.string(),
+  /** Present while the guest is suspended (its state saved to stateFile, no process). */
+  suspended: z.object({ stateFile: z.string(), at: z.string(), bytes: z.int().min(0) }).optional(),
+  /** The last exit nobody asked for, until the guest is started again (state() reports its power state). */
+  lastExit: z.object({ powerState: z.enum(['SHUTDOWN', 'CRASHED']), reason: z.string(), at: z.string() }).optional(),
+});
+export type GuestRecord = z.infer<typeof GuestRecord>;
+
+/** Reads and validates guest.json; undefined when there is none. Throws on a corrupt record. */
+export async function readRecord(path: string): Promise<GuestRecord | undefined> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+  const parsed = GuestRecord.safeParse(JSON.parse(text));
+  if (!parsed.success) throw new Error(`${path}: invalid guest record: ${z.prettifyError(parsed.error)}`);
+  return parsed.data;
+}
+
+/** Writes guest.json atomically: temporary file in the same directory, fsync, rename, fsync of the directory. */
+export async function writeRecord(path: string, record: GuestRecord): Promise<void> {
+  const data = `${JSON.stringify(GuestRecord.parse(record), null, 2)}\n`;
+  const tmp = `${path}.${randomBytes(6).toString('hex')}.tmp`;
+  try {
+    const fh = await open(tmp, 'w', 0o600);
+    try {
+      await fh.writeFile(data);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, path);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
+  const dir = await open(join(path, '..'), 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}
+
+/** Root + ephemeral + swap of a record in whole GiB (what the guest claims on the node). */
+export function diskGiBOf(r: GuestRecord): number {
+  const GiB = 1024 ** 3;
+  return Math.ceil(r.disks.rootBytes / GiB) + r.spec.disk.ephemeralGiB + Math.ceil(r.spec.disk.swapMiB / 1024);
+}
