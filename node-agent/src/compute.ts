@@ -376,7 +376,16 @@ export class ComputeService {
       }
 
       case 'releaseFinalizer': {
-        await removeFinalizer(this.#client, SERVERS, server.metadata.name!, server.metadata.namespace, GUEST_FINALIZER);
+        await removeFinalizer(
+          this.#client,
+          SERVERS,
+          server.metadata.name!,
+          server.metadata.namespace,
+          GUEST_FINALIZER,
+          {
+            current: server as unknown as KubernetesObject,
+          },
+        );
         ctx.log.info('guest finalizer released');
         return undefined;
       }
@@ -391,6 +400,7 @@ export class ComputeService {
             server.metadata.name!,
             server.metadata.namespace,
             GUEST_FINALIZER,
+            { current: server as unknown as KubernetesObject },
           );
           return parseServer(obj);
         }

@@ -108,6 +108,9 @@ export interface HypervisorReporterOptions {
 }
 
 /** Creates the node's Hypervisor and heartbeats its status. */
+/** Usage is informational (the scheduler counts its own claims): report it at most every few seconds. */
+export const POKE_DELAY_MS = 3000;
+
 export class HypervisorReporter {
   readonly name: string;
   readonly #o: HypervisorReporterOptions;
@@ -190,13 +193,13 @@ export class HypervisorReporter {
     tick();
   }
 
-  /** Asks for an early report (usage changed); several pokes within a second make one write. */
+  /** Asks for an early report (usage changed); the pokes of POKE_DELAY_MS make one write. */
   poke(): void {
     if (this.#stopped || this.#pokeTimer) return;
     this.#pokeTimer = this.#clock.setTimer(() => {
       this.#pokeTimer = undefined;
       void this.report();
-    }, 1000);
+    }, POKE_DELAY_MS);
   }
 
   async stop(): Promise<void> {

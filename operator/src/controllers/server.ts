@@ -24,9 +24,8 @@ import {
   type ServerStatus,
 } from '../api/index.ts';
 import {
-  addFinalizer,
   hasFinalizer,
-  isNotFound,
+  isConflict,
   type Manager,
   objectKey,
   type ReconcileContext,
@@ -268,7 +267,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         ledger.forget(key);
         return { requeue: true };
       }
-      await labelNode(bound, node);
+      await bindMetadata(bound, node);
       ledger.confirm(key);
     } catch (e) {
       ledger.forget(key);
@@ -279,15 +278,36 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     return undefined;
   }
 
-  async function labelNode(server: Server, node: string) {
-    if (server.metadata.labels?.[SERVER_NODE_LABEL] === node) return;
-    await client.patch(
-      SERVERS,
-      server.metadata.name ?? '',
-      server.metadata.namespace,
-      { metadata: { labels: { [SERVER_NODE_LABEL]: node } } },
-      PatchStrategy.MergePatch,
-    );
+  /**
+   * Hands a server to a node: the node label and the operator's finalizer in one merge patch guarded by
+   * resourceVersion (one request; a server that is not bound needs no finalizer, nothing to clean up).
+   */
+  async function bindMetadata(server: Server, node: string) {
+    let cur = server;
+    for (let i = 1; ; i++) {
+      const finalizers = cur.metadata.finalizers ?? [];
+      const needsFinalizer = !finalizers.includes(SERVER_FINALIZER) && !cur.metadata.deletionTimestamp;
+      if (cur.metadata.labels?.[SERVER_NODE_LABEL] === node && !needsFinalizer) return;
+      try {
+        await client.patch(
+          SERVERS,
+          cur.metadata.name ?? '',
+          cur.metadata.namespace,
+          {
+            metadata: {
+              resourceVersion: cur.metadata.resourceVersion,
+              labels: { [SERVER_NODE_LABEL]: node },
+              ...(needsFinalizer ? { finalizers: [...finalizers, SERVER_FINALIZER] } : {}),
+            },
+          },
+          PatchStrategy.MergePatch,
+        );
+        return;
+      } catch (e) {
+        if (i >= 5 || !isConflict(e)) throw e;
+        cur = await client.get<Server>(SERVERS, cur.metadata.name ?? '', cur.metadata.namespace);
+      }
+    }
   }
 
   /** Marks a bound server's hypervisor reachability (NOSTATE when it stopped reporting). */
@@ -341,14 +361,14 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         // Nova's local delete: a server whose hypervisor is gone or down is deleted without it; the agent
         // destroys the orphaned guest if it ever comes back.
         if (!hv || !isUp(hv, now(), opts.heartbeatGraceMs)) {
-          await removeFinalizer(client, SERVERS, req.name, req.namespace, GUEST_FINALIZER);
+          await removeFinalizer(client, SERVERS, req.name, req.namespace, GUEST_FINALIZER, { current: server });
           events.warning(server, 'LocalDelete', 'Delete', `hypervisor ${node ?? '(none)'} is down: deleted without it`);
           return undefined;
         }
         return { requeueAfter: opts.heartbeatGraceMs }; // the agent destroys the guest and releases its finalizer
       }
       if (hasFinalizer(server, SERVER_FINALIZER)) {
-        await removeFinalizer(client, SERVERS, req.name, req.namespace, SERVER_FINALIZER);
+        await removeFinalizer(client, SERVERS, req.name, req.namespace, SERVER_FINALIZER, { current: server });
       }
       ledger.forget(key);
       return undefined;
@@ -359,15 +379,6 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
       if (server.status?.vmState !== 'error') await fail(server, 'InvalidSpec', parsed.error.message.slice(0, 2000));
       return undefined;
     }
-    if (!hasFinalizer(server, SERVER_FINALIZER)) {
-      try {
-        await addFinalizer(client, SERVERS, req.name, req.namespace, SERVER_FINALIZER);
-      } catch (e) {
-        if (isNotFound(e)) return undefined;
-        throw e;
-      }
-    }
-
     if (!server.status?.node) {
       // Nova does not retry a server that went to ERROR while scheduling; a spec change does.
       if (server.status?.vmState === 'error' && server.status.observedGeneration === server.metadata.generation) {
@@ -376,11 +387,11 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
       return scheduleAndBind(parsed.data as Server, ctx);
     }
 
-    // Bound: keep the claim and the label in place (repairs a restart between the two writes).
+    // Bound: keep the claim, the label and the finalizer in place (repairs a restart between the two writes).
     const claim = claimOf(server);
     if (claim && !ledger.get(key)) ledger.assume(claim);
     if (claim) ledger.confirm(key);
-    await labelNode(server, server.status.node);
+    await bindMetadata(server, server.status.node);
     const moved = await resizeOrMigrate(parsed.data as Server, ctx);
     if (moved) return moved;
     return trackHypervisor(server, ctx);
@@ -487,7 +498,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         ledger.assume(claimOf(updated) ?? { server: key, node, ...resources });
         return { requeueAfter: 2000 };
       }
-      await labelNode(updated, target);
+      await bindMetadata(updated, target);
       ledger.confirm(key);
     } catch (e) {
       ledger.forget(key);
