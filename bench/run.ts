@@ -8,7 +8,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { appendFileSync, readFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
+import { cpus, loadavg, totalmem } from 'node:os';
 import { resolve } from 'node:path';
 import * as k8s from '@kubernetes/client-node';
 import { adminKubeconfigPath, up } from '../e2e/controlplane/controlplane.ts';
@@ -193,6 +193,7 @@ async function main(): Promise<void> {
       },
     );
 
+    const loadAtStart = loadavg()[0]!.toFixed(1);
     const before = await apiRequests(client);
     const opBefore = procUsage(operator.pid!);
     const names = Array.from({ length: SERVERS }, (_, i) => `vm-${String(i).padStart(5, '0')}`);
@@ -270,7 +271,7 @@ async function main(): Promise<void> {
     const report = [
       `### Compute control plane: ${SERVERS} servers on ${NODES} fake hypervisors (${date})`,
       '',
-      `Machine: ${machine}. Command: \`npm run bench -- --servers=${SERVERS} --nodes=${NODES} --concurrency=${CONCURRENCY}\`.`,
+      `Machine: ${machine}, 1-min load average ${loadAtStart} at the start. Command: \`npm run bench -- --servers=${SERVERS} --nodes=${NODES} --concurrency=${CONCURRENCY}\`.`,
       'Local control plane (etcd, kube-apiserver 1.34 on loopback), operator and agent as separate processes,',
       'fake driver with zero latency.',
       '',
