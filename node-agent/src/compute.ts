@@ -68,6 +68,7 @@ import {
   startAction,
   TRANSITIONS,
   TRIGGERS,
+  type Trigger,
 } from './lifecycle.ts';
 
 export const SERVERS: GVR = { group: ServerKind.group, version: ServerKind.version, plural: ServerKind.plural };
@@ -80,6 +81,8 @@ export type ServerObject = KubernetesObject & { spec?: unknown; status?: Record<
 type Status = Record<string, unknown>;
 
 /** Steps one reconcile may take before requeueing itself (a full cycle needs at most about five). */
+/** Tokens already in the spec when a guest is first created are recorded, not run. */
+const INITIAL_TRIGGERS: readonly Trigger[] = [...TRIGGERS, 'rebuild'];
 const MAX_STEPS = 12;
 
 export interface ComputeOptions {
@@ -484,7 +487,83 @@ export class ComputeService {
 
       case 'finishResize':
         return this.#finishResize(server, guest, d, ctx);
+
+      case 'rebuild':
+        return this.#rebuild(server, guest, ctx);
     }
+  }
+
+  /**
+   * Nova's rebuild: the guest and its disks are destroyed and the server is spawned again from spec.image
+   * (same uid, flavor and node), keeping its power state (a stopped server comes back stopped).
+   */
+  async #rebuild(server: Server, guest: GuestState | undefined, ctx: ReconcileContext): Promise<Server | undefined> {
+    const uid = server.metadata.uid!;
+    const stopped = server.status?.vmState === 'stopped';
+    const image = server.spec.image;
+    const now = nowIso(this.#clock);
+    const started = await this.#write(server, guest, { kind: 'rebuild' }, (st, s) => {
+      setStates(st, undefined, 'rebuilding');
+      st.actions = startAction(st.actions as never, 'rebuild', now);
+      setConditions(st, [inProgress('rebuild')], s.metadata.generation, new Date(this.#clock.now()));
+    });
+    if (!started.applied) return started.server;
+    let state: GuestState;
+    try {
+      await this.#driver.destroy(uid);
+      const target = { ...started.server, status: { ...started.server.status, ...(image ? { image } : {}) } } as Server;
+      state = await this.#driver.spawn(await this.#guestSpec(target));
+      if (stopped) {
+        await this.#driver.powerOff(uid, { graceful: false, timeoutMs: 0 });
+        state = (await this.#driver.state(uid)) ?? state;
+      }
+    } catch (err) {
+      const message = errorMessage(err);
+      await this.#driver.destroy(uid).catch(() => {});
+      const failed = await this.#write(started.server, undefined, undefined, (st, s) => {
+        const t = nowIso(this.#clock);
+        setStates(st, 'error', undefined);
+        st.powerState = 'NOSTATE';
+        st.fault = { code: 500, message: message.slice(0, 4096), time: t };
+        st.actions = finishAction(st.actions as never, 'rebuild', 'Error', t, message);
+        recordTriggers(st, s, ['rebuild']);
+        setConditions(
+          st,
+          [{ type: 'Ready', status: 'False', reason: 'RebuildFailed', message }],
+          s.metadata.generation,
+          new Date(this.#clock.now()),
+        );
+      });
+      this.#events.warning(ref(failed.server), 'RebuildFailed', 'Rebuild', message);
+      return undefined;
+    }
+    this.#o.hypervisor.poke();
+    const final = state;
+    const done = await this.#write(started.server, undefined, undefined, (st, s) => {
+      const t = nowIso(this.#clock);
+      setStates(st, stopped ? 'stopped' : 'active', undefined);
+      if (image) st.image = image;
+      delete st.fault;
+      st.powerState = final.powerState;
+      st.actions = finishAction(st.actions as never, 'rebuild', 'Success', t);
+      recordTriggers(st, s, ['rebuild']);
+      setConditions(
+        st,
+        [
+          {
+            type: 'Ready',
+            status: 'True',
+            reason: s.spec.powerState,
+            message: `rebuilt from image ${image ?? '(none)'}`,
+          },
+        ],
+        s.metadata.generation,
+        new Date(this.#clock.now()),
+      );
+    });
+    this.#events.normal(ref(done.server), 'Rebuilt', 'Rebuild', `root disk rebuilt from image ${image ?? '(none)'}`);
+    ctx.log.info({ image }, 'rebuilt');
+    return done.server;
   }
 
   /**
@@ -658,7 +737,7 @@ export class ComputeService {
         st.powerState = 'NOSTATE';
         st.fault = { code: 500, message: message.slice(0, 4096), time: t };
         st.actions = finishAction(st.actions as never, action, 'Error', t, message);
-        recordTriggers(st, s, trigger ? [trigger] : TRIGGERS);
+        recordTriggers(st, s, trigger ? [trigger] : INITIAL_TRIGGERS);
         setConditions(
           st,
           [{ type: 'Ready', status: 'False', reason: 'SpawnFailed', message }],
@@ -672,7 +751,7 @@ export class ComputeService {
     }
     this.#o.hypervisor.poke();
     const done = await this.#write(started.server, undefined, undefined, (st, s) => {
-      this.#launched(st, s, state, action, trigger ? [trigger] : TRIGGERS);
+      this.#launched(st, s, state, action, trigger ? [trigger] : INITIAL_TRIGGERS);
     });
     this.#events.normal(
       ref(done.server),
@@ -691,7 +770,7 @@ export class ComputeService {
     ctx: ReconcileContext,
   ): Promise<Server | undefined> {
     const r = await this.#write(server, guest, { kind: 'adopt', vmState: vmState! }, (st, s) => {
-      this.#launched(st, s, guest, 'create', TRIGGERS, vmState);
+      this.#launched(st, s, guest, 'create', INITIAL_TRIGGERS, vmState);
     });
     if (!r.applied) return r.server;
     this.#events.normal(ref(r.server), 'GuestAdopted', 'Spawn', `adopted the existing guest (${guest.powerState})`);
@@ -706,7 +785,7 @@ export class ComputeService {
     s: Server,
     state: GuestState,
     action: string,
-    triggers: readonly ('softReboot' | 'hardReboot')[],
+    triggers: readonly Trigger[],
     vmState: NonNullable<Server['status']>['vmState'] = 'active',
   ): void {
     const now = nowIso(this.#clock);

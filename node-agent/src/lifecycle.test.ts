@@ -503,3 +503,30 @@ describe('resize and migration placed by the operator', () => {
     expect(decide(paused, { id: 'uid-1', powerState: 'PAUSED' }, NODE).kind).not.toBe('finishResize');
   });
 });
+
+describe('rebuild', () => {
+  const running: GuestState = { id: 'uid-1', powerState: 'RUNNING' };
+  it('runs for a new rebuild token or a changed spec.image, from active, stopped or error', () => {
+    const s = server({ vmState: 'active' });
+    s.spec.triggers = { rebuild: 't1' };
+    expect(decide(s, running, NODE)).toEqual({ kind: 'rebuild' });
+    const img = server({ vmState: 'stopped' });
+    img.status!.image = 'old-image';
+    expect(decide(img, { id: 'uid-1', powerState: 'SHUTDOWN' }, NODE)).toEqual({ kind: 'rebuild' });
+    const err = server({ vmState: 'error', fault: 'x' });
+    err.spec.triggers = { rebuild: 't1' };
+    expect(decide(err, undefined, NODE)).toEqual({ kind: 'rebuild' });
+  });
+  it('does nothing for a token already handled or the same image', () => {
+    const s = server({ vmState: 'active', handled: { rebuild: 't1' } });
+    s.spec.triggers = { rebuild: 't1' };
+    s.status!.image = s.spec.image;
+    expect(decide(s, running, NODE).kind).toBe('steady');
+  });
+  it('is refused while paused, consuming the token', () => {
+    const s = server({ vmState: 'paused' });
+    s.spec.triggers = { rebuild: 't2' };
+    const d = decide(s, { id: 'uid-1', powerState: 'PAUSED' }, NODE);
+    expect(d).toMatchObject({ kind: 'refuse', action: 'rebuild', trigger: 'rebuild' });
+  });
+});

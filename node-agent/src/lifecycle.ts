@@ -29,8 +29,10 @@ import {
 import { type Condition, setCondition } from '../../operator/src/runtime/index.ts';
 import type { GuestState } from './driver.ts';
 
-export type Trigger = 'softReboot' | 'hardReboot';
-export const TRIGGERS: readonly Trigger[] = ['hardReboot', 'softReboot'];
+export type RebootTrigger = 'softReboot' | 'hardReboot';
+export type Trigger = RebootTrigger | 'rebuild';
+/** The reboot triggers, in the order they run; rebuild is decided on its own (it also follows spec.image). */
+export const TRIGGERS: readonly RebootTrigger[] = ['hardReboot', 'softReboot'];
 
 /** The transitions the agent performs for spec.powerState and triggers. */
 export type AgentAction = 'start' | 'stop' | 'pause' | 'unpause' | 'suspend' | 'resume' | 'softReboot' | 'hardReboot';
@@ -116,18 +118,20 @@ export type Decision =
   | { kind: 'sync'; vmState: VmState; powerState: PowerState }
   /** The server should have a guest here but the hypervisor has none. */
   | { kind: 'missing' }
-  | { kind: 'transition'; action: AgentAction; trigger?: Trigger }
+  | { kind: 'transition'; action: AgentAction; trigger?: RebootTrigger }
   /** A requested action is forbidden from the current state; a trigger's token is consumed. */
   | { kind: 'refuse'; action: ServerActionName; reason: string; trigger?: Trigger }
   /** The operator moved or resized the server onto this node (taskState resize_migrated): (re)spawn it at its new size. */
-  | { kind: 'finishResize'; action: 'resize' | 'migrate' };
+  | { kind: 'finishResize'; action: 'resize' | 'migrate' }
+  /** Re-create the root disk from spec.image (a new triggers.rebuild token or a changed spec.image). */
+  | { kind: 'rebuild' };
 
 function wait(reason: string, message: string): Decision {
   return { kind: 'wait', reason, message };
 }
 
 /** The trigger tokens in spec that differ from those already handled (hard reboot first). */
-export function pendingTriggers(server: Server): Trigger[] {
+export function pendingTriggers(server: Server): RebootTrigger[] {
   const spec = server.spec.triggers ?? {};
   const done = server.status?.triggers ?? {};
   return TRIGGERS.filter((t) => spec[t] !== undefined && spec[t] !== done[t]);
@@ -188,7 +192,18 @@ export function decide(server: Server, guest: GuestState | undefined, nodeName: 
     }
   }
 
-  // 6. triggers
+  // 6. rebuild: a new token, or spec.image differs from the image the root disk was built from
+  const rebuildToken = server.spec.triggers?.rebuild;
+  const rebuildAsked = rebuildToken !== undefined && rebuildToken !== st.triggers?.rebuild;
+  const imageChanged = !!server.spec.image && !!st.image && server.spec.image !== st.image;
+  if (rebuildAsked || imageChanged) {
+    const refused = refuseAction('rebuild', vm);
+    if (refused)
+      return { kind: 'refuse', action: 'rebuild', reason: refused, ...(rebuildAsked ? { trigger: 'rebuild' } : {}) };
+    return { kind: 'rebuild' };
+  }
+
+  // 7. reboot triggers
   for (const t of pendingTriggers(server)) {
     const refused =
       refuseAction(t, vm) ?? (!guest && t === 'softReboot' ? 'the guest does not exist on this hypervisor' : undefined);
@@ -196,7 +211,7 @@ export function decide(server: Server, guest: GuestState | undefined, nodeName: 
     return guest ? { kind: 'transition', action: t, trigger: t } : { kind: 'spawn', trigger: 'hardReboot' };
   }
 
-  // 7. desired power state
+  // 8. desired power state
   if (!guest) {
     if (vm === 'error') return steadyError(server, 'NOSTATE');
     return { kind: 'missing' };
@@ -209,7 +224,7 @@ export function decide(server: Server, guest: GuestState | undefined, nodeName: 
     return { kind: 'transition', action: action as AgentAction };
   }
 
-  // 8. steady
+  // 9. steady
   if (vm === 'error') return steadyError(server, guest.powerState);
   return {
     kind: 'steady',

@@ -181,6 +181,22 @@ describe('power lifecycle through the fake agent', () => {
     expect(actionsOf(s, 'softReboot')).toHaveLength(1);
     expect(actionsOf(s, 'hardReboot')).toHaveLength(1);
   });
+
+  it('a rebuild token and a changed spec.image each rebuild the guest once', async () => {
+    const spawns = home.calls('spawn', uid);
+    await env.patchServer(VM, { spec: { triggers: { rebuild: 'rebuild-1' } } });
+    let s = await env.waitServer(VM, 'rebuild done', (x) => x.status?.triggers?.rebuild === 'rebuild-1' && idle(x));
+    expect(s.status?.status).toBe('ACTIVE');
+    expect(actionsOf(s, 'rebuild')).toEqual([expect.objectContaining({ result: 'Success' })]);
+    expect(home.calls('spawn', uid)).toBe(spawns + 1);
+    await expectEvent('Rebuilt');
+    const image = `${s.spec.image}-v2`;
+    await env.patchServer(VM, { spec: { image } });
+    s = await env.waitServer(VM, 'rebuilt from the new image', (x) => x.status?.image === image && idle(x));
+    expect(s.status?.powerState).toBe('RUNNING');
+    expect(actionsOf(s, 'rebuild')).toHaveLength(2);
+    expect(home.calls('spawn', uid)).toBe(spawns + 2);
+  });
 });
 
 describe('resize and migrate', () => {
