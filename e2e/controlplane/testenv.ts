@@ -1,6 +1,6 @@
 // Helpers for tests that talk to the local control plane started by vitest-setup.ts (or `npm run cluster -- up`).
 import { KubeConfig } from '@kubernetes/client-node';
-import { adminKubeconfigPath, mintKubeconfig } from './controlplane.ts';
+import { adminKubeconfigPath, clusterConfig, mintKubeconfig } from './controlplane.ts';
 
 export {
   helmPath,
@@ -28,4 +28,21 @@ export async function userKubeConfig(user: string, groups: readonly string[] = [
   const kc = new KubeConfig();
   kc.loadFromFile(await mintKubeconfig(user, groups));
   return kc;
+}
+
+/**
+ * Compacts etcd's history up to its current revision (etcd's JSON gateway, /v3/kv/compaction), so a watch
+ * from an old resourceVersion really gets 410 Gone — on a young cluster nothing has been compacted yet.
+ */
+export async function compactEtcd(): Promise<number> {
+  const base = `http://127.0.0.1:${clusterConfig().etcdPort}`;
+  const post = async (path: string, body: unknown) => {
+    const res = await fetch(`${base}${path}`, { method: 'POST', body: JSON.stringify(body) });
+    if (!res.ok) throw new Error(`etcd ${path}: HTTP ${res.status} ${await res.text()}`);
+    return (await res.json()) as { header?: { revision?: string } };
+  };
+  const revision = (await post('/v3/kv/range', { key: 'AA==' })).header?.revision;
+  if (!revision) throw new Error('etcd did not report its revision');
+  await post('/v3/kv/compaction', { revision, physical: true });
+  return Number(revision);
 }

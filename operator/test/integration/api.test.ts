@@ -109,7 +109,12 @@ describe('CRDs', () => {
   });
 
   it('explain fields to kubectl explain', async () => {
-    const out = await kubectl('explain', 'server.spec');
+    // The API server publishes a new CRD's OpenAPI a few seconds after it is established.
+    let out = '';
+    await waitFor('the CRDs in the OpenAPI document', async () => {
+      out = await kubectl('explain', 'server.spec').catch(() => '');
+      return out !== '';
+    });
     expect(out).toContain('Desired state of the server.');
     expect(out).toMatch(/flavor\s+<string> -required-/);
     expect(out).toContain('Changing it resizes the server.');

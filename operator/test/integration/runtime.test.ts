@@ -4,7 +4,7 @@
 import { randomBytes } from 'node:crypto';
 import { type KubernetesObject, PatchStrategy, type V1Lease, Watch } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
+import { adminKubeConfig, compactEtcd } from '../../../e2e/controlplane/testenv.ts';
 import {
   addFinalizer,
   type GVR,
@@ -104,6 +104,9 @@ describe('Informer against kube-apiserver', () => {
         return real.watch(path, query, cb, done);
       },
     };
+    // Make revision 1 really compacted away, however young the cluster is.
+    await client.create(cmGVR, cm('before-compaction'));
+    await compactEtcd();
     const inf = new Informer<KubernetesObject>(
       {
         path: `/api/v1/namespaces/${NS}/configmaps`,
