@@ -296,11 +296,17 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
     const d = newDriver();
     await d.init();
     expect(await d.state(UID)).toMatchObject({ powerState: 'RUNNING', pid });
+    // The image a guest is built on is never evicted, however old.
+    expect(await d.evictImages(0)).toEqual([]);
     await d.destroy(UID);
     expect(await alive(pid)).toBe(false);
     expect(existsSync(guestDir())).toBe(false);
     expect(await d.state(UID)).toBeUndefined();
     await d.destroy(UID); // idempotent
+    // Once no guest uses it, it goes.
+    const evicted = await d.evictImages(0);
+    expect(evicted.length).toBeGreaterThan(0);
+    for (const f of evicted) expect(existsSync(f)).toBe(false);
   });
 
   it('refuses images with a wrong checksum or bigger than the root disk, leaving no guest directory', async () => {

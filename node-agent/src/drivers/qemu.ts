@@ -85,6 +85,10 @@ export interface QemuDriverOptions {
   startTimeoutMs?: number;
   /** Serve the guest display on vnc.sock (adds a VGA adapter). Default true. */
   vnc?: boolean;
+  /** Cached images no guest on this node is built on are evicted once unused this long (default 1 h; 0: never). */
+  imageRetentionMs?: number;
+  /** How often unused images are looked for (default 10 min). */
+  imageEvictIntervalMs?: number;
 }
 
 /** What the driver needs from the image cache and disk helpers (injected in tests). */
@@ -153,6 +157,8 @@ export class QemuDriver implements HypervisorDriver {
   readonly #locks = new Map<string, Promise<void>>();
   readonly #listeners = new Set<(e: GuestExit) => void>();
   #closed = false;
+  #imageCache: ImageCache | undefined;
+  #evictTimer: NodeJS.Timeout | undefined;
 
   constructor(options: QemuDriverOptions = {}, deps: QemuDriverDeps = {}) {
     this.#o = options;
@@ -195,11 +201,19 @@ export class QemuDriver implements HypervisorDriver {
     this.#version = await (this.#deps.qemuVersion ?? (() => qemuVersion(this.#qemu)))();
     const detect = this.#deps.detectAccelerator ?? detectAccelerator;
     this.#accel = await detect({ mode: this.#o.accelerator ?? 'auto', qemuBinary: this.#qemu });
+    if (!this.#images && !this.#deps.images) {
+      this.#imageCache = new ImageCache({ dir: this.imageCacheDir, logger: this.#log });
+    }
     this.#images ??= this.#deps.images ?? {
-      ...bindCache(new ImageCache({ dir: this.imageCacheDir, logger: this.#log })),
+      ...bindCache(this.#imageCache!),
       createRootDisk,
       createBlankDisk,
     };
+    const retention = this.#o.imageRetentionMs ?? 3_600_000;
+    if (this.#imageCache && retention > 0 && !this.#evictTimer) {
+      this.#evictTimer = setInterval(() => void this.evictImages(retention), this.#o.imageEvictIntervalMs ?? 600_000);
+      this.#evictTimer.unref();
+    }
     if (!this.#launcher) {
       if (this.#deps.launcher) this.#launcher = this.#deps.launcher;
       else if (this.#o.launcher === 'systemd') {
@@ -242,7 +256,25 @@ export class QemuDriver implements HypervisorDriver {
     }
   }
 
+  /**
+   * Removes cached images that no guest on this node (running or stopped) is built on and that nothing used
+   * for `retentionMs` — the retention also protects an image between its download and the disk built on it.
+   */
+  async evictImages(retentionMs = this.#o.imageRetentionMs ?? 3_600_000): Promise<string[]> {
+    if (!this.#imageCache) return [];
+    try {
+      const removed = await this.#imageCache.evict({ inUse: await this.imagesInUse(), maxUnusedAgeMs: retentionMs });
+      if (removed.length > 0) this.#log.info({ removed }, 'evicted unused images');
+      return removed;
+    } catch (err) {
+      this.#log.warn({ err }, 'image eviction failed');
+      return [];
+    }
+  }
+
   async close(): Promise<void> {
+    clearInterval(this.#evictTimer);
+    this.#evictTimer = undefined;
     this.#closed = true;
     this.#listeners.clear();
     const lives = [...this.#live.values()];
