@@ -512,8 +512,10 @@ export interface WatchRecord<T> {
 }
 
 /**
- * Watches `path` from resourceVersion (or from now) and records every event until stop(). `failed` holds the error
- * if the watch ended early: a test counting events must not trust an interrupted watch.
+ * Watches `path` from resourceVersion (or from now) and records every event until stop(). A watch the server or
+ * client-node closes (idle timeout, request timeout) is resumed from the last resourceVersion seen, so no event is
+ * lost or repeated; `failed` holds the error when that is impossible (410 Gone: events were lost, or repeated
+ * failures): a test counting events must not trust an interrupted watch.
  */
 export async function recordWatch<T>(
   kc: KubeConfig,
@@ -523,20 +525,41 @@ export async function recordWatch<T>(
   const events: WatchRecord<T>[] = [];
   let failed: unknown;
   let stopped = false;
-  const ac = await new Watch(kc).watch(
-    path,
-    { allowWatchBookmarks: false, ...query },
-    (type: string, object: T) => events.push({ type, object, at: Date.now() }),
-    (err: unknown) => {
-      if (!stopped) failed = err ?? new Error('watch ended');
-    },
-  );
+  let resumes = 0;
+  let lastRV = query.resourceVersion;
+  let ac: AbortController | undefined;
+  const start = async (): Promise<void> => {
+    ac = await new Watch(kc).watch(
+      path,
+      { allowWatchBookmarks: false, ...query, ...(lastRV ? { resourceVersion: lastRV } : {}) },
+      (type: string, object: T) => {
+        const rv = (object as { metadata?: { resourceVersion?: string } }).metadata?.resourceVersion;
+        if (type === 'ERROR') {
+          failed ??= new Error(`watch error event: ${JSON.stringify(object)}`);
+          return;
+        }
+        if (rv) lastRV = rv;
+        events.push({ type, object, at: Date.now() });
+      },
+      (err: unknown) => {
+        if (stopped || failed) return;
+        if (++resumes > 20) {
+          failed = err ?? new Error('watch ended too often');
+          return;
+        }
+        start().catch((e: unknown) => {
+          failed ??= e;
+        });
+      },
+    );
+  };
+  await start();
   return {
     events,
     failed: () => failed,
     stop: () => {
       stopped = true;
-      ac.abort();
+      ac?.abort();
     },
   };
 }
