@@ -498,8 +498,6 @@ export class ComputeService {
    * (same uid, flavor and node), keeping its power state (a stopped server comes back stopped).
    */
   async #rebuild(server: Server, guest: GuestState | undefined, ctx: ReconcileContext): Promise<Server | undefined> {
-    const uid = server.metadata.uid!;
-    const stopped = server.status?.vmState === 'stopped';
     const image = server.spec.image;
     const now = nowIso(this.#clock);
     const started = await this.#write(server, guest, { kind: 'rebuild' }, (st, s) => {
@@ -508,68 +506,20 @@ export class ComputeService {
       setConditions(st, [inProgress('rebuild')], s.metadata.generation, new Date(this.#clock.now()));
     });
     if (!started.applied) return started.server;
-    let state: GuestState;
-    try {
-      await this.#driver.destroy(uid);
-      const target = { ...started.server, status: { ...started.server.status, ...(image ? { image } : {}) } } as Server;
-      state = await this.#driver.spawn(await this.#guestSpec(target));
-      if (stopped) {
-        await this.#driver.powerOff(uid, { graceful: false, timeoutMs: 0 });
-        state = (await this.#driver.state(uid)) ?? state;
-      }
-    } catch (err) {
-      const message = errorMessage(err);
-      await this.#driver.destroy(uid).catch(() => {});
-      const failed = await this.#write(started.server, undefined, undefined, (st, s) => {
-        const t = nowIso(this.#clock);
-        setStates(st, 'error', undefined);
-        st.powerState = 'NOSTATE';
-        st.fault = { code: 500, message: message.slice(0, 4096), time: t };
-        st.actions = finishAction(st.actions as never, 'rebuild', 'Error', t, message);
+    // The guest is built from spec.image; status.image follows once that worked.
+    const target = { ...started.server, status: { ...started.server.status, ...(image ? { image } : {}) } } as Server;
+    return this.#recreate(started.server, guest, 'rebuild', false, ctx, {
+      specFrom: target,
+      extra: (st, s) => {
         recordTriggers(st, s, ['rebuild']);
-        setConditions(
-          st,
-          [{ type: 'Ready', status: 'False', reason: 'RebuildFailed', message }],
-          s.metadata.generation,
-          new Date(this.#clock.now()),
-        );
-      });
-      this.#events.warning(ref(failed.server), 'RebuildFailed', 'Rebuild', message);
-      return undefined;
-    }
-    this.#o.hypervisor.poke();
-    const final = state;
-    const done = await this.#write(started.server, undefined, undefined, (st, s) => {
-      const t = nowIso(this.#clock);
-      setStates(st, stopped ? 'stopped' : 'active', undefined);
-      if (image) st.image = image;
-      delete st.fault;
-      st.powerState = final.powerState;
-      st.actions = finishAction(st.actions as never, 'rebuild', 'Success', t);
-      recordTriggers(st, s, ['rebuild']);
-      setConditions(
-        st,
-        [
-          {
-            type: 'Ready',
-            status: 'True',
-            reason: s.spec.powerState,
-            message: `rebuilt from image ${image ?? '(none)'}`,
-          },
-        ],
-        s.metadata.generation,
-        new Date(this.#clock.now()),
-      );
+        if (st.vmState !== 'error' && image) st.image = image;
+      },
     });
-    this.#events.normal(ref(done.server), 'Rebuilt', 'Rebuild', `root disk rebuilt from image ${image ?? '(none)'}`);
-    ctx.log.info({ image }, 'rebuilt');
-    return done.server;
   }
 
   /**
-   * Finishes a resize or cold migration the operator placed on this node: a guest of the old size is destroyed
-   * (same-host resize), the guest is spawned with the flavor now in status, and a server that was stopped is
-   * powered off again. Safe to repeat after a crash: a guest that already has the new size is kept.
+   * Finishes a resize or cold migration the operator placed on this node (the guest is spawned with the flavor
+   * now in status). Safe to repeat after a crash: a guest that already has the new size is kept.
    */
   async #finishResize(
     server: Server,
@@ -577,12 +527,30 @@ export class ComputeService {
     d: Extract<Decision, { kind: 'finishResize' }>,
     ctx: ReconcileContext,
   ): Promise<Server | undefined> {
+    return this.#recreate(server, guest, d.action, true, ctx);
+  }
+
+  /**
+   * Re-creates a server's guest (resize, migrate, rebuild): a guest of another size (or any guest, unless
+   * keepIfSized) is destroyed, the guest is spawned from the server's status, a stopped server is powered off
+   * again; then the status (vmState back to active/stopped, or ERROR with a fault), the action and an Event.
+   */
+  async #recreate(
+    server: Server,
+    guest: GuestState | undefined,
+    action: 'resize' | 'migrate' | 'rebuild',
+    keepIfSized: boolean,
+    ctx: ReconcileContext,
+    o: { specFrom?: Server; extra?: (st: Status, s: Server) => void } = {},
+  ): Promise<Server | undefined> {
     const uid = server.metadata.uid!;
     const stopped = server.status?.vmState === 'stopped';
+    const verb = action === 'migrate' ? 'Migrate' : action === 'rebuild' ? 'Rebuild' : 'Resize';
     let state = guest;
+    let failure: string | undefined;
     try {
-      const spec = await this.#guestSpec(server);
-      const info = guest ? (await this.#driver.list()).find((g) => g.id === uid) : undefined;
+      const spec = await this.#guestSpec(o.specFrom ?? server);
+      const info = guest && keepIfSized ? (await this.#driver.list()).find((g) => g.id === uid) : undefined;
       if (guest && !(info && info.vcpus === spec.vcpus && info.ramMiB === spec.ramMiB)) {
         await this.#driver.destroy(uid);
         state = undefined;
@@ -593,51 +561,49 @@ export class ComputeService {
         state = (await this.#driver.state(uid)) ?? state;
       }
     } catch (err) {
-      const message = spawnFailureMessage(err, server.status?.image ?? server.spec.image);
-      const failed = await this.#write(server, undefined, undefined, (st, s) => {
-        const t = nowIso(this.#clock);
-        setStates(st, 'error', undefined);
-        st.powerState = 'NOSTATE';
-        st.fault = { code: 500, message: message.slice(0, 4096), time: t };
-        st.actions = finishAction(st.actions as never, d.action, 'Error', t, message);
-        setConditions(
-          st,
-          [{ type: 'Ready', status: 'False', reason: 'ResizeFailed', message }],
-          s.metadata.generation,
-          new Date(this.#clock.now()),
-        );
-      });
-      this.#events.warning(ref(failed.server), 'ResizeFailed', d.action === 'migrate' ? 'Migrate' : 'Resize', message);
-      return undefined;
+      failure = spawnFailureMessage(err, server.status?.image ?? server.spec.image);
+      await this.#driver.destroy(uid).catch(() => {}); // leave no half-built guest behind
     }
     this.#o.hypervisor.poke();
     const final = state;
     const done = await this.#write(server, undefined, undefined, (st, s) => {
       const t = nowIso(this.#clock);
-      setStates(st, stopped ? 'stopped' : 'active', undefined);
-      st.powerState = final.powerState;
-      st.actions = finishAction(st.actions as never, d.action, 'Success', t);
-      setConditions(
-        st,
-        [
-          {
-            type: 'Ready',
-            status: 'True',
-            reason: s.spec.powerState,
-            message: `${d.action} finished on ${this.nodeName}`,
-          },
-        ],
-        s.metadata.generation,
-        new Date(this.#clock.now()),
-      );
+      const date = new Date(this.#clock.now());
+      if (failure !== undefined || !final) {
+        const message = failure ?? 'the guest was not created';
+        setStates(st, 'error', undefined);
+        st.powerState = 'NOSTATE';
+        st.fault = { code: 500, message: message.slice(0, 4096), time: t };
+        st.actions = finishAction(st.actions as never, action, 'Error', t, message);
+        setConditions(
+          st,
+          [{ type: 'Ready', status: 'False', reason: `${verb}Failed`, message }],
+          s.metadata.generation,
+          date,
+        );
+      } else {
+        setStates(st, stopped ? 'stopped' : 'active', undefined);
+        st.powerState = final.powerState;
+        delete st.fault;
+        st.actions = finishAction(st.actions as never, action, 'Success', t);
+        const message = `${action} finished on ${this.nodeName}`;
+        setConditions(
+          st,
+          [{ type: 'Ready', status: 'True', reason: s.spec.powerState, message }],
+          s.metadata.generation,
+          date,
+        );
+      }
+      o.extra?.(st, s);
     });
-    this.#events.normal(
-      ref(done.server),
-      d.action === 'migrate' ? 'Migrated' : 'Resized',
-      d.action === 'migrate' ? 'Migrate' : 'Resize',
-      `${d.action} finished on ${this.nodeName}`,
-    );
-    ctx.log.info({ action: d.action }, 'resize/migration finished');
+    if (failure !== undefined) {
+      this.#events.warning(ref(done.server), `${verb}Failed`, verb, failure);
+      ctx.log.warn({ action, failure }, 'guest re-creation failed');
+    } else {
+      const past = action === 'migrate' ? 'Migrated' : action === 'rebuild' ? 'Rebuilt' : 'Resized';
+      this.#events.normal(ref(done.server), past, verb, `${action} finished on ${this.nodeName}`);
+      ctx.log.info({ action }, 'guest re-created');
+    }
     return done.server;
   }
 
