@@ -111,14 +111,15 @@ describe('CRDs', () => {
   it('explain fields to kubectl explain', async () => {
     // The API server publishes a new CRD's OpenAPI a few seconds after it is established.
     let out = '';
+    let nested = '';
     await waitFor('the CRDs in the OpenAPI document', async () => {
       out = await kubectl('explain', 'server.spec').catch(() => '');
-      return out !== '';
+      nested = await kubectl('explain', 'network.spec.subnets.allocationPools').catch(() => '');
+      return out !== '' && nested !== '';
     });
     expect(out).toContain('Desired state of the server.');
     expect(out).toMatch(/flavor\s+<string> -required-/);
     expect(out).toContain('Changing it resizes the server.');
-    const nested = await kubectl('explain', 'network.spec.subnets.allocationPools');
     expect(nested).toContain('Ranges handed out to ports.');
   });
 });
