@@ -18,6 +18,7 @@ import {
 } from '../operator/src/api/index.ts';
 import { gvrOf } from '../operator/src/controllers/common.ts';
 import { type GVR, isNotFound, type KubeClient } from '../operator/src/runtime/index.ts';
+import { waitFor as poll } from './testing/wait.ts';
 
 export const root = path.resolve(import.meta.dirname, '..');
 export const SERVERS = gvrOf(ServerKind);
@@ -30,27 +31,13 @@ export const LEASES: GVR = { group: 'coordination.k8s.io', version: 'v1', plural
 
 export type Srv = KubernetesObject & { spec: ServerSpec; status?: ServerStatus };
 
-/** Polls fn until it returns something other than undefined/false; throws after timeoutMs naming `what`. */
-export async function waitFor<T>(
+/** waitFor with the longer default QEMU boots need (60 s). */
+export const waitFor = <T>(
   what: string,
   fn: () => T | undefined | false | Promise<T | undefined | false>,
   timeoutMs = 60_000,
   intervalMs = 200,
-): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  let last: unknown;
-  for (;;) {
-    try {
-      const v = await fn();
-      if (v !== undefined && v !== false) return v;
-    } catch (err) {
-      last = err;
-    }
-    if (Date.now() > end)
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${last}` : ''}`);
-    await sleep(intervalMs);
-  }
-}
+): Promise<T> => poll(what, fn, timeoutMs, intervalMs);
 
 /** A child process whose stdout and stderr go to `logFile`. */
 export class Proc {

@@ -7,6 +7,7 @@ import { PatchStrategy } from '@kubernetes/client-node';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
+import { waitFor as poll } from '../../../e2e/testing/wait.ts';
 import {
   GUEST_FINALIZER,
   type Hypervisor,
@@ -40,20 +41,8 @@ let driver: FakeDriver;
 let agent: RunningAgent;
 const hypervisors: string[] = [NODE];
 
-async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  let last: unknown;
-  for (;;) {
-    try {
-      const v = await fn();
-      if (v !== undefined && v !== false) return v;
-    } catch (err) {
-      last = err;
-    }
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}${last ? `: ${String(last)}` : ''}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+const waitFor = <T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> =>
+  poll(what, fn, timeoutMs, 100);
 
 const getServer = (name: string) => client.get<Srv>(SERVERS, name, NS);
 const condition = (s: Srv, type: string) => s.status?.conditions?.find((c) => c.type === type);

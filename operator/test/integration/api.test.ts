@@ -14,6 +14,7 @@ import {
   kubectlPath,
   userKubeConfig,
 } from '../../../e2e/controlplane/testenv.ts';
+import { waitFor as poll } from '../../../e2e/testing/wait.ts';
 import { ALL_KINDS, type KindDefinition } from '../../src/api/index.ts';
 import { installCRDs } from '../../src/crdgen/install.ts';
 
@@ -73,13 +74,9 @@ async function refusal(action: () => Promise<unknown>): Promise<{ code: number; 
   }
 }
 
-async function waitFor(what: string, cond: () => Promise<boolean>, timeoutMs = 60_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
+const waitFor = async (what: string, cond: () => Promise<boolean>, timeoutMs = 60_000): Promise<void> => {
+  await poll(what, cond, timeoutMs, 250);
+};
 
 async function gone(o: Obj): Promise<boolean> {
   return (

@@ -16,6 +16,7 @@ import { fileURLToPath } from 'node:url';
 import { type EventsV1Event, type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
 import { pino } from 'pino';
 import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
+import { waitFor } from '../../../e2e/testing/wait.ts';
 import { type RunningAgent, startAgent } from '../../../node-agent/src/agent.ts';
 import { FakeDriver } from '../../../node-agent/src/drivers/fake.ts';
 import {
@@ -70,27 +71,7 @@ export type Hv = Hypervisor & KubernetesObject;
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-/** Polls fn until it returns something other than undefined/false; throws after timeoutMs naming `what`. */
-export async function waitFor<T>(
-  what: string,
-  fn: () => T | undefined | false | Promise<T | undefined | false>,
-  timeoutMs = 30_000,
-  intervalMs = 200,
-): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  let last: unknown;
-  for (;;) {
-    try {
-      const v = await fn();
-      if (v !== undefined && v !== false) return v;
-    } catch (err) {
-      last = err;
-    }
-    if (Date.now() > end)
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${last}` : ''}`);
-    await sleep(intervalMs);
-  }
-}
+export { waitFor };
 
 export function condition(s: Srv | undefined, type: string) {
   return s?.status?.conditions?.find((c) => c.type === type);

@@ -10,6 +10,7 @@ import { join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
 import { type KubeConfig, PatchStrategy, type V1Lease, type V1Namespace, Watch } from '@kubernetes/client-node';
 import { adminKubeconfigFile } from '../../../e2e/controlplane/testenv.ts';
+import { waitFor } from '../../../e2e/testing/wait.ts';
 import { type Project, ProjectKind } from '../../src/api/index.ts';
 import { gvrOf } from '../../src/controllers/common.ts';
 import { PROJECT_FINALIZER, PROJECT_LABEL } from '../../src/controllers/project.ts';
@@ -34,28 +35,7 @@ export function runId(prefix: string): string {
   return `${prefix}-${randomBytes(3).toString('hex')}`;
 }
 
-/** Polls fn until it returns something other than undefined/false; throws after timeoutMs naming `what`. */
-export async function waitFor<T>(
-  what: string,
-  fn: () => T | undefined | false | Promise<T | undefined | false>,
-  timeoutMs = 30_000,
-  intervalMs = 100,
-): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  let lastErr: unknown;
-  for (;;) {
-    try {
-      const v = await fn();
-      if (v !== undefined && v !== false) return v;
-    } catch (e) {
-      lastErr = e;
-    }
-    if (Date.now() > end) {
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${lastErr ? `: ${String(lastErr)}` : ''}`);
-    }
-    await sleep(intervalMs);
-  }
-}
+export { waitFor };
 
 /** Runs fn over items with at most `concurrency` calls in flight. */
 export async function pool<T>(items: readonly T[], concurrency: number, fn: (item: T) => Promise<void>): Promise<void> {

@@ -5,6 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { type KubernetesObject, PatchStrategy, type V1Lease, Watch } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminKubeConfig, compactEtcd } from '../../../e2e/controlplane/testenv.ts';
+import { waitFor as poll } from '../../../e2e/testing/wait.ts';
 import {
   addFinalizer,
   type GVR,
@@ -33,15 +34,8 @@ const widgetGVR: GVR = { group: GROUP, version: 'v1', plural: 'widgets' };
 
 let client: KubeClient;
 
-async function waitFor<T>(what: string, fn: () => T | undefined | false, timeoutMs = 15_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = fn();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+const waitFor = <T>(what: string, fn: () => T | undefined | false, timeoutMs = 15_000): Promise<T> =>
+  poll(what, fn, timeoutMs, 50);
 
 const cm = (name: string, data: Record<string, string> = {}): KubernetesObject & { data: Record<string, string> } => ({
   apiVersion: 'v1',
