@@ -100,7 +100,7 @@ function setupChecks(): void {
   for (const [tool, pkg] of tools) {
     if (!which(tool)) missing.push(`${tool} not found: apt-get install ${pkg} (or npm run setup)`);
   }
-  if (!existsSync(path.join(root, 'node_modules'))) missing.push('node_modules missing: npm ci');
+  if (!existsSync(path.join(root, 'node_modules'))) missing.push('node_modules missing: npm install');
   if (missing.length > 0)
     fail(`missing prerequisites:\n  - ${missing.join('\n  - ')}\nnpm run setup installs them on Debian 12.`);
   const kvm = existsSync('/dev/kvm')

@@ -20,21 +20,11 @@ import { ImageError } from '../../node-agent/src/images/cache.ts';
 import { createLogger } from '../../operator/src/runtime/index.ts';
 import { ensureTestImage, type TestImage } from '../images/build.ts';
 import { type FileServer, start } from '../images/serve.ts';
+import { missingQemuPrerequisite } from '../testing/qemu.ts';
 
 const log = (m: string) => console.error(`[qemu-driver] ${m}`);
 
-function missingPrerequisite(): string | undefined {
-  if (process.getuid?.() !== 0) return 'not root';
-  for (const tool of ['qemu-system-x86_64', 'qemu-img', 'genisoimage']) {
-    try {
-      execFileSync(tool, ['--version'], { stdio: 'ignore' });
-    } catch {
-      return `${tool} is not installed`;
-    }
-  }
-  return undefined;
-}
-const missing = missingPrerequisite();
+const missing = missingQemuPrerequisite();
 if (missing) log(`SKIPPED: ${missing} (the QEMU driver test needs root, QEMU, qemu-img and genisoimage)`);
 
 const UID = '3f6a1c2e-8b4d-4e7f-9a1b-2c3d4e5f6a7b';

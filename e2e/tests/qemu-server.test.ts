@@ -43,21 +43,11 @@ import {
   waitConsole,
   waitFor,
 } from '../stack.ts';
+import { missingQemuPrerequisite } from '../testing/qemu.ts';
 
 const log = (m: string) => console.error(`[qemu-server] ${m}`);
 
-function missingPrerequisite(): string | undefined {
-  if (process.getuid?.() !== 0) return 'not root';
-  for (const tool of ['qemu-system-x86_64', 'qemu-img', 'genisoimage']) {
-    try {
-      execFileSync(tool, ['--version'], { stdio: 'ignore' });
-    } catch {
-      return `${tool} is not installed`;
-    }
-  }
-  return undefined;
-}
-const missing = missingPrerequisite();
+const missing = missingQemuPrerequisite();
 if (missing) log(`SKIPPED: ${missing} (needs root, QEMU, qemu-img and genisoimage)`);
 
 const ID = `e2e-qemu-${process.pid}`;
