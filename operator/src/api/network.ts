@@ -17,6 +17,39 @@ import {
 
 export const NETWORK_GROUP = 'network.stratus.io';
 
+/** Label on Ports (and IP allocations) naming their Network. */
+export const NETWORK_LABEL = 'network.stratus.io/network';
+/** Label on IP allocations naming the Port that holds them. */
+export const PORT_LABEL = 'network.stratus.io/port';
+/**
+ * Label on a Port naming the Server that uses it (Neutron device_id). The Server controller sets it on the ports it
+ * creates and on existing ports a Server references (only when unset: a port serves one server), and removes it
+ * from user-created ports when the server goes.
+ */
+export const PORT_DEVICE_LABEL = 'compute.stratus.io/server';
+/** Operator finalizer on Ports: releases the port's address claims before the port goes. */
+export const PORT_FINALIZER = 'network.stratus.io/port';
+/** Operator finalizer on Networks: releases the segmentation id (VNI) and the DHCP address claims. */
+export const NETWORK_FINALIZER = 'network.stratus.io/network';
+/** OpenStack's MAC prefix (Neutron base_mac fa:16:3e:00:00:00). */
+export const MAC_PREFIX = 'fa:16:3e';
+/** Port condition set by the operator: MAC and fixed IPs are claimed and in status. */
+export const PORT_READY = 'Ready';
+/** Port condition set by the node agent: the port is wired on status.bindingHost. */
+export const PORT_BOUND = 'Bound';
+
+/**
+ * Name of the Port a Server creates for its `index`-th entry of spec.networks: `<server>-<index>`, cut and given a
+ * hash suffix when that would exceed 253 characters.
+ */
+export function serverPortName(server: string, index: number): string {
+  const suffix = `-${index}`;
+  if (server.length + suffix.length <= 253) return `${server}${suffix}`;
+  let h = 2166136261;
+  for (const c of server) h = Math.imul(h ^ c.charCodeAt(0), 16777619) >>> 0;
+  return `${server.slice(0, 253 - suffix.length - 9)}-${h.toString(16).padStart(8, '0')}${suffix}`;
+}
+
 /** CEL: the integer value of an IPv4 address held in `expr` (a string). */
 function celIPv4Int(expr: string): string {
   const octet = (i: number) => `int(${expr}.split('.')[${i}])`;
