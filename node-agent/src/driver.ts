@@ -14,6 +14,16 @@
 //  - Power states use Nova's names (RUNNING, PAUSED, SHUTDOWN, CRASHED, SUSPENDED; NOSTATE when unknown).
 import type { PowerState } from '../../operator/src/api/index.ts';
 import type { ImageSource } from './images/cache.ts';
+import type { GuestNicInput } from './seed/nic.ts';
+
+/**
+ * A NIC of a guest: the host device the network backend wired for the port (a tap, attached and up before spawn) plus
+ * what the seeds tell the guest (MAC, MTU, addresses, gateway, routes, DNS; network-config v2 / network_data.json).
+ */
+export type GuestNetworkInterface = GuestNicInput & {
+  /** Host-side device (network/names.ts tapName), e.g. stt-0123456789a. */
+  device: string;
+};
 
 /** What to boot: the Server's uid plus everything the guest needs, resolved by the agent. */
 export interface GuestSpec {
@@ -39,6 +49,8 @@ export interface GuestSpec {
   keyPair?: { name: string; publicKey: string };
   /** Guest hostname (defaults to the Server name). */
   hostname?: string;
+  /** NICs in order (Server spec.networks), wired by the agent before spawn. Changing them needs a new guest. */
+  nics?: GuestNetworkInterface[];
   /** Also attach an OpenStack config drive (label config-2) besides the NoCloud seed. */
   configDrive?: boolean;
   /** Server metadata (Nova metadata key/values), visible to the guest through the config drive. */
