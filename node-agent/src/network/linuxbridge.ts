@@ -1,0 +1,445 @@
+// The Linux bridge backend (Neutron's linuxbridge agent with l2population, plus its iptables firewall rebuilt on
+// nftables): per network a bridge stb-<vni> with a VXLAN device stx-<vni> (UDP 4789, nolearning, head-end
+// replication toward the network's other nodes, static FDB entries for remote ports), per port a persistent tap
+// stt-<port11> made by the agent and plugged into its network's bridge, security groups and anti-spoofing in two
+// nftables tables (nft.ts), and a distributed DHCP server per network (dhcp.ts). See docs/design/networking.md.
+//
+// apply() observes (ip -j -d link, bridge -j fdb, nft list), diffs against the plan, and runs only the commands that
+// change something, so a second apply() of the same plan, or a fresh instance after an agent restart, runs none.
+import type { Logger } from '../../../operator/src/runtime/index.ts';
+import type {
+  ApplyResult,
+  NetworkBackend,
+  NetworkPlan,
+  NodeNetworkPlan,
+  PortPlan,
+  PortResult,
+  VifType,
+} from './backend.ts';
+import { DhcpManager, type DhcpNetwork, dhcpMac, servedSubnets } from './dhcp.ts';
+import type { Exec } from './exec.ts';
+import { bridgeName, DEVICE_PREFIX, vxlanName } from './names.ts';
+import { NftManager, parseCidr, renderRules, zonesForVnis } from './nft.ts';
+import {
+  deviceWithAddress,
+  type FdbEntry,
+  isTap,
+  type Link,
+  parseAddrs,
+  parseFdb,
+  parseLinks,
+  vxlanData,
+} from './observe.ts';
+
+/** UDP port of every VXLAN device (IANA; the kernel default 8472 is Linux-specific). */
+export const VXLAN_PORT = 4789;
+const ZERO_MAC = '00:00:00:00:00:00';
+
+export interface LinuxBridgeOptions {
+  /** Runs every command (in the node's network namespace for simulated nodes). */
+  exec: Exec;
+  /** Underlay device of the VXLAN devices (default: the device holding plan.hostIP). */
+  underlayDevice?: string;
+  logger?: Logger;
+  /** DHCP servers (default on). */
+  dhcp?: boolean;
+  /**
+   * Prefix of DHCP namespace names (+ VNI); unique per node when several simulated nodes share a host. Default
+   * `<exec.netns>-dhcp-`, or `stratus-dhcp-` on a real node.
+   */
+  dhcpNetnsPrefix?: string;
+  /** Directory for dnsmasq files (default /run/stratus/network/<exec.netns or "host">). */
+  runDir?: string;
+  /** Exec in the host's mount namespace for `ip netns add|del|exec` (default: hostExec()). */
+  nsExec?: Exec;
+  /** nftables table names (default nft.ts DEFAULT_TABLES). */
+  tables?: { bridge: string; inet: string };
+}
+
+/** ifalias ownership marker of a network's bridge and VXLAN device. */
+export function networkAlias(n: Pick<NetworkPlan, 'id' | 'vni'>): string {
+  return `stratus:net=${n.id},vni=${n.vni}`;
+}
+
+/** ifalias ownership marker of a tap the agent made. */
+export function tapAlias(p: Pick<PortPlan, 'id'>): string {
+  return `stratus:port=${p.id}`;
+}
+
+/** Desired VXLAN FDB entries of a network: flood entries per peer (HER) and unicast entries per remote port. Pure. */
+export function desiredFdb(n: Pick<NetworkPlan, 'peers' | 'remotePorts'>, hostIP: string): Map<string, string[]> {
+  const out = new Map<string, string[]>();
+  const peers = [...new Set(n.peers)].filter((p) => p !== hostIP).sort();
+  if (peers.length) out.set(ZERO_MAC, peers);
+  for (const r of [...n.remotePorts].sort((a, b) => a.mac.localeCompare(b.mac))) {
+    if (r.hostIP === hostIP) continue;
+    out.set(r.mac.toLowerCase(), [r.hostIP]);
+  }
+  return out;
+}
+
+/** The commands that turn the observed FDB entries of a VXLAN device into the desired ones. Pure. */
+export function fdbCommands(dev: string, observed: readonly FdbEntry[], desired: Map<string, string[]>): string[][] {
+  const have = new Set(
+    observed.filter((e) => e.ifname === dev && e.dst && e.flags.includes('self')).map((e) => `${e.mac} ${e.dst}`),
+  );
+  const want = new Set([...desired].flatMap(([mac, dsts]) => dsts.map((d) => `${mac} ${d}`)));
+  const cmds: string[][] = [];
+  for (const k of [...want].sort()) {
+    if (have.has(k)) continue;
+    const [mac, dst] = k.split(' ') as [string, string];
+    // the zero MAC holds a list (append); a unicast MAC has one destination (replace moves it)
+    cmds.push(['fdb', mac === ZERO_MAC ? 'append' : 'replace', mac, 'dev', dev, 'dst', dst, 'self', 'permanent']);
+  }
+  for (const k of [...have].sort()) {
+    if (want.has(k)) continue;
+    const [mac, dst] = k.split(' ') as [string, string];
+    // a unicast MAC that moved was already replaced above
+    if (mac !== ZERO_MAC && desired.has(mac)) continue;
+    cmds.push(['fdb', 'del', mac, 'dev', dev, 'dst', dst, 'self']);
+  }
+  return cmds;
+}
+
+/** Whether an observed VXLAN device can be adopted as is (id, port, local address, underlay, no learning). */
+export function vxlanMatches(l: Link, vni: number, hostIP: string, underlay: string): boolean {
+  const d = vxlanData(l);
+  return !!d && d.id === vni && d.port === VXLAN_PORT && d.local === hostIP && d.link === underlay && !d.learning;
+}
+
+function isUp(l: Link | undefined): boolean {
+  return !!l?.flags.includes('UP');
+}
+
+/** The Linux bridge + VXLAN + nftables backend. */
+export class LinuxBridgeBackend implements NetworkBackend {
+  readonly name = 'linuxbridge' as const;
+  readonly vifType: VifType = 'bridge';
+  readonly #exec: Exec;
+  readonly #underlay: string | undefined;
+  readonly #log: Logger | undefined;
+  readonly #nft: NftManager;
+  readonly #dhcp: DhcpManager | undefined;
+  readonly #tables: { bridge: string; inet: string } | undefined;
+  /** Why security groups cannot be enforced (br_netfilter missing), if so. */
+  #sgUnavailable: string | undefined;
+
+  constructor(o: LinuxBridgeOptions) {
+    this.#exec = o.exec;
+    this.#underlay = o.underlayDevice;
+    this.#log = o.logger;
+    this.#tables = o.tables;
+    this.#nft = new NftManager({ exec: o.exec, logger: o.logger });
+    this.#dhcp =
+      o.dhcp === false
+        ? undefined
+        : new DhcpManager({
+            exec: o.exec,
+            nsExec: o.nsExec,
+            // defaults unique per node namespace: simulated nodes share one host's /run and namespace names
+            netnsPrefix: o.dhcpNetnsPrefix ?? (o.exec.netns ? `${o.exec.netns}-dhcp-` : 'stratus-dhcp-'),
+            runDir: o.runDir ?? `/run/stratus/network/${o.exec.netns ?? 'host'}`,
+            logger: o.logger,
+          });
+  }
+
+  /** Turns on br_netfilter's calls into the inet hooks (the security groups' stateful half) in this namespace. */
+  async init(): Promise<void> {
+    const problems: string[] = [];
+    for (const key of ['net.bridge.bridge-nf-call-iptables', 'net.bridge.bridge-nf-call-ip6tables']) {
+      try {
+        const cur = (await this.#exec.run('sysctl', ['-n', key])).stdout.trim();
+        if (cur !== '1') await this.#exec.run('sysctl', ['-qw', `${key}=1`]);
+      } catch (e) {
+        problems.push(`${key}: ${(e as Error).message.trim()}`);
+      }
+    }
+    this.#sgUnavailable = problems.length
+      ? `security groups cannot be enforced: br_netfilter is not available (${problems.join('; ')})`
+      : undefined;
+    if (this.#sgUnavailable) this.#log?.error(this.#sgUnavailable);
+  }
+
+  async close(): Promise<void> {
+    // nothing runs in the background; dnsmasq keeps serving leases across agent restarts
+  }
+
+  async #run(cmd: string, args: string[], changes: string[], what?: string): Promise<void> {
+    await this.#exec.run(cmd, args);
+    changes.push(what ?? `${cmd} ${args.join(' ')}`);
+  }
+
+  async #links(): Promise<Map<string, Link>> {
+    const links = parseLinks((await this.#exec.run('ip', ['-j', '-d', 'link', 'show'])).stdout);
+    return new Map(links.map((l) => [l.ifname, l]));
+  }
+
+  async #underlayDevice(hostIP: string): Promise<string> {
+    if (this.#underlay) return this.#underlay;
+    const dev = deviceWithAddress(parseAddrs((await this.#exec.run('ip', ['-j', 'addr', 'show'])).stdout), hostIP);
+    if (!dev) throw new Error(`no device holds the node's underlay address ${hostIP}`);
+    return dev;
+  }
+
+  async apply(plan: NodeNetworkPlan): Promise<ApplyResult> {
+    const changes: string[] = [];
+    const ports: Record<string, PortResult> = {};
+    const netErrors = new Map<string, string>();
+    const links = await this.#links();
+    const networks = [...plan.networks].sort((a, b) => a.vni - b.vni);
+    const byId = new Map(networks.map((n) => [n.id, n]));
+    const wantPorts = plan.ports.filter((p) => byId.has(p.networkId)).sort((a, b) => a.device.localeCompare(b.device));
+    const wantDevices = new Set([
+      ...networks.flatMap((n) => [bridgeName(n.vni), vxlanName(n.vni)]),
+      ...wantPorts.map((p) => p.device),
+    ]);
+
+    // 1. remove stale devices first (frees VNIs and names): taps, then VXLAN devices, then bridges
+    for (const prefix of [DEVICE_PREFIX.tap, DEVICE_PREFIX.vxlan, DEVICE_PREFIX.bridge]) {
+      for (const l of links.values()) {
+        if (!l.ifname.startsWith(prefix) || wantDevices.has(l.ifname)) continue;
+        if (prefix === DEVICE_PREFIX.tap && !isTap(l)) continue; // a device we did not make (test stand-in)
+        try {
+          await this.#run('ip', ['link', 'del', l.ifname], changes, `deleted stale ${l.ifname}`);
+          links.delete(l.ifname);
+        } catch (e) {
+          this.#log?.warn({ device: l.ifname, err: (e as Error).message }, 'could not delete stale device');
+        }
+      }
+    }
+
+    // 2. networks: bridge, VXLAN device, FDB
+    let underlay: string | undefined;
+    let fdb: FdbEntry[] | undefined;
+    for (const n of networks) {
+      try {
+        underlay ??= await this.#underlayDevice(plan.hostIP);
+        const ul = links.get(underlay);
+        if (ul && ul.mtu - 50 < n.mtu)
+          this.#log?.warn({ network: n.id, mtu: n.mtu, underlayMtu: ul.mtu }, 'network MTU exceeds underlay MTU - 50');
+        await this.#ensureNetwork(n, plan.hostIP, underlay, links, changes);
+        fdb ??= parseFdb((await this.#exec.run('bridge', ['-j', 'fdb', 'show'])).stdout);
+        for (const args of fdbCommands(vxlanName(n.vni), fdb, desiredFdb(n, plan.hostIP)))
+          await this.#run('bridge', args, changes);
+      } catch (e) {
+        netErrors.set(n.id, (e as Error).message);
+        this.#log?.warn({ network: n.id, vni: n.vni, err: (e as Error).message }, 'network wiring failed');
+      }
+    }
+
+    // 3. ports
+    for (const p of plan.ports) {
+      const n = byId.get(p.networkId);
+      if (!n) {
+        ports[p.id] = { ready: false, message: `network ${p.networkId} is not in the node plan` };
+        continue;
+      }
+      const err = netErrors.get(n.id);
+      if (err) {
+        ports[p.id] = { ready: false, message: `network ${n.namespace}/${n.name}: ${err}` };
+        continue;
+      }
+      try {
+        await this.#ensurePort(p, n, links, changes);
+        ports[p.id] = { ready: true, ...(p.adminStateUp ? {} : { message: 'administratively down' }) };
+      } catch (e) {
+        ports[p.id] = { ready: false, message: (e as Error).message };
+      }
+    }
+
+    // 4. security groups and anti-spoofing (atomic per table)
+    const zones = zonesForVnis(networks.map((n) => n.vni));
+    const dhcpVnis = new Set(networks.filter((n) => servedSubnets(n).length > 0).map((n) => n.vni));
+    const rendered = renderRules({
+      ports: wantPorts.map((p) => {
+        const n = byId.get(p.networkId)!;
+        return { port: p, device: p.device, bridge: bridgeName(n.vni), zone: zones.get(n.vni)! };
+      }),
+      securityGroups: plan.securityGroups,
+      l2Drops: this.#dhcp ? [...dhcpVnis].map((v) => ({ device: vxlanName(v), mac: dhcpMac(v) })) : [],
+      tables: this.#tables,
+    });
+    for (const w of rendered.warnings) this.#log?.warn(w);
+    try {
+      changes.push(...(await this.#nft.apply(rendered)));
+      if (this.#sgUnavailable)
+        for (const p of wantPorts) if (p.portSecurity) ports[p.id] = { ready: false, message: this.#sgUnavailable };
+    } catch (e) {
+      const msg = `security group rules: ${(e as Error).message}`;
+      this.#log?.error({ err: (e as Error).message }, 'nft apply failed');
+      for (const p of wantPorts) if (p.portSecurity) ports[p.id] = { ready: false, message: msg };
+    }
+
+    // 5. DHCP
+    if (this.#dhcp) {
+      const wanted: DhcpNetwork[] = networks
+        .filter((n) => dhcpVnis.has(n.vni) && !netErrors.has(n.id))
+        .map((n) => ({
+          vni: n.vni,
+          networkId: n.id,
+          mtu: n.mtu,
+          subnets: n.subnets,
+          hosts: dhcpHosts(n, wantPorts),
+          attach: (dev) => this.#attachDhcp(dev, bridgeName(n.vni)),
+        }));
+      try {
+        const r = await this.#dhcp.reconcile(wanted);
+        changes.push(...r.changes);
+        for (const [vni, msg] of Object.entries(r.errors)) {
+          this.#log?.warn({ vni, err: msg }, 'DHCP server not serving');
+          const n = networks.find((x) => x.vni === Number(vni));
+          for (const p of wantPorts)
+            if (n && p.networkId === n.id && ports[p.id]?.ready)
+              ports[p.id] = { ready: true, message: `DHCP server: ${msg}` };
+        }
+      } catch (e) {
+        this.#log?.warn({ err: (e as Error).message }, 'DHCP reconcile failed');
+      }
+    }
+    if (changes.length) this.#log?.info({ changes }, 'network data plane changed');
+    return { ports, changes };
+  }
+
+  async #ensureNetwork(
+    n: NetworkPlan,
+    hostIP: string,
+    underlay: string,
+    links: Map<string, Link>,
+    changes: string[],
+  ): Promise<void> {
+    const br = bridgeName(n.vni);
+    const vx = vxlanName(n.vni);
+    const alias = networkAlias(n);
+    let b = links.get(br);
+    if (b && b.linkinfo?.info_kind !== 'bridge') {
+      await this.#run('ip', ['link', 'del', br], changes, `deleted ${br} (not a bridge)`);
+      b = undefined;
+    }
+    if (!b) {
+      await this.#run(
+        'ip',
+        ['link', 'add', br, 'mtu', String(n.mtu), 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0'],
+        changes,
+        `created bridge ${br}`,
+      );
+      await this.#exec.run('sysctl', ['-qw', `net.ipv6.conf.${br}.disable_ipv6=1`]).catch(() => undefined);
+    } else {
+      const d = (b.linkinfo?.info_data ?? {}) as { stp_state?: number; forward_delay?: number };
+      if (d.stp_state !== 0 || d.forward_delay !== 0)
+        await this.#run('ip', ['link', 'set', br, 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0'], changes);
+    }
+    // per-bridge br_netfilter switches: the inet table sees this bridge's traffic even if the global sysctls are 0
+    const bd = (b?.linkinfo?.info_data ?? {}) as { nf_call_iptables?: number; nf_call_ip6tables?: number };
+    if (bd.nf_call_iptables !== 1 || bd.nf_call_ip6tables !== 1)
+      await this.#run(
+        'ip',
+        ['link', 'set', br, 'type', 'bridge', 'nf_call_iptables', '1', 'nf_call_ip6tables', '1'],
+        changes,
+        b ? undefined : '',
+      );
+    if (b?.ifalias !== alias) await this.#run('ip', ['link', 'set', br, 'alias', alias], changes, b ? undefined : '');
+    if (b && b.mtu !== n.mtu) await this.#run('ip', ['link', 'set', br, 'mtu', String(n.mtu)], changes);
+
+    let v = links.get(vx);
+    if (v && !vxlanMatches(v, n.vni, hostIP, underlay)) {
+      await this.#run('ip', ['link', 'del', vx], changes, `deleted ${vx} (attributes changed)`);
+      v = undefined;
+    }
+    if (!v) {
+      await this.#run(
+        'ip',
+        [
+          'link',
+          'add',
+          vx,
+          'mtu',
+          String(n.mtu),
+          'type',
+          'vxlan',
+          'id',
+          String(n.vni),
+          'dstport',
+          String(VXLAN_PORT),
+          'local',
+          hostIP,
+          'dev',
+          underlay,
+          'nolearning',
+        ],
+        changes,
+        `created VXLAN ${vx} (VNI ${n.vni}, local ${hostIP}, dev ${underlay})`,
+      );
+      await this.#exec.run('sysctl', ['-qw', `net.ipv6.conf.${vx}.disable_ipv6=1`]).catch(() => undefined);
+    }
+    if (v?.ifalias !== alias) await this.#run('ip', ['link', 'set', vx, 'alias', alias], changes, v ? undefined : '');
+    if (v && v.mtu !== n.mtu) await this.#run('ip', ['link', 'set', vx, 'mtu', String(n.mtu)], changes);
+    if (v?.master !== br) await this.#run('ip', ['link', 'set', vx, 'master', br], changes, v ? undefined : '');
+    const up = n.adminStateUp ? 'up' : 'down';
+    if (isUp(v) !== n.adminStateUp) await this.#run('ip', ['link', 'set', vx, up], changes, v ? undefined : '');
+    if (isUp(b) !== n.adminStateUp) await this.#run('ip', ['link', 'set', br, up], changes, b ? undefined : '');
+    // drop the empty change lines of freshly created devices (their creation line says it all)
+    for (let i = changes.length - 1; i >= 0; i--) if (changes[i] === '') changes.splice(i, 1);
+  }
+
+  async #ensurePort(p: PortPlan, n: NetworkPlan, links: Map<string, Link>, changes: string[]): Promise<void> {
+    const br = bridgeName(n.vni);
+    let l = links.get(p.device);
+    const created = !l;
+    if (!l) {
+      await this.#run(
+        'ip',
+        ['tuntap', 'add', 'dev', p.device, 'mode', 'tap', 'vnet_hdr'],
+        changes,
+        `created tap ${p.device}`,
+      );
+      await this.#exec.run('sysctl', ['-qw', `net.ipv6.conf.${p.device}.disable_ipv6=1`]).catch(() => undefined);
+      l = undefined;
+    }
+    const tap = created || (l !== undefined && isTap(l));
+    const quiet = created ? '' : undefined;
+    if (tap && l?.ifalias !== tapAlias(p))
+      await this.#run('ip', ['link', 'set', p.device, 'alias', tapAlias(p)], changes, quiet);
+    if (l?.mtu !== n.mtu) await this.#run('ip', ['link', 'set', p.device, 'mtu', String(n.mtu)], changes, quiet);
+    if (l?.master !== br) await this.#run('ip', ['link', 'set', p.device, 'master', br], changes, quiet);
+    if (isUp(l) !== p.adminStateUp)
+      await this.#run('ip', ['link', 'set', p.device, p.adminStateUp ? 'up' : 'down'], changes, quiet);
+    for (let i = changes.length - 1; i >= 0; i--) if (changes[i] === '') changes.splice(i, 1);
+  }
+
+  async #attachDhcp(dev: string, br: string): Promise<string[]> {
+    const l = parseLinks((await this.#exec.run('ip', ['-j', '-d', 'link', 'show', 'dev', dev])).stdout)[0];
+    if (l?.master === br) return [];
+    await this.#exec.run('ip', ['link', 'set', dev, 'master', br]);
+    return [`attached ${dev} to ${br}`];
+  }
+}
+
+/** Static leases of a network: its local ports' fixed IPv4 addresses inside served subnets. Pure. */
+export function dhcpHosts(
+  n: Pick<NetworkPlan, 'id' | 'subnets'>,
+  ports: readonly PortPlan[],
+): { mac: string; ip: string; hostname?: string }[] {
+  const subnets = servedSubnets(n).map((s) => ({ name: s.name, cidr: parseCidr(s.cidr) }));
+  const out: { mac: string; ip: string; hostname?: string }[] = [];
+  for (const p of ports) {
+    if (p.networkId !== n.id) continue;
+    for (const f of p.fixedIPs) {
+      let c: ReturnType<typeof parseCidr>;
+      try {
+        c = parseCidr(f.ipAddress);
+      } catch {
+        continue;
+      }
+      const inSubnet = subnets.some(
+        (s) =>
+          s.cidr.version === c.version &&
+          c.addr >> BigInt(32 - s.cidr.prefix) === s.cidr.addr >> BigInt(32 - s.cidr.prefix),
+      );
+      if (inSubnet) {
+        out.push({ mac: p.mac, ip: f.ipAddress, ...(p.hostname ? { hostname: p.hostname } : {}) });
+        break; // one lease per MAC (dnsmasq: one address per host line per subnet)
+      }
+    }
+  }
+  return out;
+}
