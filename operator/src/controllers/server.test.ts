@@ -1,9 +1,27 @@
 import { describe, expect, it } from 'vitest';
-import { MAX_SERVER_ACTIONS, recordAction, type Server } from '../api/index.ts';
+import {
+  MAX_SERVER_ACTIONS,
+  NETWORK_LABEL,
+  PORT_DEVICE_LABEL,
+  type Port,
+  recordAction,
+  SERVER_NODE_LABEL,
+  type Server,
+} from '../api/index.ts';
 import { statusMergePatch } from '../runtime/index.ts';
 import { type Claim, hostStatesFrom, schedule } from '../scheduler/index.ts';
 import { hypervisor, NOW } from '../scheduler/test-fixtures.ts';
-import { claimOf, moveGroup } from './server.ts';
+import {
+  addressesFromPorts,
+  claimOf,
+  desiredPortSpec,
+  moveGroup,
+  ownsPort,
+  portFailure,
+  portHolder,
+  serverPortLabels,
+  serverPortNames,
+} from './server.ts';
 
 const server = (status: Server['status'], spec: Partial<Server['spec']> = {}): Server =>
   ({
@@ -121,5 +139,91 @@ describe('statusMergePatch', () => {
   it('is undefined when nothing changed', () => {
     expect(statusMergePatch({ a: { b: 1 } }, { a: { b: 1 } })).toBeUndefined();
     expect(statusMergePatch(undefined, {})).toBeUndefined();
+  });
+});
+
+describe('ports of a server', () => {
+  const vm = {
+    metadata: { name: 'vm', namespace: 'p1', uid: 'u1', labels: { app: 'web', [SERVER_NODE_LABEL]: 'hv1' } },
+    spec: {
+      flavor: 'f',
+      image: 'i',
+      configDrive: false,
+      powerState: 'Running',
+      securityGroups: ['web', 'default'],
+      networks: [{ network: 'net1' }, { port: 'mine' }, { network: 'net2', fixedIP: '10.0.2.9' }],
+    },
+  } as unknown as Server;
+  const port = (name: string, o: Partial<Port['metadata']> = {}, status: Port['status'] = {}): Port =>
+    ({
+      metadata: { name, namespace: 'p1', ...o },
+      spec: { network: name === 'vm-2' ? 'net2' : 'net1', adminStateUp: true },
+      status,
+    }) as Port;
+  const ownedBy = (uid: string, name = 'vm') => ({
+    ownerReferences: [{ apiVersion: 'compute.stratus.io/v1alpha1', kind: 'Server', name, uid, controller: true }],
+  });
+
+  it('names each entry: the port it names or <server>-<index>', () => {
+    expect(serverPortNames(vm)).toEqual(['vm-0', 'mine', 'vm-2']);
+  });
+
+  it('asks for the network, the fixed IP when given, and the server security groups', () => {
+    expect(desiredPortSpec(vm, 0)).toEqual({ network: 'net1', securityGroups: ['web', 'default'], adminStateUp: true });
+    expect(desiredPortSpec(vm, 2)).toEqual({
+      network: 'net2',
+      fixedIPs: [{ ipAddress: '10.0.2.9' }],
+      securityGroups: ['web', 'default'],
+      adminStateUp: true,
+    });
+    expect(desiredPortSpec({ spec: { ...vm.spec, securityGroups: [] } }, 0).securityGroups).toEqual([]);
+    expect(() => desiredPortSpec(vm, 1)).toThrow(/names no network/);
+  });
+
+  it('labels created ports with the server labels (not compute.stratus.io/ ones), device and network', () => {
+    expect(serverPortLabels(vm, 'net1')).toEqual({ app: 'web', [PORT_DEVICE_LABEL]: 'vm', [NETWORK_LABEL]: 'net1' });
+  });
+
+  it('knows who holds a port: its device label, else its controlling Server', () => {
+    expect(portHolder(port('p', { labels: { [PORT_DEVICE_LABEL]: 'other' } }))).toBe('other');
+    expect(portHolder(port('p', ownedBy('u9', 'older')))).toBe('older');
+    expect(portHolder(port('p'))).toBeUndefined();
+    expect(ownsPort(vm, port('vm-0', ownedBy('u1')))).toBe(true);
+    expect(ownsPort(vm, port('vm-0', ownedBy('u9')))).toBe(false);
+  });
+
+  it('treats only terminal Ready=False reasons as a failed allocation', () => {
+    const cond = (status: string, reason: string) => ({
+      conditions: [{ type: 'Ready', status, reason, message: 'm', lastTransitionTime: 't' }],
+    });
+    expect(portFailure(port('p', {}, cond('False', 'IpAddressGenerationFailure') as never))).toEqual({
+      reason: 'IpAddressGenerationFailure',
+      message: 'm',
+    });
+    expect(portFailure(port('p', {}, cond('False', 'MacAddressInUse') as never))).toBeDefined();
+    expect(portFailure(port('p', {}, cond('False', 'NetworkNotFound') as never))).toBeUndefined();
+    expect(portFailure(port('p', {}, cond('True', 'Allocated') as never))).toBeUndefined();
+    expect(portFailure(port('p'))).toBeUndefined();
+  });
+
+  it('lists addresses in spec.networks order with network, version, MAC and port', () => {
+    const p0 = port(
+      'vm-0',
+      {},
+      {
+        macAddress: 'fa:16:3e:00:00:01',
+        fixedIPs: [
+          { subnet: 'v4', ipAddress: '10.0.1.5' },
+          { subnet: 'v6', ipAddress: 'fd00::5' },
+        ],
+      },
+    );
+    const p2 = port('vm-2', {}, { fixedIPs: [{ subnet: 'v4', ipAddress: '10.0.2.9' }] });
+    expect(addressesFromPorts([p0, undefined, p2, port('vm-3')])).toEqual([
+      { network: 'net1', ip: '10.0.1.5', version: 4, macAddress: 'fa:16:3e:00:00:01', type: 'fixed', port: 'vm-0' },
+      { network: 'net1', ip: 'fd00::5', version: 6, macAddress: 'fa:16:3e:00:00:01', type: 'fixed', port: 'vm-0' },
+      { network: 'net2', ip: '10.0.2.9', version: 4, type: 'fixed', port: 'vm-2' },
+    ]);
+    expect(addressesFromPorts([])).toEqual([]);
   });
 });

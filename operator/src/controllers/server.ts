@@ -1,9 +1,12 @@
 // The Server controller (nova-api + nova-scheduler + nova-conductor): resolves a server's flavor,
-// image, key pair and group, schedules it with the claim ledger, binds it to a hypervisor, watches
+// image, key pair and group, creates or claims its Ports (Nova's network allocation; the addresses in
+// status come from them), schedules it with the claim ledger, binds it to a hypervisor, watches
 // for hypervisors going down and cleans up on delete. Once a server is bound its lifecycle (spawn,
 // power, reboot) belongs to the node agent on that hypervisor; see docs/design/compute.md.
+import { isIP } from 'node:net';
 import { PatchStrategy } from '@kubernetes/client-node';
 import {
+  COMPUTE_GROUP,
   deriveServerStatus,
   type Flavor,
   FlavorKind,
@@ -13,6 +16,12 @@ import {
   ImageKind,
   type KeyPair,
   KeyPairKind,
+  NETWORK_LABEL,
+  PORT_DEVICE_LABEL,
+  PORT_READY,
+  type Port,
+  PortKind,
+  type PortSpec,
   recordAction,
   refuseAction,
   SERVER_FINALIZER,
@@ -22,10 +31,15 @@ import {
   ServerGroupKind,
   ServerKind,
   type ServerStatus,
+  serverPortName,
 } from '../api/index.ts';
 import {
+  addFinalizer,
+  controllerOf,
   hasFinalizer,
+  isAlreadyExists,
   isConflict,
+  isNotFound,
   type Manager,
   objectKey,
   type ReconcileContext,
@@ -43,10 +57,11 @@ import {
   type SchedulerConfig,
   schedule,
 } from '../scheduler/index.ts';
-import { gvrOf, specOrMetaChanged, withConditions } from './common.ts';
+import { canonical, gvrOf, specOrMetaChanged, withConditions } from './common.ts';
 import { HYPERVISORS, isUp } from './hypervisor.ts';
 
 const SERVERS = gvrOf(ServerKind);
+const PORTS = gvrOf(PortKind);
 
 export interface ServerControllerOptions {
   instance: string;
@@ -92,6 +107,89 @@ export function moveGroup(
   return { ...policy, hosts: [...hosts].sort() };
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Ports (Nova's network allocation): pure helpers
+// ---------------------------------------------------------------------------------------------------------------
+
+/** Port condition reasons that end a build: the port will not get its addresses or MAC (Nova aborts the build). */
+export const PORT_FAILURE_REASONS: ReadonlySet<string> = new Set([
+  'IpAddressGenerationFailure',
+  'IpAddressAlreadyAllocated',
+  'MacAddressInUse',
+  'InvalidIpForSubnet',
+]);
+
+/** What a server's `index`-th spec.networks entry asks the Port it creates to be. */
+export function desiredPortSpec(server: Pick<Server, 'spec'>, index: number): PortSpec {
+  const n = server.spec.networks?.[index];
+  if (!n?.network) throw new Error(`spec.networks[${index}] names no network`);
+  return {
+    network: n.network,
+    ...(n.fixedIP ? { fixedIPs: [{ ipAddress: n.fixedIP }] } : {}),
+    securityGroups: [...(server.spec.securityGroups ?? ['default'])],
+    adminStateUp: true,
+  };
+}
+
+/**
+ * Labels of a Port a server creates: the server's own labels (so what selects a server's objects selects its ports
+ * too), without the compute.stratus.io/ ones, plus the device (server) and network labels.
+ */
+export function serverPortLabels(server: Pick<Server, 'metadata'>, network: string): Record<string, string> {
+  const own = Object.entries(server.metadata.labels ?? {}).filter(([k]) => !k.startsWith(`${COMPUTE_GROUP}/`));
+  return { ...Object.fromEntries(own), [PORT_DEVICE_LABEL]: server.metadata.name ?? '', [NETWORK_LABEL]: network };
+}
+
+/** The Server a port is used by: its device label, else the Server that controls it. */
+export function portHolder(port: Pick<Port, 'metadata'>): string | undefined {
+  const label = port.metadata.labels?.[PORT_DEVICE_LABEL];
+  if (label) return label;
+  const owner = controllerOf(port);
+  return owner?.kind === ServerKind.kind ? owner.name : undefined;
+}
+
+/** Whether `server` (by uid) is the controller of `port`, i.e. the server created it. */
+export function ownsPort(server: Pick<Server, 'metadata'>, port: Pick<Port, 'metadata'>): boolean {
+  const owner = controllerOf(port);
+  return owner?.kind === ServerKind.kind && owner.uid === server.metadata.uid;
+}
+
+/** The reason and message when the port failed allocation for good (Ready=False, a terminal reason), else undefined. */
+export function portFailure(port: Pick<Port, 'status'>): { reason: string; message: string } | undefined {
+  const c = port.status?.conditions?.find((x) => x.type === PORT_READY);
+  if (c?.status !== 'False' || !PORT_FAILURE_REASONS.has(c.reason)) return undefined;
+  return { reason: c.reason, message: c.message };
+}
+
+/** The Port name of each spec.networks entry: the one named, or the one the server creates. */
+export function serverPortNames(server: Pick<Server, 'metadata' | 'spec'>): string[] {
+  return (server.spec.networks ?? []).map((n, i) => n.port ?? serverPortName(server.metadata.name ?? '', i));
+}
+
+/**
+ * status.addresses from the ports of the server, in spec.networks order (`ports[i]` is the port of entry i, or
+ * undefined while it does not exist): every allocated fixed IP with its network, IP version, MAC and port.
+ */
+export function addressesFromPorts(ports: ReadonlyArray<Pick<Port, 'metadata' | 'spec' | 'status'> | undefined>) {
+  const out: NonNullable<ServerStatus['addresses']> = [];
+  for (const p of ports) {
+    if (!p) continue;
+    for (const f of p.status?.fixedIPs ?? []) {
+      const version = isIP(f.ipAddress);
+      if (version !== 4 && version !== 6) continue;
+      out.push({
+        network: p.spec.network,
+        ip: f.ipAddress,
+        version,
+        ...(p.status?.macAddress ? { macAddress: p.status.macAddress } : {}),
+        type: 'fixed',
+        port: p.metadata.name ?? '',
+      });
+    }
+  }
+  return out.slice(0, 64);
+}
+
 export function registerServerController(mgr: Manager, opts: ServerControllerOptions) {
   const servers = mgr.informer<Server>(SERVERS);
   const flavors = mgr.informer<Flavor>(gvrOf(FlavorKind));
@@ -99,6 +197,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
   const keypairs = mgr.informer<KeyPair>(gvrOf(KeyPairKind));
   const groups = mgr.informer<ServerGroup>(gvrOf(ServerGroupKind));
   const hypervisors = mgr.informer<Hypervisor>(HYPERVISORS);
+  const ports = mgr.informer<Port>(PORTS);
   const events = mgr.eventRecorder({
     reportingController: 'stratus.io/server-controller',
     reportingInstance: opts.instance,
@@ -125,6 +224,10 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
   };
   for (const kind of ['flavor', 'image', 'keypair', 'group']) servers.addIndex(`waitsFor:${kind}`, ref(kind));
   servers.addIndex('node', (s: Server) => (s.status?.node ? [s.status.node] : []));
+  // Every Port a server uses, by namespace/name (the ports it names and those it creates): their changes requeue it.
+  servers.addIndex('ports', (s: Server) =>
+    Array.isArray(s.spec?.networks) ? serverPortNames(s).map((p) => `${s.metadata.namespace}/${p}`) : [],
+  );
 
   function ensureLedger(): void {
     if (ledgerBuilt) return;
@@ -167,13 +270,13 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     return undefined;
   }
 
-  async function fail(server: Server, reason: string, message: string) {
+  async function fail(server: Server, reason: string, message: string, code = reason === 'NoValidHost' ? 500 : 400) {
     const t = new Date(now()).toISOString();
     await writeStatus(server, (st) => {
       if (st.node) return false;
       st.vmState = 'error';
       delete st.taskState;
-      st.fault = { code: reason === 'NoValidHost' ? 500 : 400, message, time: t };
+      st.fault = { code, message, time: t };
       st.observedGeneration = server.metadata.generation;
       conditionsWith(st, server.metadata.generation, { type: 'Scheduled', status: 'False', reason, message });
       recordAction(st, 'create', 'Error', message, t);
@@ -345,6 +448,251 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     return undefined;
   }
 
+  // ---- ports (Nova's network allocation) ----
+
+  type PortProblem = { kind: 'wait' | 'fail'; reason: string; message: string };
+  type PortResult = { kind: 'ok'; port: Port } | PortProblem;
+  /** The server's ports in spec.networks order (undefined where there is none yet), or why it cannot go on. */
+  type PortsOutcome = { kind: 'ok'; ports: (Port | undefined)[] } | (PortProblem & { ports: (Port | undefined)[] });
+
+  /**
+   * Ensures the ports of every spec.networks entry: creates the ports of `network` entries (owned by the server, so
+   * the garbage collector deletes them with it) and keeps their security groups, claims the named ports of `port`
+   * entries. Reads the cache; writes only what differs. Stops at the first port another server holds.
+   */
+  async function ensurePorts(server: Server, ctx: ReconcileContext): Promise<PortsOutcome> {
+    const list: (Port | undefined)[] = [];
+    let waiting: PortProblem | undefined;
+    for (const [i, n] of (server.spec.networks ?? []).entries()) {
+      const r = n.network ? await ensureOwnedPort(server, i, ctx) : await claimPort(server, n.port ?? '', ctx);
+      if (r.kind === 'fail') return { ...r, ports: list };
+      if (r.kind === 'wait') waiting ??= r;
+      list.push(r.kind === 'ok' ? r.port : undefined);
+    }
+    return waiting ? { ...waiting, ports: list } : { kind: 'ok', ports: list };
+  }
+
+  async function ensureOwnedPort(server: Server, index: number, ctx: ReconcileContext): Promise<PortResult> {
+    const ns = server.metadata.namespace ?? '';
+    const name = server.metadata.name ?? '';
+    const portName = serverPortName(name, index);
+    const spec = desiredPortSpec(server, index);
+    let port = ports.get(portName, ns);
+    if (!port) {
+      try {
+        port = await client.create<Port>(PORTS, {
+          apiVersion: PortKind.apiVersion,
+          kind: PortKind.kind,
+          metadata: {
+            name: portName,
+            namespace: ns,
+            labels: serverPortLabels(server, spec.network),
+            ownerReferences: [
+              {
+                apiVersion: ServerKind.apiVersion,
+                kind: ServerKind.kind,
+                name,
+                uid: server.metadata.uid ?? '',
+                controller: true,
+                blockOwnerDeletion: true,
+              },
+            ],
+          },
+          spec,
+        } as Port);
+        ctx.log.debug({ port: portName, network: spec.network }, 'port created');
+      } catch (e) {
+        if (!isAlreadyExists(e)) throw e;
+        port = await client.get<Port>(PORTS, portName, ns); // the cache is behind
+      }
+    }
+    if (port.metadata.deletionTimestamp) {
+      return { kind: 'wait', reason: 'PortDeleting', message: `port ${portName} is being deleted; it is re-created` };
+    }
+    if (!ownsPort(server, port)) {
+      const owner = controllerOf(port);
+      if (owner?.kind === ServerKind.kind && owner.name === name) {
+        // A port of an earlier server of this name: the garbage collector deletes it, then it is re-created.
+        return {
+          kind: 'wait',
+          reason: 'PortDeleting',
+          message: `port ${portName} of an earlier server ${name} is not deleted yet`,
+        };
+      }
+      const holder = portHolder(port);
+      return {
+        kind: 'fail',
+        reason: 'PortInUse',
+        message:
+          holder && holder !== name
+            ? `Port ${portName} is still in use by server ${holder}`
+            : `Port ${portName} already exists and was not created by server ${name}`,
+      };
+    }
+    const labels = port.metadata.labels ?? {};
+    const relabel = labels[PORT_DEVICE_LABEL] !== name || labels[NETWORK_LABEL] !== spec.network;
+    const regroup = canonical(port.spec?.securityGroups ?? null) !== canonical(spec.securityGroups);
+    if (relabel || regroup) {
+      port = await client.patch<Port>(
+        PORTS,
+        portName,
+        ns,
+        {
+          ...(relabel ? { metadata: { labels: { [PORT_DEVICE_LABEL]: name, [NETWORK_LABEL]: spec.network } } } : {}),
+          ...(regroup ? { spec: { securityGroups: spec.securityGroups } } : {}),
+        },
+        PatchStrategy.MergePatch,
+      );
+      ctx.log.debug({ port: portName, securityGroups: spec.securityGroups }, 'port updated');
+    }
+    return { kind: 'ok', port };
+  }
+
+  /**
+   * Claims an existing port for the server (Neutron device_id): sets its device label, guarded by resourceVersion,
+   * only when no server holds it. The server gets its finalizer first, so the claim is released when it goes.
+   */
+  async function claimPort(server: Server, portName: string, ctx: ReconcileContext): Promise<PortResult> {
+    const ns = server.metadata.namespace ?? '';
+    const name = server.metadata.name ?? '';
+    let port = ports.get(portName, ns);
+    for (let i = 1; ; i++) {
+      if (!port || port.metadata.deletionTimestamp) {
+        return { kind: 'wait', reason: 'PortNotFound', message: `port ${portName} does not exist in ${ns}` };
+      }
+      const holder = portHolder(port);
+      if (holder === name && !(controllerOf(port)?.kind === ServerKind.kind && !ownsPort(server, port))) {
+        return { kind: 'ok', port };
+      }
+      if (holder) {
+        return { kind: 'fail', reason: 'PortInUse', message: `Port ${portName} is still in use by server ${holder}` };
+      }
+      if (!hasFinalizer(server, SERVER_FINALIZER)) {
+        server = await addFinalizer<Server>(client, SERVERS, name, ns, SERVER_FINALIZER, { current: server });
+      }
+      try {
+        port = await client.patch<Port>(
+          PORTS,
+          portName,
+          ns,
+          { metadata: { resourceVersion: port.metadata.resourceVersion, labels: { [PORT_DEVICE_LABEL]: name } } },
+          PatchStrategy.MergePatch,
+        );
+        ctx.log.info({ port: portName }, 'port claimed');
+        return { kind: 'ok', port };
+      } catch (e) {
+        if (i >= 5 || !(isConflict(e) || isNotFound(e))) throw e;
+        port = await getPort(portName, ns);
+      }
+    }
+  }
+
+  async function getPort(name: string, ns: string): Promise<Port | undefined> {
+    try {
+      return await client.get<Port>(PORTS, name, ns);
+    } catch (e) {
+      if (isNotFound(e)) return undefined;
+      throw e;
+    }
+  }
+
+  /**
+   * On deletion (Nova deallocate_for_instance): deletes the ports the server created (the garbage collector would,
+   * later) and removes the device label from the ports it claimed, which stay for another server.
+   */
+  async function releasePorts(server: Server, ctx: ReconcileContext) {
+    const ns = server.metadata.namespace ?? '';
+    const name = server.metadata.name ?? '';
+    const nets = Array.isArray(server.spec?.networks) ? server.spec.networks : [];
+    for (const [i, n] of nets.entries()) {
+      if (n.network) {
+        const p = ports.get(serverPortName(name, i), ns);
+        if (!p || p.metadata.deletionTimestamp || !ownsPort(server, p)) continue;
+        await client
+          .delete(PORTS, p.metadata.name ?? '', ns, { preconditions: { uid: p.metadata.uid } })
+          .catch((e: unknown) => {
+            if (!isNotFound(e) && !isConflict(e)) throw e;
+          });
+        continue;
+      }
+      if (!n.port) continue;
+      let p = ports.get(n.port, ns);
+      for (let i = 1; p && p.metadata.labels?.[PORT_DEVICE_LABEL] === name && !ownsPort(server, p); i++) {
+        try {
+          await client.patch(
+            PORTS,
+            n.port,
+            ns,
+            { metadata: { resourceVersion: p.metadata.resourceVersion, labels: { [PORT_DEVICE_LABEL]: null } } },
+            PatchStrategy.MergePatch,
+          );
+          ctx.log.info({ port: n.port }, 'port released');
+          break;
+        } catch (e) {
+          if (i >= 5 || !(isConflict(e) || isNotFound(e))) throw e;
+          p = await getPort(n.port, ns);
+        }
+      }
+    }
+  }
+
+  /** The first port that failed allocation for good, as a fault message. */
+  function failedPort(list: readonly (Port | undefined)[]): { reason: string; message: string } | undefined {
+    for (const p of list) {
+      const f = p && portFailure(p);
+      if (f) return { reason: f.reason, message: `port ${p.metadata.name}: ${f.reason}: ${f.message}` };
+    }
+    return undefined;
+  }
+
+  /**
+   * A bound server whose port failed allocation while building: Nova's build abort. ERROR with the fault, the claim
+   * released (status.node and allocation cleared, the ledger forgets it) and the node label removed, so the agent
+   * lets go of it.
+   */
+  async function abortBuild(server: Server, reason: string, message: string, ctx: ReconcileContext) {
+    const node = server.status?.node;
+    const t = new Date(now()).toISOString();
+    const updated = await writeStatus(server, (st) => {
+      if (st.vmState !== 'building' || st.node !== node) return false; // the build went on meanwhile
+      st.vmState = 'error';
+      delete st.taskState;
+      delete st.node;
+      delete st.allocation;
+      st.fault = { code: 500, message, time: t };
+      st.observedGeneration = server.metadata.generation;
+      conditionsWith(st, server.metadata.generation, { type: 'Scheduled', status: 'False', reason, message });
+      recordAction(st, 'create', 'Error', message, t);
+    });
+    if (updated.status?.node) return;
+    ledger.forget(objectKey(server));
+    await unbindLabel(updated);
+    events.warning(server, reason, 'Build', `build aborted: ${message}`);
+    ctx.log.info({ node, reason, message }, 'build aborted: port allocation failed');
+  }
+
+  /** Removes the node label of a server that is no longer placed (its status.node is unset). */
+  async function unbindLabel(server: Server) {
+    if (server.metadata.labels?.[SERVER_NODE_LABEL] === undefined) return;
+    await client.patch(
+      SERVERS,
+      server.metadata.name ?? '',
+      server.metadata.namespace,
+      { metadata: { labels: { [SERVER_NODE_LABEL]: null } } },
+      PatchStrategy.MergePatch,
+    );
+  }
+
+  /** status.addresses from the ports, written only when it differs. */
+  async function syncAddresses(server: Server, list: readonly (Port | undefined)[]): Promise<Server> {
+    const want = addressesFromPorts(list);
+    if (canonical(want) === canonical(server.status?.addresses ?? [])) return server;
+    return writeStatus(server, (st) => {
+      if (want.length > 0) st.addresses = want;
+      else delete st.addresses;
+    });
+  }
+
   async function reconcile(req: Request, ctx: ReconcileContext) {
     ensureLedger();
     const key = req.namespace ? `${req.namespace}/${req.name}` : req.name;
@@ -368,6 +716,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         return { requeueAfter: opts.heartbeatGraceMs }; // the agent destroys the guest and releases its finalizer
       }
       if (hasFinalizer(server, SERVER_FINALIZER)) {
+        await releasePorts(server, ctx);
         await removeFinalizer(client, SERVERS, req.name, req.namespace, SERVER_FINALIZER, { current: server });
       }
       ledger.forget(key);
@@ -382,6 +731,15 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     if (!server.status?.node) {
       // Nova does not retry a server that went to ERROR while scheduling; a spec change does.
       if (server.status?.vmState === 'error' && server.status.observedGeneration === server.metadata.generation) {
+        await unbindLabel(server); // an aborted build that stopped between its status write and the label
+        return undefined;
+      }
+      // Ports first (Nova validates requested ports in the API); scheduling does not wait for their addresses.
+      const net = await ensurePorts(parsed.data as Server, ctx);
+      if (net.kind === 'wait') return waitFor(server, net.reason, net.message);
+      const failed = net.kind === 'fail' ? net : failedPort(net.ports);
+      if (failed) {
+        await fail(server, failed.reason, failed.message, failed.reason === 'PortInUse' ? 409 : 500);
         return undefined;
       }
       return scheduleAndBind(parsed.data as Server, ctx);
@@ -392,9 +750,18 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     if (claim && !ledger.get(key)) ledger.assume(claim);
     if (claim) ledger.confirm(key);
     await bindMetadata(server, server.status.node);
+    const net = await ensurePorts(parsed.data as Server, ctx);
+    if (server.status.vmState === 'building') {
+      const failed = net.kind === 'fail' ? net : failedPort(net.ports);
+      if (failed) {
+        await abortBuild(parsed.data as Server, failed.reason, failed.message, ctx);
+        return undefined;
+      }
+    }
+    if (net.kind !== 'ok') ctx.log.info({ reason: net.reason, message: net.message }, 'ports not in place');
     const moved = await resizeOrMigrate(parsed.data as Server, ctx);
     if (moved) return moved;
-    return trackHypervisor(server, ctx);
+    return trackHypervisor(await syncAddresses(server, net.ports), ctx);
   }
 
   /**
@@ -540,6 +907,18 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     if (lastState.has(name) && lastState.get(name) === state) return [];
     lastState.set(name, state);
     return servers.byIndex('node', name).map((s) => objectKey(s));
+  });
+  // A port's changes (created, addresses allocated, claimed, released, deleted) revisit the servers it belongs to:
+  // the one named by its device label, the one controlling it, and those whose spec names it.
+  controller.watches(ports, (p) => {
+    const ns = p.metadata?.namespace ?? '';
+    const keys = new Set<string>();
+    const label = p.metadata?.labels?.[PORT_DEVICE_LABEL];
+    if (label) keys.add(`${ns}/${label}`);
+    const owner = controllerOf(p);
+    if (owner?.kind === ServerKind.kind) keys.add(`${ns}/${owner.name}`);
+    for (const s of servers.byIndex('ports', `${ns}/${p.metadata?.name}`)) keys.add(objectKey(s));
+    return [...keys];
   });
   return { controller, ledger };
 }
