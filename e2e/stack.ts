@@ -1,8 +1,11 @@
 // Operator and QEMU node agent as real processes, for the e2e tests, `npm run demo` and `npm run bench:boot`.
 // Each process writes its output (JSON log lines) to a log file; it may be detached so it outlives its parent
 // (the demo). Plus helpers for the objects a QEMU server needs and for reading a guest's serial console.
+// NodeStack runs an operator and one QEMU agent per simulated node of a network lab (e2e/testing/netlab.ts): every
+// agent runs in the root namespace (it reaches the API server on 127.0.0.1) with --netns naming its node, so its
+// data plane (network backend, DHCP) and its guests' QEMUs live in the node's namespace.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { openSync } from 'node:fs';
+import { existsSync, openSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -75,7 +78,8 @@ export class Proc {
     timeoutMs = 60_000,
     pred: (line: Record<string, unknown>) => boolean = () => true,
   ): Promise<Record<string, unknown>> {
-    return waitFor(
+    let exited = false;
+    const found = await waitFor(
       `${this.name}: log "${msg}"`,
       async () => {
         for (const l of (await this.log()).split('\n')) {
@@ -85,11 +89,13 @@ export class Proc {
             if (j.msg === msg && pred(j)) return j;
           } catch {}
         }
-        if (!this.running) throw new Error(`${this.name} exited:\n${(await this.log()).slice(-3000)}`);
-        return undefined;
+        exited = !this.running;
+        return exited ? {} : undefined; // stop polling: the process is gone
       },
       timeoutMs,
     );
+    if (exited) throw new Error(`${this.name} exited before logging "${msg}":\n${(await this.log()).slice(-3000)}`);
+    return found;
   }
 
   /** Signals the process and waits for its exit (SIGKILL after timeoutMs). */
@@ -136,6 +142,14 @@ export interface AgentProcOptions {
   labels: Record<string, string>;
   logFile: string;
   detached?: boolean;
+  /** Network namespace of the node's data plane and QEMUs (--netns); default: the agent's own. */
+  netns?: string;
+  /** Underlay address of the node (--host-ip). */
+  hostIP?: string;
+  /** --network-backend. */
+  networkBackend?: 'noop' | 'linuxbridge' | 'ovs';
+  /** Prefix of the per-network DHCP namespaces (--dhcp-netns-prefix). */
+  dhcpNetnsPrefix?: string;
   extraArgs?: string[];
 }
 
@@ -153,12 +167,164 @@ export function agentArgs(o: AgentProcOptions): string[] {
     '--metrics-port=0',
     '--heartbeat-seconds=2',
     '--power-off-timeout-seconds=30',
+    ...(o.netns !== undefined ? [`--netns=${o.netns}`] : []),
+    ...(o.hostIP !== undefined ? [`--host-ip=${o.hostIP}`] : []),
+    ...(o.networkBackend !== undefined ? [`--network-backend=${o.networkBackend}`] : []),
+    ...(o.dhcpNetnsPrefix !== undefined ? [`--dhcp-netns-prefix=${o.dhcpNetnsPrefix}`] : []),
     ...(o.extraArgs ?? []),
   ];
 }
 
 export function startAgentProc(o: AgentProcOptions): Proc {
   return new Proc('node-agent', agentArgs(o), o.logFile, o.detached);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Several nodes: an operator and one agent per simulated node
+// ---------------------------------------------------------------------------------------------------------------
+
+/** Hypervisor label naming the node, for nodeSelectors that pin a Server to one node of a NodeStack. */
+export const NODE_LABEL = 'test.stratus.io/node';
+
+/** A simulated node as NodeStack needs it (structurally e2e/testing/netlab.ts LabNode). */
+export interface StackNode {
+  /** Lab node name (unique within the lab, e.g. <prefix>n1). */
+  name: string;
+  netns: string;
+  hostIP: string;
+}
+
+export interface NodeStackOptions {
+  /** Run id: operator lease name, prefix of the node (Hypervisor) names. A DNS label. */
+  id: string;
+  /** Directory of the logs and the agents' state directories (keep it short: guest socket paths must fit 107 bytes). */
+  work: string;
+  kubeconfig: string;
+  nodes: readonly StackNode[];
+  networkBackend: 'noop' | 'linuxbridge' | 'ovs';
+  /** Labels of every Hypervisor (the run's label, so Servers never land on other hypervisors of the cluster). */
+  labels: Record<string, string>;
+  /** Default tcg. */
+  accelerator?: 'auto' | 'kvm' | 'tcg';
+  /** More agent flags per node (e.g. --ovs-db of the node's OVS). */
+  agentArgs?: (node: StackNode) => string[];
+  /** Reuse an operator the caller runs (e.g. one per test file) instead of starting one. */
+  operator?: Proc;
+}
+
+/** One agent of a NodeStack. */
+export interface StackAgent {
+  node: StackNode;
+  /** Hypervisor name: <id>-<lab node name>. */
+  nodeName: string;
+  stateDir: string;
+  proc: Proc | undefined;
+  /** How many agent processes were started for this node (log files agent-<node>-<n>.log). */
+  starts: number;
+}
+
+/**
+ * An operator plus one QEMU node agent per simulated node. The agents run in the root namespace, each with its own
+ * state directory, --netns <node netns>, --host-ip <node underlay address>, and the labels {...labels, NODE_LABEL:
+ * nodeName}; DHCP namespaces get the node's netns name plus "-d" as prefix, so removing the lab's namespaces by
+ * prefix removes them too.
+ */
+export class NodeStack {
+  readonly o: NodeStackOptions;
+  operator: Proc | undefined;
+  readonly agents: StackAgent[];
+  #ownOperator = false;
+
+  constructor(o: NodeStackOptions) {
+    this.o = o;
+    this.operator = o.operator;
+    this.agents = o.nodes.map((node) => ({
+      node,
+      nodeName: `${o.id}-${node.name}`.toLowerCase(),
+      // Short: guest sockets live under <stateDir>/guests/<uid>/ and UNIX socket paths are limited to 107 bytes.
+      stateDir: path.join(o.work, `s-${node.name}`),
+      proc: undefined,
+      starts: 0,
+    }));
+  }
+
+  /** The agent of a lab node (by lab node name or the node itself). */
+  agent(node: StackNode | string): StackAgent {
+    const name = typeof node === 'string' ? node : node.name;
+    const a = this.agents.find((x) => x.node.name === name || x.nodeName === name);
+    if (!a) throw new Error(`no agent for node ${name}`);
+    return a;
+  }
+
+  /** nodeSelector pinning a Server to one node. */
+  nodeSelector(node: StackNode | string): Record<string, string> {
+    return { ...this.o.labels, [NODE_LABEL]: this.agent(node).nodeName };
+  }
+
+  /** Starts the operator (unless given) and every agent; resolves once all run. */
+  async start(): Promise<void> {
+    if (!this.operator) {
+      this.#ownOperator = true;
+      this.operator = startOperatorProc({
+        kubeconfig: this.o.kubeconfig,
+        leaseName: this.o.id,
+        logFile: path.join(this.o.work, 'operator.log'),
+      });
+    }
+    await Promise.all([
+      this.#ownOperator ? this.operator.waitForLog('leading: controllers started', 120_000) : Promise.resolve(),
+      ...this.agents.map((a) => this.startAgent(a.node)),
+    ]);
+  }
+
+  /** Starts the agent of a node (which must not run) and waits for "node agent started". */
+  async startAgent(node: StackNode | string): Promise<Proc> {
+    const a = this.agent(node);
+    if (a.proc?.running) throw new Error(`the agent of ${a.node.name} already runs`);
+    a.starts++;
+    a.proc = startAgentProc({
+      kubeconfig: this.o.kubeconfig,
+      nodeName: a.nodeName,
+      stateDir: a.stateDir,
+      accelerator: this.o.accelerator ?? 'tcg',
+      labels: { ...this.o.labels, [NODE_LABEL]: a.nodeName },
+      logFile: path.join(this.o.work, `agent-${a.node.name}-${a.starts}.log`),
+      netns: a.node.netns,
+      hostIP: a.node.hostIP,
+      networkBackend: this.o.networkBackend,
+      dhcpNetnsPrefix: `${a.node.netns}-d`,
+      extraArgs: this.o.agentArgs?.(a.node) ?? [],
+    });
+    await a.proc.waitForLog('node agent started', 120_000);
+    return a.proc;
+  }
+
+  /** Kills (default SIGKILL) the agent of a node and starts a new one; guests and data plane stay. */
+  async restartAgent(node: StackNode | string, signal: NodeJS.Signals = 'SIGKILL'): Promise<Proc> {
+    await this.agent(node).proc?.stop(signal);
+    return this.startAgent(node);
+  }
+
+  /** Stops every agent (SIGTERM: guests keep running) and the operator if this stack started it. */
+  async stop(): Promise<void> {
+    await Promise.all(this.agents.map((a) => a.proc?.stop('SIGTERM')));
+    if (this.#ownOperator) await this.operator?.stop('SIGTERM');
+  }
+
+  /** The node whose agent hosts a guest uid (by guest directory), if any. */
+  agentOf(uid: string): StackAgent | undefined {
+    return this.agents.find((a) => existsSync(guestDir(a.stateDir, uid)));
+  }
+
+  /** SIGKILLs the QEMUs of these guests on every node (cleanup after a failed run; only this run's guests). */
+  async killGuests(uids: Iterable<string>): Promise<void> {
+    for (const uid of uids) {
+      for (const a of this.agents) {
+        const pid = await qemuPid(a.stateDir, uid);
+        if (await isQemuOf(pid, uid)) process.kill(pid, 'SIGKILL');
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -8,11 +8,31 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { spawnFailureMessage } from '../compute.ts';
 import { DriverError, GuestNotFoundError, type GuestSpec } from '../driver.ts';
 import { type CachedImage, ImageError } from '../images/cache.ts';
+import { ExecError } from '../network/exec.ts';
+import { noCloudFiles } from '../seed/nocloud.ts';
 import { cpuOf, memTotalBytes, qemuVersionOf } from './qemu/host.ts';
-import { resetFailedArgv, SystemdLauncher, systemdRunArgv, unitEnded, unitName } from './qemu/launcher.ts';
+import {
+  checkNetnsName,
+  directArgv,
+  type LaunchRequest,
+  resetFailedArgv,
+  SystemdLauncher,
+  systemdRunArgv,
+  unitEnded,
+  unitName,
+} from './qemu/launcher.ts';
 import { guestProcess, isGuestCmdline, type ProcReader, parsePid } from './qemu/proc.ts';
 import { diskGiBOf, type GuestRecord, guestPaths, readRecord, writeRecord } from './qemu/record.ts';
-import { acquireLaunchLock, disksOf, type ImageOps, QemuDriver } from './qemu.ts';
+import {
+  acquireLaunchLock,
+  disksOf,
+  type ImageOps,
+  nicsOf,
+  nicsProblem,
+  QemuDriver,
+  seedNicsOf,
+  tapProblem,
+} from './qemu.ts';
 
 const A = '6b1c3f0e-5a4d-4e8b-9c2f-1a2b3c4d5e6f';
 const B = '7c2d4f1e-6b5e-4f9c-8d3a-2b3c4d5e6f70';
@@ -398,5 +418,220 @@ describe('systemd unit state', () => {
     expect(unitEnded('ActiveState=inactive\nResult=success\nExecMainStatus=0')).toBe(
       'unit inactive (result success, exit status 0)',
     );
+  });
+});
+
+describe('NICs and network namespaces', () => {
+  const nic0 = {
+    device: 'stt-0123456789a',
+    mac: 'FA:16:3E:00:00:01',
+    mtu: 1450,
+    addresses: ['10.1.0.11/24'],
+    gateway: '10.1.0.1',
+    dns: ['10.1.0.2'],
+    portId: 'port-uid-0',
+    networkId: 'net-uid-a',
+  };
+  const nic1 = { device: 'stt-bbbbbbbbbbb', mac: 'fa:16:3e:00:00:02', mtu: 1450, addresses: ['10.2.0.11/24'] };
+
+  it('plugs the recorded taps by name at fixed PCI slots, vhost only when asked', () => {
+    const r = record(A);
+    expect(nicsOf(r, { vhost: false })).toEqual([]);
+    r.spec.nics = [nic0, nic1].map((n) => ({ ...n, mac: n.mac.toLowerCase(), routes: [], dns: [], searchDomains: [] }));
+    expect(nicsOf(r, { vhost: false })).toEqual([
+      {
+        id: 'net0',
+        mac: 'fa:16:3e:00:00:01',
+        mtu: 1450,
+        tap: { ifname: 'stt-0123456789a' },
+        vhost: false,
+        pciSlot: 0x0f,
+      },
+      {
+        id: 'net1',
+        mac: 'fa:16:3e:00:00:02',
+        mtu: 1450,
+        tap: { ifname: 'stt-bbbbbbbbbbb' },
+        vhost: false,
+        pciSlot: 0x10,
+      },
+    ]);
+    expect(nicsOf(r, { vhost: true }).map((n) => n.vhost)).toEqual([true, true]);
+  });
+
+  it('gives the seeds everything but the device, which names the config drive link', () => {
+    const seed = seedNicsOf([nic0, { ...nic1, linkName: 'eth-b' }]);
+    expect(seed[0]).toEqual({ ...nic0, device: undefined, linkName: 'stt-0123456789a' });
+    expect(seed[0]).not.toHaveProperty('device');
+    expect(seed[1]?.linkName).toBe('eth-b');
+    const files = noCloudFiles({ instanceId: A, hostname: 'h', nics: seed });
+    expect(files['network-config']).toContain('macaddress: "fa:16:3e:00:00:01"');
+    expect(files['network-config']).toContain('- "10.1.0.11/24"');
+    expect(files['network-config']).toContain('set-name: "eth1"');
+    expect(seedNicsOf(undefined)).toEqual([]);
+  });
+
+  it('refuses NIC lists that cannot be plugged', () => {
+    expect(nicsProblem([nic0, nic1])).toBeUndefined();
+    expect(nicsProblem([])).toBeUndefined();
+    expect(nicsProblem([nic0, { ...nic1, device: nic0.device }])).toMatch(/tap stt-0123456789a is used twice/);
+    expect(nicsProblem([nic0, { ...nic1, mac: 'fa:16:3e:00:00:01' }])).toMatch(/MAC fa:16:3e:00:00:01 is used twice/);
+    expect(nicsProblem([{ ...nic0, device: 'stt-0123456789ab' }])).toMatch(/invalid nics/);
+    expect(nicsProblem([{ ...nic0, mac: 'nope' }])).toMatch(/invalid nics/);
+  });
+
+  it('tells a tap from a missing device or another kind of link', () => {
+    const link = (kind: string, type?: string) =>
+      JSON.stringify([{ ifname: 'stt-x', linkinfo: { info_kind: kind, ...(type ? { info_data: { type } } : {}) } }]);
+    expect(tapProblem(link('tun', 'tap'), 'stt-x')).toBeUndefined();
+    expect(tapProblem(link('tun', 'tun'), 'stt-x')).toMatch(/stt-x is not a tap \(tun\/tun\)/);
+    expect(tapProblem(link('veth'), 'stt-x', ' in network namespace n1')).toBe(
+      'stt-x in network namespace n1 is not a tap (veth)',
+    );
+    expect(tapProblem('[]', 'stt-x')).toMatch(/does not exist/);
+    expect(tapProblem('garbage', 'stt-x')).toMatch(/cannot parse/);
+  });
+
+  it('launches through ip netns exec (same pid) or a systemd NetworkNamespacePath', () => {
+    const req = { binary: 'qemu-system-x86_64', args: ['-uuid', A] };
+    expect(directArgv(req)).toEqual(['qemu-system-x86_64', '-uuid', A]);
+    expect(directArgv({ ...req, netns: 'e2en1' })).toEqual([
+      'ip',
+      'netns',
+      'exec',
+      'e2en1',
+      'qemu-system-x86_64',
+      '-uuid',
+      A,
+    ]);
+    expect(() => directArgv({ ...req, netns: '../x' })).toThrow(/invalid network namespace/);
+    expect(() => checkNetnsName('a b')).toThrow(/invalid network namespace/);
+    const full = { ...req, id: A, name: 'n', namespace: 'ns', dir: '/d', logFile: '/d/qemu.log' };
+    const argv = systemdRunArgv({ ...full, netns: 'e2en1' }, { nsenter: false });
+    expect(argv).toContain('--property=NetworkNamespacePath=/run/netns/e2en1');
+    expect(argv.indexOf('--property=NetworkNamespacePath=/run/netns/e2en1')).toBeLessThan(argv.indexOf('--'));
+    expect(systemdRunArgv(full, { nsenter: false }).some((a) => a.includes('NetworkNamespacePath'))).toBe(false);
+  });
+
+  describe('driver', () => {
+    let stateDir: string;
+    beforeEach(async () => {
+      stateDir = await mkdtemp(join(tmpdir(), 'stratus-qd-nic-'));
+    });
+    afterEach(async () => {
+      await rm(stateDir, { recursive: true, force: true });
+    });
+
+    /** A driver whose launcher records requests and whose QEMU "exits" at once; `links` are the taps that exist. */
+    function driver(links: Record<string, string>, netns = 'e2en1') {
+      const launches: LaunchRequest[] = [];
+      const execs: string[][] = [];
+      const d = new QemuDriver(
+        { stateDir, accelerator: 'tcg', netns },
+        {
+          proc: fakeProc({}, {}),
+          qemuVersion: async () => '7.2.0',
+          detectAccelerator: async () => ({ accelerator: 'tcg', reason: 'configured: tcg' }),
+          launcher: {
+            name: 'direct',
+            launch: async (req) => {
+              launches.push(req);
+              return { exited: Promise.resolve({ code: 1, signal: null }) };
+            },
+          },
+          exec: {
+            netns,
+            argv: (cmd, args) => ['ip', 'netns', 'exec', netns, cmd, ...args],
+            run: async (cmd, args) => {
+              execs.push([cmd, ...args]);
+              const dev = args.at(-1)!;
+              const kind = links[dev];
+              if (!kind) throw new ExecError([cmd, ...args], 1, `Device "${dev}" does not exist.\n`);
+              const [info_kind, type] = kind.split('/');
+              return {
+                stdout: JSON.stringify([{ ifname: dev, linkinfo: { info_kind, info_data: { type } } }]),
+                stderr: '',
+              };
+            },
+          },
+        },
+      );
+      return { d, launches, execs };
+    }
+
+    const withNics = () => {
+      const r = record(A);
+      r.spec.nics = [nic0, nic1].map((n) => ({
+        ...n,
+        mac: n.mac.toLowerCase(),
+        routes: [],
+        dns: [],
+        searchDomains: [],
+      }));
+      return r;
+    };
+    const put = async (r: GuestRecord) => {
+      const p = guestPaths(stateDir, r.spec.id);
+      await mkdir(p.dir, { recursive: true });
+      await writeRecord(p.record, { ...r, disks: { ...r.disks, root: p.root, seed: p.seed } });
+    };
+
+    it('starts a recorded guest in its netns with its recorded taps', async () => {
+      await put(withNics());
+      const { d, launches, execs } = driver({ 'stt-0123456789a': 'tun/tap', 'stt-bbbbbbbbbbb': 'tun/tap' });
+      await d.init();
+      expect(d.netns).toBe('e2en1');
+      await expect(d.powerOn(A)).rejects.toThrow(/QEMU exited during start-up/);
+      expect(execs).toEqual([
+        ['ip', '-d', '-j', 'link', 'show', 'dev', 'stt-0123456789a'],
+        ['ip', '-d', '-j', 'link', 'show', 'dev', 'stt-bbbbbbbbbbb'],
+      ]);
+      expect(launches).toHaveLength(1);
+      const req = launches[0]!;
+      expect(req.netns).toBe('e2en1');
+      const devs = req.args.filter((_, i) => req.args[i - 1] === '-netdev' || req.args[i - 1] === '-device');
+      expect(devs).toContain('tap,id=net0-tap,ifname=stt-0123456789a,script=no,downscript=no,vhost=off');
+      expect(devs).toContain(
+        'virtio-net-pci,netdev=net0-tap,id=net0,mac=fa:16:3e:00:00:01,host_mtu=1450,addr=0xf,romfile=',
+      );
+      expect(devs).toContain(
+        'virtio-net-pci,netdev=net1-tap,id=net1,mac=fa:16:3e:00:00:02,host_mtu=1450,addr=0x10,romfile=',
+      );
+      // the record keeps its NICs for the next start
+      expect((await readRecord(guestPaths(stateDir, A).record))?.spec.nics?.map((n) => n.device)).toEqual([
+        'stt-0123456789a',
+        'stt-bbbbbbbbbbb',
+      ]);
+    });
+
+    it('refuses to start a guest whose tap is missing or not a tap, without launching QEMU', async () => {
+      await put(withNics());
+      const { d, launches } = driver({ 'stt-0123456789a': 'veth/' });
+      await d.init();
+      const err = await d.powerOn(A).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(DriverError);
+      expect(String(err)).toMatch(/stt-0123456789a in network namespace e2en1 is not a tap \(veth\)/);
+      expect(String(err)).toMatch(/tap stt-bbbbbbbbbbb does not exist in network namespace e2en1/);
+      expect(launches).toEqual([]);
+    });
+
+    it('refuses a spawn with unpluggable NICs before creating anything', async () => {
+      const { d, launches } = driver({});
+      await d.init();
+      const spec: GuestSpec = {
+        id: B,
+        name: 'web',
+        namespace: 'demo',
+        vcpus: 1,
+        ramMiB: 128,
+        disk: { rootGiB: 1, ephemeralGiB: 0, swapMiB: 0 },
+        imageSource: { name: 'c', namespace: 'demo', uid: 'u', url: 'http://x/c.qcow2', diskFormat: 'qcow2' },
+        annotations: {},
+        nics: [nic0, { ...nic1, device: nic0.device }],
+      };
+      await expect(d.spawn(spec)).rejects.toThrow(/tap stt-0123456789a is used twice/);
+      expect(await readdir(join(stateDir, 'guests'))).toEqual([]);
+      expect(launches).toEqual([]);
+    });
   });
 });

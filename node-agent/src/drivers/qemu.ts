@@ -10,6 +10,12 @@
 //    driver asking, listeners get a GuestExit (guest-shutdown after a guest SHUTDOWN event, crash otherwise).
 //  - Operations on one guest are serialised; a launch takes a lock file and re-checks the pid first, so one uid
 //    never gets two QEMUs (QEMU's own image and pid-file locks are a second line).
+//  - NICs: the network backend creates each port's tap (persistent, attached, up) before spawn; QEMU (root) opens it
+//    by name (-netdev tap,ifname=…,script=no,downscript=no). guest.json keeps the NICs, so every later start plugs the
+//    same taps with the same MACs; each start first checks the taps exist (QEMU as root would otherwise create an
+//    unplugged tap of that name and the guest would boot without network). The seeds carry the addresses
+//    (network-config v2, network_data.json). With options.netns, QEMU runs in that network namespace (the taps are
+//    there; the e2e tier runs one namespace per simulated node).
 import { constants, createReadStream, createWriteStream } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { createServer, type Server as NetServer, connect as netConnect } from 'node:net';
@@ -18,6 +24,7 @@ import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
+import * as z from 'zod';
 import { silentLogger } from '../../../operator/src/runtime/index.ts';
 import {
   type Accelerator,
@@ -35,13 +42,16 @@ import {
 } from '../driver.ts';
 import { type CachedImage, ImageCache, ImageError, type ImageSource } from '../images/cache.ts';
 import { createBlankDisk, createRootDisk } from '../images/disks.ts';
+import { type Exec, ExecError, hostExec } from '../network/exec.ts';
 import { type AcceleratorDecision, type AcceleratorMode, detectAccelerator } from '../qemu/accel.ts';
-import { type DiskSpec, qemuArgs } from '../qemu/cmdline.ts';
+import { type DiskSpec, type NicSpec, qemuArgs } from '../qemu/cmdline.ts';
 import { QmpClient, type QmpEvent, type QmpStatus } from '../qemu/qmp.ts';
 import { writeConfigDriveIso } from '../seed/configdrive.ts';
+import type { GuestNicInput } from '../seed/nic.ts';
 import { writeNoCloudIso } from '../seed/nocloud.ts';
 import { hostFacts, mebibytes, qemuVersion } from './qemu/host.ts';
 import {
+  checkNetnsName,
   DirectLauncher,
   type Launched,
   type Launcher,
@@ -58,6 +68,7 @@ import {
   type GuestRecord,
   guestPaths,
   MAX_SOCKET_PATH,
+  RecordedNic,
   type RecordedSpec,
   readRecord,
   writeRecord,
@@ -89,6 +100,13 @@ export interface QemuDriverOptions {
   imageRetentionMs?: number;
   /** How often unused images are looked for (default 10 min). */
   imageEvictIntervalMs?: number;
+  /**
+   * Network namespace (a name under /run/netns) QEMU runs in and the guests' taps live in; default: the agent's own.
+   * The node agent passes its --netns (simulated nodes of the e2e tier).
+   */
+  netns?: string;
+  /** Use vhost-net for the taps (needs /dev/vhost-net in the kernel). Default off. */
+  vhostNet?: boolean;
 }
 
 /** What the driver needs from the image cache and disk helpers (injected in tests). */
@@ -106,6 +124,8 @@ export interface QemuDriverDeps {
   detectAccelerator?: (o: { mode: AcceleratorMode; qemuBinary: string }) => Promise<AcceleratorDecision>;
   /** QEMU's version (default: `<qemuBinary> --version`). */
   qemuVersion?: () => Promise<string>;
+  /** Runs host commands in the guests' network namespace (the tap checks); default hostExec(options.netns). */
+  exec?: Exec;
 }
 
 /** A running guest the driver is connected to. */
@@ -146,6 +166,7 @@ export class QemuDriver implements HypervisorDriver {
   readonly #log: Logger;
   readonly #proc: ProcReader;
   readonly #qemu: string;
+  readonly #exec: Exec;
   #images: ImageOps | undefined;
   #launcher: Launcher | undefined;
   #accel: AcceleratorDecision | undefined;
@@ -168,6 +189,13 @@ export class QemuDriver implements HypervisorDriver {
     this.#qemu = options.qemuBinary ?? 'qemu-system-x86_64';
     this.#log = (deps.logger ?? silentLogger()).child({ driver: 'qemu' });
     this.#proc = deps.proc ?? procReader;
+    if (options.netns !== undefined) checkNetnsName(options.netns);
+    this.#exec = deps.exec ?? hostExec(options.netns);
+  }
+
+  /** The network namespace QEMU runs in (undefined: the agent's own). */
+  get netns(): string | undefined {
+    return this.#o.netns;
   }
 
   /** The accelerator decision made by init(). */
@@ -190,6 +218,11 @@ export class QemuDriver implements HypervisorDriver {
       throw new Error(
         `state directory ${this.stateDir} is too long: guest sockets would exceed ${MAX_SOCKET_PATH} bytes`,
       );
+    }
+    if (this.#o.netns !== undefined && !this.#deps.exec) {
+      await stat(join('/run/netns', this.#o.netns)).catch((err: unknown) => {
+        throw new Error(`network namespace ${this.#o.netns} does not exist (/run/netns): ${errMsg(err)}`);
+      });
     }
     this.#cache = (await supportsODirect(guestsDir)) ? 'none' : 'writeback';
     if (this.#cache === 'writeback') {
@@ -228,6 +261,7 @@ export class QemuDriver implements HypervisorDriver {
         reason: this.#accel.reason,
         launcher: this.#launcher.name,
         cache: this.#cache,
+        ...(this.#o.netns !== undefined ? { netns: this.#o.netns } : {}),
       },
       'qemu driver ready',
     );
@@ -330,6 +364,8 @@ export class QemuDriver implements HypervisorDriver {
       const p = this.paths(id);
       const existing = await readRecord(p.record);
       if (existing) return this.#stateOf(id, existing);
+      const nicProblem = nicsProblem(spec.nics ?? []);
+      if (nicProblem) throw new DriverError('spawn', id, `spawn: ${nicProblem}`);
       const src = spec.imageSource;
       if (!src) {
         const what = spec.image ? `image ${spec.image} was not found in namespace ${spec.namespace}` : 'no image';
@@ -357,7 +393,7 @@ export class QemuDriver implements HypervisorDriver {
             hostname,
             ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
             ...(keyPair ? { keyPair } : {}),
-            nics: [],
+            nics: seedNicsOf(spec.nics),
           },
           p.seed,
         );
@@ -370,7 +406,7 @@ export class QemuDriver implements HypervisorDriver {
               ...(keyPair ? { keyPair } : {}),
               ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
               metadata: { ...(spec.metadata ?? {}) },
-              nics: [],
+              nics: seedNicsOf(spec.nics),
             },
             p.configDrive,
           );
@@ -698,15 +734,15 @@ export class QemuDriver implements HypervisorDriver {
   }
 
   /** Connects to a guest's QMP socket, sharing an attempt already under way (QEMU serves one client at a time). */
-  #attach(id: string, pid: number, timeoutMs = 5_000): Promise<Live | undefined> {
+  #attach(id: string, pid: number, timeoutMs = 5_000, logFailure = true): Promise<Live | undefined> {
     const pending = this.#attaching.get(id);
     if (pending) return pending;
-    const attempt = this.#connect(id, pid, timeoutMs).finally(() => this.#attaching.delete(id));
+    const attempt = this.#connect(id, pid, timeoutMs, logFailure).finally(() => this.#attaching.delete(id));
     this.#attaching.set(id, attempt);
     return attempt;
   }
 
-  async #connect(id: string, pid: number, timeoutMs = 5_000): Promise<Live | undefined> {
+  async #connect(id: string, pid: number, timeoutMs = 5_000, logFailure = true): Promise<Live | undefined> {
     if (this.#closed) return undefined;
     const existing = this.#live.get(id);
     if (existing && existing.pid === pid && !existing.qmp.closed) return existing;
@@ -729,7 +765,8 @@ export class QemuDriver implements HypervisorDriver {
     try {
       await qmp.connect(this.paths(id).qmpSocket, { timeoutMs });
     } catch (err) {
-      this.#log.warn({ guest: id, pid, err: errMsg(err) }, 'cannot connect to the guest QMP socket');
+      if (logFailure) this.#log.warn({ guest: id, pid, err: errMsg(err) }, 'cannot connect to the guest QMP socket');
+      else this.#log.debug({ guest: id, pid, err: errMsg(err) }, 'QMP socket not ready yet');
       return undefined;
     }
     qmp.once('close', () => void this.#onClose(live));
@@ -866,6 +903,7 @@ export class QemuDriver implements HypervisorDriver {
         if (live) return live;
         throw new DriverError(op, id, `${op}: guest ${id} already runs (pid ${before.pid})`);
       }
+      await this.#checkTaps(op, rec);
       for (const f of [p.qmpSocket, p.consoleSocket, p.vncSocket, p.migrateSocket, p.pidFile]) {
         await rm(f, { force: true });
       }
@@ -880,6 +918,7 @@ export class QemuDriver implements HypervisorDriver {
         serial: { socket: p.consoleSocket, log: p.consoleLog },
         pidFile: p.pidFile,
         disks: disksOf(rec),
+        nics: nicsOf(rec, { vhost: this.#o.vhostNet ?? false }),
         ...(o.restore ? { incoming: 'defer' } : {}),
       });
       const started = Date.now();
@@ -891,11 +930,12 @@ export class QemuDriver implements HypervisorDriver {
         args,
         dir: p.dir,
         logFile: p.qemuLog,
+        ...(this.#o.netns !== undefined ? { netns: this.#o.netns } : {}),
       });
       let live: Live | undefined;
       try {
         const pid = await this.#waitStarted(p, id, launched);
-        live = (await this.#attach(id, pid, 10_000)) ?? (await this.#attach(id, pid, 10_000));
+        live = await this.#attachStarted(id, pid, 10_000);
         if (!live) throw new Error(`QEMU (pid ${pid}) started but its QMP socket does not answer`);
         if (o.restore) await this.#restore(live, o.restore);
         const s = await live.qmp.queryStatus();
@@ -913,6 +953,30 @@ export class QemuDriver implements HypervisorDriver {
     } finally {
       await unlock();
     }
+  }
+
+  /**
+   * Fails unless every NIC's tap exists (in the driver's network namespace) and is a tap: QEMU running as root would
+   * create a missing one itself, unplugged, and the guest would run without network.
+   */
+  async #checkTaps(op: DriverOp, rec: GuestRecord): Promise<void> {
+    const where = this.#o.netns !== undefined ? ` in network namespace ${this.#o.netns}` : '';
+    const problems = await Promise.all(
+      (rec.spec.nics ?? []).map(async (n) => {
+        let out: string;
+        try {
+          out = (await this.#exec.run('ip', ['-d', '-j', 'link', 'show', 'dev', n.device])).stdout;
+        } catch (err) {
+          if (err instanceof ExecError && /does not exist/i.test(err.stderr)) {
+            return `tap ${n.device} does not exist${where} (the port is not wired on this node)`;
+          }
+          return `cannot inspect tap ${n.device}${where}: ${errMsg(err)}`;
+        }
+        return tapProblem(out, n.device, where);
+      }),
+    );
+    const bad = problems.filter((x) => x !== undefined);
+    if (bad.length > 0) throw new DriverError(op, rec.spec.id, `${op}: ${bad.join('; ')}`);
   }
 
   /** Waits for the pid file and the QMP socket; fails fast when a direct child exits. */
@@ -934,6 +998,22 @@ export class QemuDriver implements HypervisorDriver {
       }
       if (Date.now() >= deadline) throw new Error(`QEMU did not come up within ${this.#startTimeout()} ms`);
       await sleep(25);
+    }
+  }
+
+  /**
+   * Connects to a QEMU that just started. Retries for up to `timeoutMs` while it lives: QEMU writes its pid file
+   * before it creates the QMP socket, and binds the socket before it listens, so a connect in between is refused
+   * (seen under load with several guests starting at once).
+   */
+  async #attachStarted(id: string, pid: number, timeoutMs: number): Promise<Live | undefined> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const last = Date.now() + 100 >= deadline;
+      const live = await this.#attach(id, pid, Math.max(1_000, deadline - Date.now()), last);
+      if (live || last || this.#closed) return live;
+      if ((await processOf(this.#proc, pid, id)).kind !== 'running') return undefined;
+      await sleep(100);
     }
   }
 
@@ -981,7 +1061,66 @@ function recordedSpec(spec: GuestSpec): RecordedSpec {
     ...(spec.configDrive !== undefined ? { configDrive: spec.configDrive } : {}),
     ...(spec.metadata ? { metadata: { ...spec.metadata } } : {}),
     ...(spec.accelerator ? { accelerator: spec.accelerator } : {}),
+    ...(spec.nics && spec.nics.length > 0 ? { nics: spec.nics.map((n) => RecordedNic.parse(n)) } : {}),
   };
+}
+
+/** Why a list of NICs cannot be plugged (invalid entry, a tap or MAC used twice), or undefined when it can. */
+export function nicsProblem(nics: readonly unknown[]): string | undefined {
+  const parsed = RecordedNic.array().max(16).safeParse(nics);
+  if (!parsed.success) return `invalid nics: ${z.prettifyError(parsed.error)}`;
+  const devices = new Set<string>();
+  const macs = new Set<string>();
+  for (const n of parsed.data) {
+    if (devices.has(n.device)) return `invalid nics: tap ${n.device} is used twice`;
+    if (macs.has(n.mac)) return `invalid nics: MAC ${n.mac} is used twice`;
+    devices.add(n.device);
+    macs.add(n.mac);
+  }
+  return undefined;
+}
+
+/**
+ * What the seeds say about the NICs: everything but the host device, which names the config drive's link (Nova's
+ * links[].id is the tap's name) unless the caller named it.
+ */
+export function seedNicsOf(nics: readonly (GuestNicInput & { device: string })[] | undefined): GuestNicInput[] {
+  return (nics ?? []).map(({ device, ...n }) => ({ ...n, linkName: n.linkName ?? device }));
+}
+
+/** First PCI slot of the NICs on pcie.0: NIC i sits at slot 0x0f + i (16 NICs: 0x0f-0x1e, below ICH9's 0x1f). */
+export const NIC_PCI_SLOT_BASE = 0x0f;
+
+/**
+ * NICs in guest order: net<i> on the recorded tap, opened by name, at a fixed PCI slot (the guest's interface names
+ * and order never depend on the disks), no option ROM, the network MTU advertised through virtio (host_mtu).
+ */
+export function nicsOf(rec: GuestRecord, o: { vhost: boolean }): NicSpec[] {
+  return (rec.spec.nics ?? []).map((n, i) => ({
+    id: `net${i}`,
+    mac: n.mac,
+    ...(n.mtu !== undefined ? { mtu: n.mtu } : {}),
+    tap: { ifname: n.device },
+    vhost: o.vhost,
+    pciSlot: NIC_PCI_SLOT_BASE + i,
+  }));
+}
+
+/** Why `ip -d -j link show dev <device>` output is not a usable tap, or undefined when it is. */
+export function tapProblem(ipJson: string, device: string, where = ''): string | undefined {
+  let links: { ifname?: string; linkinfo?: { info_kind?: string; info_data?: { type?: string } } }[];
+  try {
+    links = JSON.parse(ipJson) as typeof links;
+  } catch {
+    return `cannot parse ip link output for ${device}`;
+  }
+  const link = links.find((l) => l.ifname === device);
+  if (!link) return `tap ${device} does not exist${where} (the port is not wired on this node)`;
+  const kind = link.linkinfo?.info_kind;
+  const type = link.linkinfo?.info_data?.type;
+  if (kind !== 'tun' || type !== 'tap')
+    return `${device}${where} is not a tap (${kind ?? 'unknown'}${type ? `/${type}` : ''})`;
+  return undefined;
 }
 
 /** Disks in guest order: vda root (boot), vdb ephemeral, vdc swap, then the NoCloud seed and the config drive. */

@@ -18,7 +18,11 @@
 //    read back with qom-get). A guest could then suspend itself into 'suspended' (only system_wakeup resumes
 //    it) or hibernate (QEMU exits). Both are off unless guestPowerManagement is set; Nova's suspend is a
 //    save-to-file instead (README.md of this directory).
-//  - vhost=off on every tap (no vhost-net on the development kernel).
+//  - NICs: vhost=off unless asked for (no vhost-net on the development kernel). A NIC with a pciSlot sits at that
+//    fixed slot of pcie.0 (its guest-visible PCI path and so its predictable interface name never move when disks are
+//    added or removed); NICs are emitted before the disks so that the auto-assigned slots of the other devices skip
+//    them. A NIC without bootIndex gets no option ROM (romfile=): guests boot from disk, and SeaBIOS under TCG then
+//    neither loads iPXE nor waits on it.
 //  - Disks use -blockdev with explicit node names: a file (protocol) node "<id>-file" under a format node
 //    "<id>-fmt", attached by a device with id "<id>". cache=none is cache.direct=on (O_DIRECT: not on tmpfs),
 //    writeback is cache.direct=off; both keep flushes (cache.no-flush=off).
@@ -66,6 +70,10 @@ export const NicSpec = z.object({
     z.object({ ifname: z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/, 'ifname: 1-15 characters [A-Za-z0-9_.-]') }).strict(),
   ]),
   bootIndex: z.int().min(0).max(99).optional(),
+  /** Use the kernel's vhost-net for the tap (needs /dev/vhost-net). Default off. */
+  vhost: z.boolean().default(false),
+  /** Fixed slot on the q35 root bus (pcie.0): 2-0x1e (0 is the host bridge, 0x1f the ICH9 functions). */
+  pciSlot: z.int().min(2).max(0x1e).optional(),
 });
 export type NicSpec = z.infer<typeof NicSpec>;
 
@@ -148,6 +156,14 @@ export const QemuSpec = z
       if (macs.has(n.mac))
         ctx.addIssue({ code: 'custom', path: ['nics', i, 'mac'], message: `duplicate mac ${n.mac}` });
       macs.add(n.mac);
+    });
+    const slots = new Set<number>();
+    s.nics.forEach((n, i) => {
+      if (n.pciSlot === undefined) return;
+      if (slots.has(n.pciSlot)) {
+        ctx.addIssue({ code: 'custom', path: ['nics', i, 'pciSlot'], message: `duplicate pciSlot ${n.pciSlot}` });
+      }
+      slots.add(n.pciSlot);
     });
     const fds = new Set<number>();
     s.nics.forEach((n, i) => {
@@ -254,6 +270,30 @@ export function qemuArgs(input: QemuSpecInput): string[] {
     );
   }
 
+  for (const n of spec.nics) {
+    const tap: [string, string | number][] =
+      'fd' in n.tap
+        ? [['fd', n.tap.fd]]
+        : [
+            ['ifname', n.tap.ifname],
+            ['script', 'no'],
+            ['downscript', 'no'],
+          ];
+    a.push('-netdev', opts('tap', [['id', `${n.id}-tap`], ...tap, ['vhost', onOff(n.vhost)]]));
+    a.push(
+      '-device',
+      opts('virtio-net-pci', [
+        ['netdev', `${n.id}-tap`],
+        ['id', n.id],
+        ['mac', n.mac],
+        ['host_mtu', n.mtu],
+        ['addr', n.pciSlot === undefined ? undefined : `0x${n.pciSlot.toString(16)}`],
+        ['bootindex', n.bootIndex],
+        ['romfile', n.bootIndex === undefined ? '' : undefined],
+      ]),
+    );
+  }
+
   let ahciPort = 0;
   for (const d of spec.disks) {
     const readOnly = d.readOnly || d.media === 'cdrom';
@@ -305,28 +345,6 @@ export function qemuArgs(input: QemuSpecInput): string[] {
         ]),
       );
     }
-  }
-
-  for (const n of spec.nics) {
-    const tap: [string, string | number][] =
-      'fd' in n.tap
-        ? [['fd', n.tap.fd]]
-        : [
-            ['ifname', n.tap.ifname],
-            ['script', 'no'],
-            ['downscript', 'no'],
-          ];
-    a.push('-netdev', opts('tap', [['id', `${n.id}-tap`], ...tap, ['vhost', 'off']]));
-    a.push(
-      '-device',
-      opts('virtio-net-pci', [
-        ['netdev', `${n.id}-tap`],
-        ['id', n.id],
-        ['mac', n.mac],
-        ['host_mtu', n.mtu],
-        ['bootindex', n.bootIndex],
-      ]),
-    );
   }
 
   if (spec.rng) a.push('-device', 'virtio-rng-pci,id=rng0');

@@ -9,6 +9,10 @@
 //             namespaces (nsenter into PID 1's mount/UTS/IPC/PID namespaces when the agent is in a container with
 //             hostPID). QEMU then lives in its own cgroup under machine.slice, independent of the agent's pod.
 //
+// Both can start QEMU inside a named network namespace (LaunchRequest.netns; the simulated nodes of the e2e tier, one
+// netns per node): direct runs `ip netns exec <ns> <qemu> …`, which execs QEMU in place (same pid, QEMU's own command
+// line in /proc, so pid-file adoption works unchanged); systemd sets the unit's NetworkNamespacePath.
+//
 // Neither uses QEMU's -daemonize (incompatible with the full seccomp sandbox; see ../../qemu/README.md). QEMU writes
 // its pid file itself (-pidfile) in both cases; the driver finds and adopts guests through it.
 import { execFile, spawn } from 'node:child_process';
@@ -31,6 +35,25 @@ export interface LaunchRequest {
   dir: string;
   /** QEMU's stdout and stderr are appended here. */
   logFile: string;
+  /** Network namespace (a name under /run/netns) QEMU runs in; undefined: the launcher's own. */
+  netns?: string;
+}
+
+/** Network namespace names as `ip netns` accepts them (a file name under /run/netns). */
+const NETNS_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+
+/** Throws unless `netns` is a plain namespace name (no path, nothing a command line could misread). */
+export function checkNetnsName(netns: string): string {
+  if (!NETNS_NAME.test(netns) || netns === '.' || netns === '..') {
+    throw new Error(`invalid network namespace name ${JSON.stringify(netns)}`);
+  }
+  return netns;
+}
+
+/** argv of the direct launcher: the binary and its arguments, through `ip netns exec` when a netns is asked for. */
+export function directArgv(req: Pick<LaunchRequest, 'binary' | 'args' | 'netns'>): string[] {
+  if (req.netns === undefined) return [req.binary, ...req.args];
+  return ['ip', 'netns', 'exec', checkNetnsName(req.netns), req.binary, ...req.args];
 }
 
 export interface Launched {
@@ -54,7 +77,8 @@ export class DirectLauncher implements Launcher {
   async launch(req: LaunchRequest): Promise<Launched> {
     const out = await open(req.logFile, 'a', 0o600);
     try {
-      const child = spawn(req.binary, [...req.args], {
+      const [bin, ...args] = directArgv(req);
+      const child = spawn(bin!, args, {
         cwd: req.dir,
         detached: true,
         stdio: ['ignore', out.fd, out.fd],
@@ -65,7 +89,7 @@ export class DirectLauncher implements Launcher {
       });
       await new Promise<void>((resolve, reject) => {
         child.once('spawn', () => resolve());
-        child.once('error', (err) => reject(new Error(`cannot start ${req.binary}: ${err.message}`, { cause: err })));
+        child.once('error', (err) => reject(new Error(`cannot start ${bin}: ${err.message}`, { cause: err })));
       });
       // The handle stays (node reaps the child when it exits, so no zombie lingers), but keeps nothing alive.
       child.unref();
@@ -117,6 +141,7 @@ export function systemdRunArgv(req: LaunchRequest, o: Omit<SystemdLauncherOption
     `--property=WorkingDirectory=${checkProperty(req.dir)}`,
     `--property=StandardOutput=append:${checkProperty(req.logFile)}`,
     `--property=StandardError=append:${checkProperty(req.logFile)}`,
+    ...(req.netns === undefined ? [] : [`--property=NetworkNamespacePath=/run/netns/${checkNetnsName(req.netns)}`]),
     '--',
     req.binary,
     ...req.args,

@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { open, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import * as z from 'zod';
+import { GuestNic } from '../../seed/nic.ts';
 
 /** Files of one guest directory. */
 export interface GuestPaths {
@@ -65,6 +66,13 @@ export function guestPaths(stateDir: string, id: string): GuestPaths {
 /** Guest ids become directory names and QEMU -uuid values: Kubernetes uids are RFC 4122 UUIDs. */
 export const GuestId = z.uuid();
 
+/** A host network device name (IFNAMSIZ: at most 15 characters). */
+export const DeviceName = z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/, 'device: 1-15 characters [A-Za-z0-9_.-]');
+
+/** A NIC as guest.json keeps it: the tap the network backend made plus the seed data (driver.ts GuestNetworkInterface). */
+export const RecordedNic = z.object({ device: DeviceName }).and(GuestNic);
+export type RecordedNic = z.infer<typeof RecordedNic>;
+
 const Checksum = z.object({ algorithm: z.enum(['sha256', 'sha512']), value: z.string() });
 
 export const RecordedSpec = z.object({
@@ -92,6 +100,8 @@ export const RecordedSpec = z.object({
   metadata: z.record(z.string(), z.string()).optional(),
   accelerator: z.enum(['kvm', 'tcg']).optional(),
   annotations: z.record(z.string(), z.string()).default({}),
+  /** NICs in guest order; every start (power on, reboot, resume) plugs the same taps with the same MACs. */
+  nics: z.array(RecordedNic).max(16).optional(),
 });
 export type RecordedSpec = z.infer<typeof RecordedSpec>;
 
