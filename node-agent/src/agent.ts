@@ -1,6 +1,6 @@
-// The node agent (nova-compute): one NodeAgent per node runs the node's Hypervisor heartbeat and its Server
-// reconciler on a shared runtime Manager. A process runs one agent, or many simulated ones with the fake driver
-// (fakeNodes), all sharing one Manager, KubeClient and /metrics endpoint.
+// The node agent (nova-compute): one NodeAgent per node runs the node's Hypervisor heartbeat, its Server
+// reconciler and its network service (Neutron's L2 agent) on a shared runtime Manager. A process runs one agent, or
+// many simulated ones with the fake driver (fakeNodes), all sharing one Manager, KubeClient and /metrics endpoint.
 import { readFileSync } from 'node:fs';
 import { hostname, networkInterfaces } from 'node:os';
 import type { KubeConfig } from '@kubernetes/client-node';
@@ -19,6 +19,10 @@ import { FakeDriverOptions } from './drivers/fake.ts';
 import { createDriver, DRIVER_NAMES } from './drivers/index.ts';
 import type { QemuDriverOptions } from './drivers/qemu.ts';
 import { HypervisorReporter } from './hypervisor.ts';
+import type { NetworkBackend } from './network/backend.ts';
+import { NetworkController } from './network/controller.ts';
+import { BACKEND_NAMES, type BackendName } from './network/index.ts';
+import { NoopBackend } from './network/noop.ts';
 
 export const ZONE_LABEL = 'topology.kubernetes.io/zone';
 
@@ -52,6 +56,45 @@ export const AgentConfig = z.object({
   fakeOpLatencyMs: fakeOps.opLatencyMs.describe('Latency per operation as JSON, e.g. {"spawn":2000}.'),
   fakeFailureRate: fakeOps.failureRate,
   fakeOpFailureRate: fakeOps.opFailureRate.describe('Failure probability per operation as JSON, e.g. {"spawn":0.1}.'),
+  networkBackend: z
+    .enum(BACKEND_NAMES)
+    .optional()
+    .describe(
+      'Network backend wiring the ports: linuxbridge (Linux bridge + VXLAN + nftables), ovs (Open vSwitch) or noop (wires nothing); default: linuxbridge with the qemu driver, noop with the fake driver.',
+    ),
+  netns: z
+    .string()
+    .max(64)
+    .regex(/^[A-Za-z0-9][A-Za-z0-9_.-]*$/, 'must be a network namespace name')
+    .optional()
+    .describe(
+      'Run the data plane (network backend commands and QEMU) inside this network namespace (simulated nodes).',
+    ),
+  dhcpNetnsPrefix: z
+    .string()
+    .max(32)
+    .regex(/^[A-Za-z0-9][A-Za-z0-9_.-]*$/, 'must be a network namespace name prefix')
+    .optional()
+    .describe("Prefix of the per-network DHCP namespaces (default: the backend's)."),
+  underlayDevice: z
+    .string()
+    .max(15)
+    .optional()
+    .describe('Underlay device of the VXLAN tunnels (default: the device holding --host-ip).'),
+  ovsDb: z
+    .string()
+    .min(1)
+    .optional()
+    .describe('ovs backend: OVSDB server (ovs-vsctl --db), e.g. unix:/run/openvswitch/db.sock.'),
+  ovsDatapath: z
+    .enum(['system', 'netdev'])
+    .default('system')
+    .describe('ovs backend: datapath type of the integration bridge (netdev: userspace, for tests).'),
+  networkResyncSeconds: z
+    .number()
+    .min(0)
+    .default(30)
+    .describe('Re-apply the node network plan this often, repairing drift (0: only on changes).'),
   zone: z.string().max(63).optional().describe(`Availability zone: the ${ZONE_LABEL} label of the Hypervisor.`),
   labels: z.record(z.string().max(317), z.string().max(63)).default({}).describe('More Hypervisor labels, as JSON.'),
   hostIP: ipAddress('Underlay address of the node.')
@@ -153,6 +196,10 @@ export function detectHostIP(): string | undefined {
 export interface NodeAgentOptions {
   nodeName: string;
   driver: HypervisorDriver;
+  /** The node's network backend (default: a noop backend). */
+  networkBackend?: NetworkBackend;
+  /** Forced network apply period in seconds (default 30; 0: only on changes). */
+  networkResyncSeconds?: number;
   /** Hypervisor labels (zone included). */
   labels?: Readonly<Record<string, string>>;
   hostIP?: string;
@@ -167,12 +214,13 @@ export interface NodeAgentOptions {
   clock?: Clock;
 }
 
-/** One node: its Hypervisor heartbeat and its Server reconciler, registered on a Manager. */
+/** One node: its Hypervisor heartbeat, its Server reconciler and its network service, registered on a Manager. */
 export class NodeAgent {
   readonly nodeName: string;
   readonly driver: HypervisorDriver;
   readonly hypervisor: HypervisorReporter;
   readonly compute: ComputeService;
+  readonly network: NetworkController;
   readonly events: EventRecorder;
   readonly #log: Logger;
 
@@ -186,19 +234,22 @@ export class NodeAgent {
       reportingInstance: o.nodeName.slice(0, 128),
     });
     let compute: ComputeService | undefined;
+    let network: NetworkController | undefined;
+    const backend = o.networkBackend ?? new NoopBackend();
     this.hypervisor = new HypervisorReporter({
       client: mgr.client,
       nodeName: o.nodeName,
       driver: o.driver,
+      networkBackend: backend.name,
       specDefaults: o.hypervisorSpec ?? {},
       labels: o.labels ?? {},
       ...(o.hostIP ? { hostIP: o.hostIP } : {}),
       heartbeatSeconds: o.heartbeatSeconds ?? 10,
       agentVersion: AGENT_VERSION,
       readiness: () =>
-        compute?.servers.hasSynced()
-          ? { ready: true, message: `driver ${o.driver.name}` }
-          : { ready: false, message: 'server cache not synced yet' },
+        compute?.servers.hasSynced() && network?.ports.hasSynced()
+          ? { ready: true, message: `driver ${o.driver.name}, network backend ${backend.name}` }
+          : { ready: false, message: 'server and network caches not synced yet' },
       logger: this.#log,
       ...(o.clock ? { clock: o.clock } : {}),
     });
@@ -209,6 +260,7 @@ export class NodeAgent {
       driver: o.driver,
       events: this.events,
       hypervisor: this.hypervisor,
+      network: { plug: (server) => this.network.plug(server) },
       ...defined({
         concurrency: o.concurrency,
         powerOffTimeoutMs: s(o.powerOffTimeoutSeconds),
@@ -220,24 +272,39 @@ export class NodeAgent {
       logger: this.#log,
     });
     this.compute = compute;
+    network = new NetworkController({
+      manager: mgr,
+      nodeName: o.nodeName,
+      ...(o.hostIP ? { hostIP: o.hostIP } : {}),
+      backend,
+      servers: compute.servers,
+      ...(o.networkResyncSeconds !== undefined ? { resyncMs: o.networkResyncSeconds * 1000 } : {}),
+      logger: this.#log,
+      ...(o.clock ? { clock: o.clock } : {}),
+    });
+    network.onWake = (key) => this.compute.controller.enqueue(key);
+    this.network = network;
   }
 
-  /** Initialises the driver and creates the Hypervisor (before the manager starts). */
+  /** Initialises the driver and the network backend and creates the Hypervisor (before the manager starts). */
   async init(): Promise<void> {
     await this.driver.init();
+    await this.network.init();
     await this.hypervisor.ensure();
   }
 
-  /** Starts the heartbeat and the orphan sweep (after the manager started: caches synced). */
+  /** Starts the heartbeat, the orphan sweep and the network service (after the manager started: caches synced). */
   start(): void {
     this.compute.start();
+    this.network.start();
     this.hypervisor.start();
-    this.#log.info({ driver: this.driver.name }, 'node agent started');
+    this.#log.info({ driver: this.driver.name, networkBackend: this.network.backend.name }, 'node agent started');
   }
 
-  /** Stops heartbeat and sweep; the manager stops the controller. Guests keep running. */
+  /** Stops heartbeat, sweep and network applies; the manager stops the controller. Guests keep running, wired. */
   async stop(): Promise<void> {
     this.compute.stop();
+    await this.network.stop();
     await this.hypervisor.stop();
   }
 }
@@ -288,7 +355,8 @@ export async function startAgent(o: StartAgentOptions): Promise<RunningAgent> {
   };
 }
 
-export interface FakeNodesOptions extends Omit<StartAgentOptions, 'driver' | 'nodeName'> {
+/** Every simulated node gets its own fake driver and noop network backend. */
+export interface FakeNodesOptions extends Omit<StartAgentOptions, 'driver' | 'nodeName' | 'networkBackend'> {
   /** Nodes are named `<prefix>-<i>`. */
   prefix: string;
   fake?: FakeDriverOptions;
@@ -300,7 +368,10 @@ export interface RunningFakeNodes {
   stop(): Promise<void>;
 }
 
-/** Simulates n nodes with fake drivers in this process: n Hypervisors, heartbeats and Server informers. */
+/**
+ * Simulates n nodes with fake drivers in this process: n Hypervisors, heartbeats, Server informers and network
+ * services with noop backends (their Network, Port, SecurityGroup and Hypervisor informers are shared).
+ */
 export async function startFakeNodes(n: number, o: FakeNodesOptions): Promise<RunningFakeNodes> {
   const logger = o.logger ?? silentLogger();
   const manager =
@@ -345,7 +416,13 @@ export function nodeOptionsFrom(cfg: AgentConfig): Omit<NodeAgentOptions, 'drive
     orphanGraceSeconds: cfg.orphanGraceSeconds,
     orphanSweepSeconds: cfg.orphanSweepSeconds,
     resyncSeconds: cfg.resyncSeconds,
+    networkResyncSeconds: cfg.networkResyncSeconds,
   };
+}
+
+/** The network backend name: --network-backend, else linuxbridge for the qemu driver and noop for the fake one. */
+export function networkBackendName(cfg: Pick<AgentConfig, 'networkBackend' | 'driver'>): BackendName {
+  return cfg.networkBackend ?? (cfg.driver === 'qemu' ? 'linuxbridge' : 'noop');
 }
 
 /** The fake driver options from the configuration. */
@@ -370,5 +447,6 @@ export function qemuOptionsFrom(cfg: AgentConfig): QemuDriverOptions {
     qemuBinary: cfg.qemuBinary,
     launcher: cfg.launcher,
     powerOffTimeoutMs: cfg.powerOffTimeoutSeconds * 1000,
+    ...(cfg.netns ? { netns: cfg.netns } : {}),
   };
 }

@@ -9,6 +9,10 @@
 // writer makes the step re-decide instead of acting twice. The agent's own status writes do not requeue the
 // Server (see serverChanged); operator writes that matter (binding, NOSTATE on node loss) do.
 //
+// A server with spec.networks gets its guest (first spawn, hard-reboot re-creation, rebuild, resize/migrate) only
+// once the node's network service reports its ports usable and wired here; the NICs go into GuestSpec.nics.
+// Meanwhile the server shows taskState networking (while building) and Ready False WaitingForNetwork.
+//
 // Guests whose Server left this node (rebound, deleted) are destroyed when the Server's key is reconciled; the
 // orphan sweep (on start and periodically) destroys any other guest that no Server bound here owns, after a grace
 // period.
@@ -48,7 +52,7 @@ import {
   type TimerHandle,
   updateStatus,
 } from '../../operator/src/runtime/index.ts';
-import type { GuestExit, GuestSpec, GuestState, HypervisorDriver } from './driver.ts';
+import type { GuestExit, GuestNetworkInterface, GuestSpec, GuestState, HypervisorDriver } from './driver.ts';
 import { ImageError, type ImageErrorReason } from './images/cache.ts';
 import {
   AGENT_TASKS,
@@ -70,6 +74,7 @@ import {
   TRIGGERS,
   type Trigger,
 } from './lifecycle.ts';
+import { NetworkNotReadyError, type ServerNetworkService } from './network/controller.ts';
 
 export const SERVERS: GVR = { group: ServerKind.group, version: ServerKind.version, plural: ServerKind.plural };
 const KEYPAIRS: GVR = { group: KeyPairKind.group, version: KeyPairKind.version, plural: KeyPairKind.plural };
@@ -80,10 +85,18 @@ const SECRETS: GVR = { group: '', version: 'v1', plural: 'secrets' };
 export type ServerObject = KubernetesObject & { spec?: unknown; status?: Record<string, unknown> };
 type Status = Record<string, unknown>;
 
-/** Steps one reconcile may take before requeueing itself (a full cycle needs at most about five). */
 /** Tokens already in the spec when a guest is first created are recorded, not run. */
 const INITIAL_TRIGGERS: readonly Trigger[] = [...TRIGGERS, 'rebuild'];
+/** Steps one reconcile may take before requeueing itself (a full cycle needs at most about five). */
 const MAX_STEPS = 12;
+/** Requeue delays while a server waits for its network: doubling from the base up to the cap. */
+const NETWORK_WAIT_BASE_MS = 1000;
+const NETWORK_WAIT_MAX_MS = 30_000;
+
+/** A step that must wait: the reconcile ends and the server comes back after this delay (or on a wake-up). */
+interface Requeue {
+  requeueAfterMs: number;
+}
 
 export interface ComputeOptions {
   manager: Manager;
@@ -92,6 +105,12 @@ export interface ComputeOptions {
   events: EventRecorder;
   /** The node's Hypervisor reporter: the accelerator guests get, and a nudge when usage changed. */
   hypervisor: { accelerator(): 'kvm' | 'tcg' | undefined; poke(): void };
+  /**
+   * The node's network service: a server with spec.networks gets its guest only once plug() returns its NICs
+   * (meanwhile taskState networking while building, and Ready False WaitingForNetwork). Without it, guests get no
+   * NICs.
+   */
+  network?: ServerNetworkService;
   /** Parallel Server reconciles (default 4). */
   concurrency?: number;
   /** Grace of a graceful power off before it is forced (default 60 s, Nova's shutdown_timeout). */
@@ -181,6 +200,8 @@ export class ComputeService {
   readonly #orphanSince = new Map<string, number>();
   /** Unexpected exits reported by the driver, by guest id, until recorded on the Server. */
   readonly #exits = new Map<string, GuestExit>();
+  /** Consecutive network waits per server key (requeue backoff). */
+  readonly #networkWaits = new Map<string, number>();
   #unsubscribe: (() => void) | undefined;
   #sweepTimer: TimerHandle | undefined;
   #stopped = false;
@@ -269,7 +290,10 @@ export class ComputeService {
 
   async reconcile(req: Request, ctx: ReconcileContext): Promise<ReconcileResult> {
     const cached = this.servers.get(req.name, req.namespace);
-    if (!cached || cached.metadata?.labels?.[SERVER_NODE_LABEL] !== this.nodeName) return this.#gone(req, ctx);
+    if (!cached || cached.metadata?.labels?.[SERVER_NODE_LABEL] !== this.nodeName) {
+      this.#networkWaits.delete(objectKey(cached ?? { metadata: { name: req.name, namespace: req.namespace } }));
+      return this.#gone(req, ctx);
+    }
     let server = parseServer(cached);
     if (!server) {
       ctx.log.warn('server does not parse; ignored until it changes');
@@ -283,6 +307,7 @@ export class ComputeService {
       ctx.log.debug({ decision: d, guest: guest?.powerState }, 'step');
       const next = await this.#step(server, guest, d, ctx);
       if (!next) return undefined;
+      if ('requeueAfterMs' in next) return { requeueAfter: next.requeueAfterMs };
       server = next;
     }
     return { requeue: true };
@@ -296,7 +321,7 @@ export class ComputeService {
     guest: GuestState | undefined,
     d: Decision,
     ctx: ReconcileContext,
-  ): Promise<Server | undefined> {
+  ): Promise<Server | Requeue | undefined> {
     const now = nowIso(this.#clock);
     const date = new Date(this.#clock.now());
     const uid = server.metadata.uid!;
@@ -407,7 +432,9 @@ export class ComputeService {
           );
           return parseServer(obj);
         }
-        return d.kind === 'spawn' ? this.#spawn(server, d.trigger, ctx) : this.#adopt(server, guest!, d.vmState, ctx);
+        if (d.kind === 'adopt') return this.#adopt(server, guest!, d.vmState, ctx);
+        const net = await this.#plug(server, guest, d, ctx);
+        return 'wait' in net ? net.wait : this.#spawn(server, d.trigger, ctx, net.nics);
       }
 
       case 'recover': {
@@ -485,11 +512,57 @@ export class ComputeService {
       case 'transition':
         return this.#transition(server, guest, d, ctx);
 
-      case 'finishResize':
-        return this.#finishResize(server, guest, d, ctx);
+      case 'finishResize': {
+        const net = await this.#plug(server, guest, d, ctx);
+        return 'wait' in net ? net.wait : this.#finishResize(server, guest, d, ctx, net.nics);
+      }
 
-      case 'rebuild':
-        return this.#rebuild(server, guest, ctx);
+      case 'rebuild': {
+        const net = await this.#plug(server, guest, d, ctx);
+        return 'wait' in net ? net.wait : this.#rebuild(server, guest, ctx, net.nics);
+      }
+    }
+  }
+
+  /**
+   * The server's NICs from the network service before a guest is (re)created. While its ports are not usable and
+   * wired here, the server shows it (taskState networking while building, Ready False WaitingForNetwork, an Event
+   * when the reason changes) and the reconcile ends with a backoff requeue; the network service wakes it earlier.
+   */
+  async #plug(
+    server: Server,
+    guest: GuestState | undefined,
+    d: Decision,
+    ctx: ReconcileContext,
+  ): Promise<{ nics: GuestNetworkInterface[] | undefined } | { wait: Server | Requeue }> {
+    const network = this.#o.network;
+    const key = objectKey(server as unknown as KubernetesObject);
+    if (!network || !server.spec.networks?.length) return { nics: undefined };
+    try {
+      const nics = await network.plug(server as never);
+      this.#networkWaits.delete(key);
+      return { nics };
+    } catch (err) {
+      if (!(err instanceof NetworkNotReadyError)) throw err;
+      const message = `waiting for the network: ${err.message}`.slice(0, 1024);
+      const previous = server.status?.conditions?.find((c) => c.type === 'Ready');
+      const r = await this.#write(server, guest, d, (st, s) => {
+        if (s.status?.vmState === 'building') setStates(st, undefined, 'networking');
+        setConditions(
+          st,
+          [{ type: 'Ready', status: 'False', reason: 'WaitingForNetwork', message }],
+          s.metadata.generation,
+          new Date(this.#clock.now()),
+        );
+      });
+      if (!r.applied) return { wait: r.server };
+      if (previous?.reason !== 'WaitingForNetwork' || previous.message !== message) {
+        this.#events.normal(ref(r.server), 'WaitingForNetwork', 'Networking', message);
+        ctx.log.info({ waiting: err.waiting }, 'waiting for the network');
+      }
+      const n = this.#networkWaits.get(key) ?? 0;
+      this.#networkWaits.set(key, n + 1);
+      return { wait: { requeueAfterMs: Math.min(NETWORK_WAIT_BASE_MS * 2 ** n, NETWORK_WAIT_MAX_MS) } };
     }
   }
 
@@ -497,7 +570,12 @@ export class ComputeService {
    * Nova's rebuild: the guest and its disks are destroyed and the server is spawned again from spec.image
    * (same uid, flavor and node), keeping its power state (a stopped server comes back stopped).
    */
-  async #rebuild(server: Server, guest: GuestState | undefined, ctx: ReconcileContext): Promise<Server | undefined> {
+  async #rebuild(
+    server: Server,
+    guest: GuestState | undefined,
+    ctx: ReconcileContext,
+    nics: GuestNetworkInterface[] | undefined,
+  ): Promise<Server | undefined> {
     const image = server.spec.image;
     const now = nowIso(this.#clock);
     const started = await this.#write(server, guest, { kind: 'rebuild' }, (st, s) => {
@@ -509,6 +587,7 @@ export class ComputeService {
     // The guest is built from spec.image; status.image follows once that worked.
     const target = { ...started.server, status: { ...started.server.status, ...(image ? { image } : {}) } } as Server;
     return this.#recreate(started.server, guest, 'rebuild', false, ctx, {
+      nics,
       specFrom: target,
       extra: (st, s) => {
         recordTriggers(st, s, ['rebuild']);
@@ -526,8 +605,9 @@ export class ComputeService {
     guest: GuestState | undefined,
     d: Extract<Decision, { kind: 'finishResize' }>,
     ctx: ReconcileContext,
+    nics: GuestNetworkInterface[] | undefined,
   ): Promise<Server | undefined> {
-    return this.#recreate(server, guest, d.action, true, ctx);
+    return this.#recreate(server, guest, d.action, true, ctx, { nics });
   }
 
   /**
@@ -541,7 +621,7 @@ export class ComputeService {
     action: 'resize' | 'migrate' | 'rebuild',
     keepIfSized: boolean,
     ctx: ReconcileContext,
-    o: { specFrom?: Server; extra?: (st: Status, s: Server) => void } = {},
+    o: { specFrom?: Server; extra?: (st: Status, s: Server) => void; nics?: GuestNetworkInterface[] | undefined } = {},
   ): Promise<Server | undefined> {
     const uid = server.metadata.uid!;
     const stopped = server.status?.vmState === 'stopped';
@@ -549,7 +629,7 @@ export class ComputeService {
     let state = guest;
     let failure: string | undefined;
     try {
-      const spec = await this.#guestSpec(o.specFrom ?? server);
+      const spec = await this.#guestSpec(o.specFrom ?? server, o.nics);
       const info = guest && keepIfSized ? (await this.#driver.list()).find((g) => g.id === uid) : undefined;
       if (guest && !(info && info.vcpus === spec.vcpus && info.ramMiB === spec.ramMiB)) {
         await this.#driver.destroy(uid);
@@ -673,7 +753,12 @@ export class ComputeService {
     return done.server;
   }
 
-  async #spawn(server: Server, trigger: 'hardReboot' | undefined, ctx: ReconcileContext): Promise<Server | undefined> {
+  async #spawn(
+    server: Server,
+    trigger: 'hardReboot' | undefined,
+    ctx: ReconcileContext,
+    nics: GuestNetworkInterface[] | undefined,
+  ): Promise<Server | undefined> {
     const uid = server.metadata.uid!;
     const action = trigger ?? 'create';
     const now = nowIso(this.#clock);
@@ -692,7 +777,7 @@ export class ComputeService {
     if (!started.applied) return started.server;
     let state: GuestState;
     try {
-      const spec = await this.#guestSpec(started.server);
+      const spec = await this.#guestSpec(started.server, nics);
       state = await this.#driver.spawn(spec);
     } catch (err) {
       const message = spawnFailureMessage(err, started.server.status?.image ?? started.server.spec.image);
@@ -797,8 +882,11 @@ export class ComputeService {
     }
   }
 
-  /** What the driver needs to boot the server: sizes from the bound flavor snapshot, the key pair resolved. */
-  async #guestSpec(server: Server): Promise<GuestSpec> {
+  /**
+   * What the driver needs to boot the server: sizes from the bound flavor snapshot, the key pair resolved, the NICs
+   * the network service wired.
+   */
+  async #guestSpec(server: Server, nics: GuestNetworkInterface[] | undefined): Promise<GuestSpec> {
     const st = server.status ?? {};
     const f = st.flavor;
     if (!f) throw new Error('status.flavor is not set');
@@ -840,6 +928,7 @@ export class ComputeService {
       configDrive: server.spec.configDrive,
       ...(server.spec.metadata ? { metadata: { ...server.spec.metadata } } : {}),
       ...(accelerator ? { accelerator } : {}),
+      ...(nics?.length ? { nics } : {}),
       annotations: { ...(server.metadata.annotations ?? {}) },
     };
   }

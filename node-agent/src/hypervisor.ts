@@ -94,6 +94,8 @@ export interface HypervisorReporterOptions {
   client: KubeClient;
   nodeName: string;
   driver: HypervisorDriver;
+  /** Network backend name reported in status.networkBackend. */
+  networkBackend?: 'linuxbridge' | 'ovs' | 'noop';
   /** Spec of a Hypervisor the agent creates (API defaults fill the rest). */
   specDefaults: Partial<HypervisorSpec>;
   /** Labels the Hypervisor must carry (e.g. topology.kubernetes.io/zone). */
@@ -245,7 +247,7 @@ export class HypervisorReporter {
     const now = new Date(this.#clock.now());
     const status: Record<string, unknown> = {
       ...(this.#o.hostIP ? { hostIP: this.#o.hostIP } : {}),
-      networkBackend: 'linuxbridge',
+      ...(this.#o.networkBackend ? { networkBackend: this.#o.networkBackend } : {}),
       agentVersion: this.#o.agentVersion,
       driver: this.#o.driver.name,
       lastHeartbeatTime: now.toISOString().replace(/\.\d+Z$/, 'Z'),

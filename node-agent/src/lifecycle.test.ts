@@ -132,11 +132,21 @@ describe('decide: building', () => {
   });
 
   it('waits while the operator is still preparing (another task, no flavor snapshot)', () => {
-    expect(decide(server({ vmState: 'building', taskState: 'networking' }), undefined, NODE).kind).toBe('wait');
+    expect(decide(server({ vmState: 'building', taskState: 'scheduling' }), undefined, NODE).kind).toBe('wait');
     expect(decide(server({ vmState: 'building' }), undefined, NODE).kind).toBe('wait');
     expect(decide(server({ vmState: 'building', taskState: 'spawning', flavor: false }), undefined, NODE).kind).toBe(
       'wait',
     );
+  });
+
+  it("keeps spawning while the agent waits for the network (taskState networking is the agent's)", () => {
+    expect(decide(server({ vmState: 'building', taskState: 'networking' }), undefined, NODE)).toEqual({
+      kind: 'spawn',
+    });
+    expect(decide(server({ vmState: 'active', taskState: 'networking' }), undefined, NODE)).toEqual({
+      kind: 'recover',
+      task: 'networking',
+    });
   });
 
   it('does not act on triggers before the first spawn (tokens present at creation are recorded, not run)', () => {

@@ -61,6 +61,7 @@ export const TRANSITIONS: Readonly<Record<AgentAction, TransitionInfo>> = {
 
 /** Task states the agent sets (and therefore may clear when it finds them stale). */
 export const AGENT_TASKS: ReadonlySet<TaskState> = new Set<TaskState>([
+  'networking',
   'spawning',
   ...Object.values(TRANSITIONS).map((t) => t.task),
   'deleting',
@@ -157,7 +158,10 @@ export function decide(server: Server, guest: GuestState | undefined, nodeName: 
 
   // 3. building
   if (vm === 'building') {
-    if (task !== 'spawning') return wait('Building', `waiting for the operator (task ${task ?? 'none'})`);
+    // networking: the agent waits for the server's ports before spawning (set by the agent, see compute.ts)
+    if (task !== 'spawning' && task !== 'networking') {
+      return wait('Building', `waiting for the operator (task ${task ?? 'none'})`);
+    }
     if (!st.flavor) return wait('Building', 'status.flavor is not set yet');
     if (guest) return { kind: 'adopt', vmState: guestVmState(guest.powerState) ?? 'active' };
     return { kind: 'spawn' };

@@ -9,8 +9,18 @@ import {
   loadConfig,
   Manager,
 } from '../../operator/src/runtime/index.ts';
-import { AgentConfig, fakeOptionsFrom, NodeAgent, nodeOptionsFrom, qemuOptionsFrom } from './agent.ts';
+import {
+  AgentConfig,
+  fakeOptionsFrom,
+  NodeAgent,
+  networkBackendName,
+  nodeOptionsFrom,
+  qemuOptionsFrom,
+} from './agent.ts';
 import { createDriver } from './drivers/index.ts';
+import type { NetworkBackend } from './network/backend.ts';
+import { hostExec } from './network/exec.ts';
+import { createBackend } from './network/index.ts';
 
 async function main(): Promise<void> {
   if (process.argv.includes('--help')) {
@@ -21,6 +31,9 @@ async function main(): Promise<void> {
   try {
     cfg = loadConfig(AgentConfig);
     if (cfg.fakeNodes > 1 && cfg.driver !== 'fake') throw new ConfigError(['--fake-nodes needs --driver=fake']);
+    if (cfg.fakeNodes > 1 && networkBackendName(cfg) !== 'noop') {
+      throw new ConfigError(['--fake-nodes needs --network-backend=noop (simulated nodes share one host)']);
+    }
   } catch (e) {
     if (e instanceof ConfigError) {
       console.error(e.message);
@@ -36,12 +49,26 @@ async function main(): Promise<void> {
   const names =
     cfg.fakeNodes > 1 ? Array.from({ length: cfg.fakeNodes }, (_, i) => `${cfg.nodeName}-${i}`) : [cfg.nodeName];
   let drivers: ReturnType<typeof createDriver>[];
+  let backends: NetworkBackend[];
+  const backendName = networkBackendName(cfg);
+  const common = nodeOptionsFrom(cfg);
   try {
     drivers = names.map((nodeName) =>
       createDriver(cfg.driver, {
         nodeName,
         logger: log,
         ...(cfg.driver === 'fake' ? { fake: fakeOptionsFrom(cfg) } : { qemu: qemuOptionsFrom(cfg) }),
+      }),
+    );
+    backends = names.map((nodeName) =>
+      createBackend(backendName, {
+        nodeName,
+        ...(common.hostIP ? { hostIP: common.hostIP } : {}),
+        exec: hostExec(cfg.netns),
+        ...(cfg.underlayDevice ? { underlayDevice: cfg.underlayDevice } : {}),
+        logger: log.child({ node: nodeName, component: 'network' }),
+        ...(cfg.dhcpNetnsPrefix ? { dhcpNetnsPrefix: cfg.dhcpNetnsPrefix } : {}),
+        ovs: { ...(cfg.ovsDb ? { db: cfg.ovsDb } : {}), datapath: cfg.ovsDatapath },
       }),
     );
   } catch (e) {
@@ -56,8 +83,9 @@ async function main(): Promise<void> {
     http: { port: cfg.metricsPort, host: cfg.metricsHost },
     gracefulShutdownMs: cfg.gracefulShutdownSeconds * 1000,
   });
-  const common = nodeOptionsFrom(cfg);
-  const agents = names.map((nodeName, i) => new NodeAgent(mgr, { ...common, nodeName, driver: drivers[i]! }));
+  const agents = names.map(
+    (nodeName, i) => new NodeAgent(mgr, { ...common, nodeName, driver: drivers[i]!, networkBackend: backends[i]! }),
+  );
   for (let i = 0; i < agents.length; i += 10) await Promise.all(agents.slice(i, i + 10).map((a) => a.init()));
 
   handleSignals(mgr, {
@@ -67,7 +95,10 @@ async function main(): Promise<void> {
   });
   await mgr.start();
   for (const a of agents) a.start();
-  log.info({ address: mgr.address(), nodes: names.length, driver: cfg.driver, first: names[0] }, 'node agent started');
+  log.info(
+    { address: mgr.address(), nodes: names.length, driver: cfg.driver, networkBackend: backendName, first: names[0] },
+    'node agent started',
+  );
 }
 
 main().catch((err: unknown) => {

@@ -154,7 +154,7 @@ describe('node agent (fake driver) against kube-apiserver', () => {
       hostIP: '192.0.2.10',
       driver: 'fake',
       accelerator: 'kvm',
-      networkBackend: 'linuxbridge',
+      networkBackend: 'noop',
       capacity: { vcpus: 8, ram: '16Gi', disk: '100Gi' },
       allocatable: { vcpus: 32, ram: '15872Mi', disk: '100Gi' },
       usage: { vcpus: 0, servers: 0 },

@@ -140,7 +140,10 @@ export const HypervisorStatus = z
       .extend({ servers: z.int().min(0).optional().describe('Servers placed on this node.') })
       .describe('Resources used by the servers placed on this node.')
       .optional(),
-    networkBackend: z.enum(['linuxbridge', 'ovs']).optional().describe('Network backend the agent wires ports with.'),
+    networkBackend: z
+      .enum(['linuxbridge', 'ovs', 'noop'])
+      .optional()
+      .describe('Network backend the agent wires ports with.'),
     agentVersion: z.string().max(64).optional().describe('Version of the node agent.'),
     qemuVersion: z.string().max(64).optional().describe('Version of QEMU on the node.'),
     driver: z.string().max(32).optional().describe('Hypervisor driver: qemu or fake.'),
