@@ -10,7 +10,7 @@
 // configuration file changed. A network that leaves the node loses its dnsmasq, namespace, veth and files.
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { SubnetPlan } from './backend.ts';
+import type { NetworkPlan, PortPlan, SubnetPlan } from './backend.ts';
 import { type Exec, ExecError, hostExec } from './exec.ts';
 import { DEVICE_PREFIX } from './names.ts';
 import { parseCidr } from './nft.ts';
@@ -67,6 +67,17 @@ export interface DhcpResult {
 }
 
 /** Interface name inside the DHCP namespace. */
+/**
+ * Default DHCP namespace prefix and run directory for an exec: unique per node namespace, because simulated nodes share
+ * one host's /run and its namespace names.
+ */
+export function dhcpDefaults(exec: Pick<Exec, 'netns'>): { netnsPrefix: string; runDir: string } {
+  return {
+    netnsPrefix: exec.netns ? `${exec.netns}-dhcp-` : 'stratus-dhcp-',
+    runDir: `/run/stratus/network/${exec.netns ?? 'host'}`,
+  };
+}
+
 export const DHCP_NS_DEVICE = 'dhcp0';
 
 /** The bridge-side veth end of a network's DHCP namespace. */
@@ -388,4 +399,34 @@ export class DhcpManager {
 function ignoreMissing(e: unknown): void {
   if (e instanceof ExecError && /Cannot find device|No such file|does not exist/i.test(e.stderr)) return;
   throw e;
+}
+
+/** Static leases of a network: its local ports' fixed IPv4 addresses inside served subnets. Pure. */
+export function dhcpHosts(
+  n: Pick<NetworkPlan, 'id' | 'subnets'>,
+  ports: readonly PortPlan[],
+): { mac: string; ip: string; hostname?: string }[] {
+  const subnets = servedSubnets(n).map((s) => ({ name: s.name, cidr: parseCidr(s.cidr) }));
+  const out: { mac: string; ip: string; hostname?: string }[] = [];
+  for (const p of ports) {
+    if (p.networkId !== n.id) continue;
+    for (const f of p.fixedIPs) {
+      let c: ReturnType<typeof parseCidr>;
+      try {
+        c = parseCidr(f.ipAddress);
+      } catch {
+        continue;
+      }
+      const inSubnet = subnets.some(
+        (s) =>
+          s.cidr.version === c.version &&
+          c.addr >> BigInt(32 - s.cidr.prefix) === s.cidr.addr >> BigInt(32 - s.cidr.prefix),
+      );
+      if (inSubnet) {
+        out.push({ mac: p.mac, ip: f.ipAddress, ...(p.hostname ? { hostname: p.hostname } : {}) });
+        break; // one lease per MAC (dnsmasq: one address per host line per subnet)
+      }
+    }
+  }
+  return out;
 }

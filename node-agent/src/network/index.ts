@@ -44,7 +44,8 @@ export const BACKENDS: Readonly<Partial<Record<BackendName, BackendFactory>>> = 
       ...(ctx.ovs?.datapath ? { datapathType: ctx.ovs.datapath } : {}),
       ...(ctx.underlayDevice ? { underlayDevice: ctx.underlayDevice } : {}),
       ...(ctx.hostIP ? { hostIP: ctx.hostIP } : {}),
-      log: (msg) => ctx.logger.info(msg),
+      ...(ctx.dhcpNetnsPrefix ? { dhcpNetnsPrefix: ctx.dhcpNetnsPrefix } : {}),
+      logger: ctx.logger,
     }),
 };
 

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import type { PortPlan } from './backend.ts';
-import { desiredFdb, dhcpHosts, fdbCommands, networkAlias, vxlanMatches } from './linuxbridge.ts';
+import { dhcpHosts } from './dhcp.ts';
+import { desiredFdb, fdbCommands, networkAlias, vxlanMatches } from './linuxbridge.ts';
 import type { Link } from './observe.ts';
 
 const Z = '00:00:00:00:00:00';

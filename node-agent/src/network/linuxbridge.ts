@@ -16,10 +16,10 @@ import type {
   PortResult,
   VifType,
 } from './backend.ts';
-import { DhcpManager, type DhcpNetwork, dhcpMac, servedSubnets } from './dhcp.ts';
+import { DhcpManager, type DhcpNetwork, dhcpDefaults, dhcpHosts, dhcpMac, servedSubnets } from './dhcp.ts';
 import type { Exec } from './exec.ts';
 import { bridgeName, DEVICE_PREFIX, vxlanName } from './names.ts';
-import { NftManager, parseCidr, renderRules, zonesForVnis } from './nft.ts';
+import { NftManager, renderRules, zonesForVnis } from './nft.ts';
 import {
   deviceWithAddress,
   type FdbEntry,
@@ -136,9 +136,8 @@ export class LinuxBridgeBackend implements NetworkBackend {
         : new DhcpManager({
             exec: o.exec,
             nsExec: o.nsExec,
-            // defaults unique per node namespace: simulated nodes share one host's /run and namespace names
-            netnsPrefix: o.dhcpNetnsPrefix ?? (o.exec.netns ? `${o.exec.netns}-dhcp-` : 'stratus-dhcp-'),
-            runDir: o.runDir ?? `/run/stratus/network/${o.exec.netns ?? 'host'}`,
+            netnsPrefix: o.dhcpNetnsPrefix ?? dhcpDefaults(o.exec).netnsPrefix,
+            runDir: o.runDir ?? dhcpDefaults(o.exec).runDir,
             logger: o.logger,
           });
   }
@@ -412,34 +411,4 @@ export class LinuxBridgeBackend implements NetworkBackend {
     await this.#exec.run('ip', ['link', 'set', dev, 'master', br]);
     return [`attached ${dev} to ${br}`];
   }
-}
-
-/** Static leases of a network: its local ports' fixed IPv4 addresses inside served subnets. Pure. */
-export function dhcpHosts(
-  n: Pick<NetworkPlan, 'id' | 'subnets'>,
-  ports: readonly PortPlan[],
-): { mac: string; ip: string; hostname?: string }[] {
-  const subnets = servedSubnets(n).map((s) => ({ name: s.name, cidr: parseCidr(s.cidr) }));
-  const out: { mac: string; ip: string; hostname?: string }[] = [];
-  for (const p of ports) {
-    if (p.networkId !== n.id) continue;
-    for (const f of p.fixedIPs) {
-      let c: ReturnType<typeof parseCidr>;
-      try {
-        c = parseCidr(f.ipAddress);
-      } catch {
-        continue;
-      }
-      const inSubnet = subnets.some(
-        (s) =>
-          s.cidr.version === c.version &&
-          c.addr >> BigInt(32 - s.cidr.prefix) === s.cidr.addr >> BigInt(32 - s.cidr.prefix),
-      );
-      if (inSubnet) {
-        out.push({ mac: p.mac, ip: f.ipAddress, ...(p.hostname ? { hostname: p.hostname } : {}) });
-        break; // one lease per MAC (dnsmasq: one address per host line per subnet)
-      }
-    }
-  }
-  return out;
 }

@@ -40,9 +40,16 @@ import type {
   PortResult,
   VifType,
 } from './backend.ts';
-import { DHCP_NS_DEVICE, DhcpManager, type DhcpNetwork, dhcpHostDevice, servedSubnets } from './dhcp.ts';
+import {
+  DHCP_NS_DEVICE,
+  DhcpManager,
+  type DhcpNetwork,
+  dhcpDefaults,
+  dhcpHostDevice,
+  dhcpHosts,
+  servedSubnets,
+} from './dhcp.ts';
 import { type Exec, hostExec } from './exec.ts';
-import { dhcpHosts } from './linuxbridge.ts';
 import { DEVICE_PREFIX, shortId } from './names.ts';
 import { NftManager, renderRules } from './nft.ts';
 import { mapCol, type OvsRow, OvsVsctl, optInt, optStr, setCol, vsctlValue } from './ovsdb.ts';
@@ -672,7 +679,7 @@ export interface OvsBackendOptions {
   dhcp?: boolean;
   /** Prefix of DHCP namespace names; unique per node when several simulated nodes share a host. */
   dhcpNetnsPrefix?: string;
-  /** Directory for dnsmasq files (default /run/stratus/network). */
+  /** Directory for dnsmasq files (default /run/stratus/network/<netns|host>). */
   runDir?: string;
   /** Exec in the host's mount namespace for `ip netns add|del|exec` (default: hostExec()). */
   nsExec?: Exec;
@@ -726,8 +733,8 @@ export class OvsBackend implements NetworkBackend {
         : new DhcpManager({
             exec: opts.exec,
             nsExec: this.#nsExec,
-            netnsPrefix: opts.dhcpNetnsPrefix ?? 'stratus-dhcp-',
-            runDir: opts.runDir ?? '/run/stratus/network',
+            netnsPrefix: opts.dhcpNetnsPrefix ?? dhcpDefaults(opts.exec).netnsPrefix,
+            runDir: opts.runDir ?? dhcpDefaults(opts.exec).runDir,
             logger: this.#log,
           });
   }
