@@ -1,10 +1,15 @@
 // npm run demo: one real QEMU guest on this machine through Stratus, from nothing to a booted VM.
-//   npm run demo               checks, test image, local control plane, operator + one qemu node agent (in the
-//                              background), the image served on loopback, manifests modelled on examples/, then
-//                              follows the guest's serial console until it is up, and returns.
-//   npm run demo -- --down     deletes the guest and the demo objects, stops agent, operator and image server, and
-//                              stops the control plane if the demo started it.
-// Background processes, their logs and the guest state live in .cluster/demo/ (demo.json lists the pids).
+//   npm run demo               checks, test image, local control plane, a network namespace playing the node's
+//                              network, operator + one qemu node agent with the linuxbridge backend in it (in the
+//                              background), the image served on loopback, the manifests of examples/ (network and
+//                              security groups included), then follows the guest's serial console until it is up,
+//                              shows its address and pings it, and returns.
+//   npm run demo -- --down     deletes the guest and the demo objects, stops agent, operator and image server,
+//                              removes the demo's network namespaces, and stops the control plane if the demo started
+//                              it.
+// Background processes, their logs and the guest state live in .cluster/demo/ (demo.json lists the pids). The data
+// plane (bridge, VXLAN device, tap, nftables tables, dnsmasq) lives in the namespaces stratus-demo*, never in the
+// host's: the demo touches neither the host's devices nor its firewall.
 import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, open, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
@@ -33,7 +38,8 @@ import {
   startOperatorProc,
   waitFor,
 } from '../e2e/stack.ts';
-import { ProjectKind, ServerGroupKind } from '../operator/src/api/index.ts';
+import { dhcpDefaults } from '../node-agent/src/network/dhcp.ts';
+import { NetworkKind, PortKind, ProjectKind, SecurityGroupKind, ServerGroupKind } from '../operator/src/api/index.ts';
 import { gvrOf } from '../operator/src/controllers/common.ts';
 import { type GVR, isNotFound, KubeClient } from '../operator/src/runtime/index.ts';
 
@@ -53,6 +59,14 @@ const LEASE = 'stratus-demo';
 const LEASE_NS = 'stratus-system';
 const FIELD_MANAGER = 'stratus-demo';
 const READY = 'STRATUS-GUEST-READY';
+/** The node's network namespace (--netns): the agent's bridge, VXLAN device, taps, nftables and QEMU live in it. */
+const NETNS = 'stratus-demo';
+/** The node's underlay address (--host-ip), on a veth inside NETNS (TEST-NET-1: never routed anywhere). */
+const UNDERLAY_IP = '192.0.2.1';
+/** Per-network DHCP namespaces (<prefix><vni>) and dnsmasq files of the agent, as the backend derives them. */
+const DHCP = dhcpDefaults({ netns: NETNS });
+const NETWORKS = gvrOf(NetworkKind);
+const PORTS = gvrOf(PortKind);
 
 interface DemoState {
   operatorPid: number;
@@ -60,6 +74,8 @@ interface DemoState {
   servePid: number;
   startedCluster: boolean;
   nodeName: string;
+  /** The node's network namespace, once the demo created it (removed by --down with the DHCP namespaces). */
+  netns?: string;
   /** Cluster-scoped and namespaced objects the demo applied, for --down. */
   objects: { gvr: GVR; name: string; namespace?: string }[];
 }
@@ -96,6 +112,10 @@ function setupChecks(): void {
     ['mcopy', 'mtools'],
     ['syslinux', 'syslinux'],
     ['openssl', 'openssl'],
+    ['ip', 'iproute2'],
+    ['nft', 'nftables'],
+    ['dnsmasq', 'dnsmasq-base'],
+    ['ping', 'iputils-ping'],
   ];
   for (const [tool, pkg] of tools) {
     if (!which(tool)) missing.push(`${tool} not found: apt-get install ${pkg} (or npm run setup)`);
@@ -106,7 +126,7 @@ function setupChecks(): void {
   const kvm = existsSync('/dev/kvm')
     ? '/dev/kvm present (the agent probes whether KVM really works)'
     : 'no /dev/kvm: guests will run under TCG (software emulation, slower)';
-  say(`  ok: Linux, root, QEMU, qemu-img, genisoimage, image build tools; ${kvm}`);
+  say(`  ok: Linux, root, QEMU, qemu-img, genisoimage, image build tools, iproute2, nftables, dnsmasq; ${kvm}`);
 }
 
 async function readState(): Promise<DemoState | undefined> {
@@ -147,13 +167,24 @@ const GVR_BY_KIND: Record<string, GVR> = {
   Flavor: FLAVORS,
   KeyPair: KEYPAIRS,
   Image: IMAGES,
+  Network: NETWORKS,
+  SecurityGroup: gvrOf(SecurityGroupKind),
   ServerGroup: gvrOf(ServerGroupKind),
   Server: SERVERS,
 };
 
-/** examples/ adapted to this machine: the local test image, no networks, pinned to the demo's hypervisor. */
+/** examples/ adapted to this machine: the local test image, the server pinned to the demo's hypervisor. */
 async function manifests(imageUrl: string, sha256: string): Promise<KubernetesObject[]> {
-  const files = ['00-project.yaml', '01-flavor.yaml', '02-keypair.yaml', '03-image.yaml', '07-server.yaml'];
+  const files = [
+    '00-project.yaml',
+    '01-flavor.yaml',
+    '02-keypair.yaml',
+    '03-image.yaml',
+    '04-network.yaml',
+    '05-securitygroup.yaml',
+    '06-servergroup.yaml',
+    '07-server.yaml',
+  ];
   const out: KubernetesObject[] = [];
   for (const f of files) {
     const text = await readFile(path.join(root, 'examples', f), 'utf8');
@@ -172,10 +203,8 @@ async function manifests(imageUrl: string, sha256: string): Promise<KubernetesOb
       }
       if (o.kind === 'Server') {
         o.spec.image = IMAGE;
-        // Tenant networking is not implemented yet: the server gets no NIC.
-        delete o.spec.networks;
-        delete o.spec.securityGroups;
-        delete o.spec.serverGroup;
+        // Networks, security groups and the (anti-affinity) server group stay as in examples/: one member fits on
+        // one node.
         o.spec.nodeSelector = { [NODE_LABEL]: NODE };
         o.spec.userData = '#!/bin/sh\necho "hello from $(hostname), user data ran"\n';
       }
@@ -183,6 +212,67 @@ async function manifests(imageUrl: string, sha256: string): Promise<KubernetesOb
     }
   }
   return out;
+}
+
+/** Runs a command; returns stdout; throws with its stderr on failure. */
+function run(cmd: string, args: readonly string[]): string {
+  return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+/** Network namespaces whose name starts with `prefix`. */
+function netnsWithPrefix(prefix: string): string[] {
+  const out = run('ip', ['-j', 'netns', 'list']).trim();
+  if (!out) return [];
+  return (JSON.parse(out) as { name: string }[]).map((n) => n.name).filter((n) => n.startsWith(prefix));
+}
+
+/**
+ * The node's network, as a network namespace: lo, and a veth pair whose end eth0 holds the underlay address (the
+ * VXLAN local address; with one node no packet ever leaves on it). Like a node of e2e/testing/netlab.ts.
+ */
+function createNodeNetns(): void {
+  run('ip', ['netns', 'add', NETNS]);
+  run('ip', ['netns', 'exec', NETNS, 'sysctl', '-qw', 'net.ipv6.conf.all.disable_ipv6=1']);
+  run('ip', ['-n', NETNS, 'link', 'set', 'lo', 'up']);
+  run('ip', ['-n', NETNS, 'link', 'add', 'eth0', 'type', 'veth', 'peer', 'name', 'eth1']);
+  run('ip', ['-n', NETNS, 'addr', 'add', `${UNDERLAY_IP}/24`, 'dev', 'eth0']);
+  run('ip', ['-n', NETNS, 'link', 'set', 'eth1', 'up']);
+  run('ip', ['-n', NETNS, 'link', 'set', 'eth0', 'up']);
+}
+
+/**
+ * Removes what the demo's data plane may have left (normally the agent already removed it when the server went):
+ * dnsmasq processes of the demo's run directory (by pid, checked against their command line), the node and DHCP
+ * namespaces (their devices and nftables tables go with them) and the run directory.
+ */
+async function removeNodeNetwork(): Promise<void> {
+  for (const ns of netnsWithPrefix(NETNS)) {
+    let pids: string[] = [];
+    try {
+      pids = run('ip', ['netns', 'pids', ns]).split('\n').filter(Boolean);
+    } catch {
+      // namespace gone meanwhile
+    }
+    for (const pid of pids.map(Number)) {
+      let cmdline = '';
+      try {
+        cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      } catch {
+        continue;
+      }
+      if (cmdline.includes('dnsmasq') && cmdline.includes(`--conf-file=${DHCP.runDir}/`)) {
+        process.kill(pid, 'SIGTERM');
+        say(`  stopped dnsmasq (pid ${pid}) in ${ns}`);
+      }
+    }
+    try {
+      run('ip', ['netns', 'del', ns]);
+      say(`  deleted network namespace ${ns}`);
+    } catch (e) {
+      say(`  ip netns del ${ns}: ${(e as { stderr?: string }).stderr?.trim() ?? e}`);
+    }
+  }
+  await rm(DHCP.runDir, { recursive: true, force: true });
 }
 
 async function up(): Promise<void> {
@@ -217,6 +307,18 @@ async function up(): Promise<void> {
   };
   const save = () => writeFile(stateFile, `${JSON.stringify(state, null, 2)}\n`);
 
+  step(`the node's network: namespace ${NETNS}`);
+  state.netns = NETNS;
+  await save();
+  if (netnsWithPrefix(NETNS).length > 0) {
+    say('  removing what an earlier demo left');
+    await removeNodeNetwork();
+  }
+  createNodeNetns();
+  say(`  underlay address ${UNDERLAY_IP} on eth0 (a veth inside the namespace); the agent runs --netns ${NETNS}:`);
+  say('  its bridge, VXLAN device, tap, nftables tables and QEMU live there, dnsmasq in per-network namespaces');
+  say(`  ${DHCP.netnsPrefix}<vni>; the host's devices and firewall are not touched`);
+
   step('operator and node agent (background processes)');
   const operator = startOperatorProc({
     kubeconfig,
@@ -237,6 +339,10 @@ async function up(): Promise<void> {
     labels: { [NODE_LABEL]: NODE, [DEMO_LABEL]: 'true' },
     logFile: path.join(demoDir, 'agent.log'),
     detached: true,
+    netns: NETNS,
+    hostIP: UNDERLAY_IP,
+    networkBackend: 'linuxbridge',
+    dhcpNetnsPrefix: DHCP.netnsPrefix,
   });
   state.agentPid = agent.pid;
   await save();
@@ -253,7 +359,9 @@ async function up(): Promise<void> {
     60_000,
   );
   say(`  node agent pid ${agent.pid}, Hypervisor ${NODE}, state .cluster/demo/state, log .cluster/demo/agent.log`);
-  say(`  accelerator: ${hv.status!.accelerator} (${hv.status!.acceleratorReason ?? 'auto'})`);
+  say(
+    `  accelerator: ${hv.status!.accelerator} (${hv.status!.acceleratorReason ?? 'auto'}); network backend linuxbridge`,
+  );
 
   step('image server on loopback');
   const www = path.join(demoDir, 'www');
@@ -278,10 +386,9 @@ async function up(): Promise<void> {
   const imageUrl = `${base}/stratus-test.qcow2`;
   say(`  ${imageUrl} (pid ${serve.pid})`);
 
-  step('applying examples/ (Project, Flavors, KeyPair, Image, Server), adapted');
+  step('applying examples/ (Project, Flavors, KeyPair, Image, Network, SecurityGroup, ServerGroup, Server), adapted');
   say('  Image: the local test image (URL + sha256) instead of Debian 12');
-  say('  Server: networks, security groups and server group removed — tenant networking is not implemented yet,');
-  say(`  so the guest has no NIC; nodeSelector ${NODE_LABEL}=${NODE} keeps it on this machine's agent`);
+  say(`  Server: nodeSelector ${NODE_LABEL}=${NODE} keeps it on this machine's agent`);
   for (const o of await manifests(imageUrl, img.sha256)) {
     const gvr = GVR_BY_KIND[o.kind!]!;
     const namespace = o.metadata?.namespace;
@@ -327,16 +434,78 @@ async function up(): Promise<void> {
   say(
     `\n==> ${SERVER} is ${s.status!.status}/${s.status!.powerState} on ${s.status!.node} (${s.status!.accelerator}), booted in ${((Date.now() - t0) / 1000).toFixed(1)} s`,
   );
+  const addresses = await showNetwork(c, s);
   say(`
 The operator, the node agent and the image server keep running in the background (pids in .cluster/demo/demo.json).
   eval "$(npm run -s cluster -- env)"           # KUBECONFIG and kubectl
   kubectl -n ${NS} get servers -o wide
+  kubectl -n ${NS} get networks,ports,securitygroups,ipallocations
+  ip netns exec ${addresses.dhcpNetns ?? `${DHCP.netnsPrefix}<vni>`} ping ${addresses.ip ?? '<address>'}   # from the node's DHCP namespace, on the tenant network
+  ip netns exec ${NETNS} nft list ruleset          # the security groups as nftables rules
   kubectl -n ${NS} patch server ${SERVER} --type merge -p '{"spec":{"powerState":"Stopped"}}'
   kubectl -n ${NS} patch server ${SERVER} --type merge -p "{\\"spec\\":{\\"triggers\\":{\\"hardReboot\\":\\"$(date -Is)\\"}}}"
   tail -f ${path.relative(root, path.join(guestDir(stateDir, uid), 'console.log'))}
   socat -,raw,echo=0,escape=0x1d UNIX-CONNECT:${path.relative(root, path.join(guestDir(stateDir, uid), 'console.sock'))}   # interactive console (Ctrl-] to quit)
-Stop everything (deletes the guest, stops agent, operator and image server, and the cluster if the demo started it):
+Stop everything (deletes the guest, stops agent, operator and image server, removes the namespaces ${NETNS}*, and
+the cluster if the demo started it):
   npm run demo -- --down`);
+}
+
+/**
+ * Prints the server's addresses (status.addresses, from its Port), then pings the first IPv4 one from the node's DHCP
+ * namespace of that network (an interface on the tenant network; the security group ssh-and-ping lets ICMP in) and
+ * tries TCP port 80, which no rule allows.
+ */
+async function showNetwork(c: KubeClient, s: Srv): Promise<{ ip?: string; dhcpNetns?: string }> {
+  const addrs =
+    (s.status as { addresses?: { network: string; ip: string; version: number; macAddress?: string; port?: string }[] })
+      .addresses ?? [];
+  if (addrs.length === 0) {
+    say('  no addresses in status (the server has no networks)');
+    return {};
+  }
+  for (const a of addrs)
+    say(`  address: ${a.ip} on network ${a.network} (MAC ${a.macAddress ?? '?'}, port ${a.port ?? '?'})`);
+  const v4 = addrs.find((a) => a.version === 4);
+  if (!v4) return {};
+  const net = await c.get<KubernetesObject & { status?: { segmentationID?: number } }>(NETWORKS, v4.network, NS);
+  const vni = net.status?.segmentationID;
+  if (vni === undefined) return { ip: v4.ip };
+  const dhcpNetns = `${DHCP.netnsPrefix}${vni}`;
+  say(`  network ${v4.network}: VXLAN id ${vni}; the node's DHCP server for it runs in namespace ${dhcpNetns}`);
+  const ping = () => {
+    try {
+      run('ip', ['netns', 'exec', dhcpNetns, 'ping', '-c', '1', '-W', '1', v4.ip]);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  let ok = false;
+  for (let i = 0; i < 10 && !ok; i++) {
+    ok = ping();
+    if (!ok) await sleep(500);
+  }
+  say(
+    ok
+      ? `  ping ${v4.ip} from ${dhcpNetns}: answered (security group ssh-and-ping lets ICMP echo in)`
+      : `  ping ${v4.ip} from ${dhcpNetns}: no answer (see .cluster/demo/agent.log)`,
+  );
+  if (which('curl')) {
+    let http = false;
+    try {
+      run('ip', ['netns', 'exec', dhcpNetns, 'curl', '-s', '--max-time', '2', `http://${v4.ip}/`]);
+      http = true;
+    } catch {
+      // refused or timed out
+    }
+    say(
+      http
+        ? `  HTTP to ${v4.ip}:80 answered, although no security group rule allows it`
+        : `  HTTP to ${v4.ip}:80 (the guest listens): dropped, no security group rule allows it`,
+    );
+  }
+  return { ip: v4.ip, dhcpNetns };
 }
 
 /** Prints the guest's serial console as it grows, until the READY marker. */
@@ -410,6 +579,34 @@ async function down(): Promise<void> {
             .catch(() => {});
         }
       }
+      if (o.gvr.plural === 'networks') {
+        // The Network's finalizer waits for its ports (the server's port goes with the server).
+        const gone = await waitFor(
+          `network ${o.name} deleted`,
+          async () =>
+            c.get(NETWORKS, o.name, o.namespace).then(
+              () => false,
+              (e: unknown) => isNotFound(e),
+            ),
+          agentUp ? 60_000 : 1,
+        ).catch(() => false);
+        if (!gone) {
+          // Operator not running: release the finalizers of the network and its ports (nothing else would).
+          const ports = await c.list<KubernetesObject>(PORTS, { namespace: o.namespace }).then(
+            (l) => l.items,
+            () => [] as KubernetesObject[],
+          );
+          const stuck: [GVR, string][] = [
+            ...ports.map((p): [GVR, string] => [PORTS, p.metadata!.name!]),
+            [NETWORKS, o.name],
+          ];
+          for (const [gvr, name] of stuck) {
+            await c
+              .patch(gvr, name, o.namespace, [{ op: 'remove', path: '/metadata/finalizers' }], PatchStrategy.JsonPatch)
+              .catch(() => {});
+          }
+        }
+      }
       if (o.gvr.plural === 'projects') {
         await waitFor(
           `project ${o.name} deleted`,
@@ -443,6 +640,10 @@ async function down(): Promise<void> {
   if (reachable) {
     await c.delete(HYPERVISORS, st.nodeName).catch(() => {});
     say(`  deleted hypervisors/${st.nodeName}`);
+  }
+  if (st.netns) {
+    step("removing the node's network namespaces");
+    await removeNodeNetwork();
   }
 
   if (st.startedCluster) {
