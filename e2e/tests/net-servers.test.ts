@@ -17,8 +17,7 @@
 //     c. while that rule allows all of net-a, x1's probes from a spoofed source address still get nothing through.
 //     d. SIGKILL + start of n1's agent interrupts the a1<->a2 probe streams for at most ~1 s and changes no device
 //        (same names and ifindexes in `ip -n <ns> -j link`) and no nftables rule.
-//     The OVS backend runs (a) (STRATUS_E2E_OVS_FULL=1: all of them); its nodes get their own OVS daemons
-//     (e2e/testing/ovs.ts).
+//     The OVS backend runs the same tests; its nodes get their own OVS daemons (e2e/testing/ovs.ts).
 // Needs root, QEMU (e2e/testing/qemu.ts), iproute2, nftables, dnsmasq, curl (OVS: e2e/testing/ovs.ts
 // missingOvsPrerequisite); skipped with the reason otherwise.
 import { execFileSync } from 'node:child_process';
@@ -427,14 +426,14 @@ const NETWORKS = gvrOf(NetworkKind);
 const PORTS = gvrOf(PortKind);
 const SECURITY_GROUPS = gvrOf(SecurityGroupKind);
 
-const CASES: { backend: Backend; full: boolean; skip: string | undefined; lab: string }[] = [
-  { backend: 'linuxbridge', full: true, skip: skipReason, lab: `${PREFIX}l` },
-  // (e) OVS runs (a); STRATUS_E2E_OVS_FULL=1 runs (b)-(d) on it too.
-  { backend: 'ovs', full: process.env.STRATUS_E2E_OVS_FULL === '1', skip: missingOvs, lab: `${PREFIX}o` },
+const CASES: { backend: Backend; skip: string | undefined; lab: string }[] = [
+  { backend: 'linuxbridge', skip: skipReason, lab: `${PREFIX}l` },
+  // (e) the same tests with the OVS backend.
+  { backend: 'ovs', skip: missingOvs, lab: `${PREFIX}o` },
 ];
 
 // Parametrized over the backends (a loop rather than describe.each, so a skipped backend runs no hooks either).
-for (const { backend, full, skip, lab: labPrefix } of CASES)
+for (const { backend, skip, lab: labPrefix } of CASES)
   describe.skipIf(skip !== undefined)(`Servers on tenant networks across nodes (${backend})`, () => {
     const client = new KubeClient(adminKubeConfig());
     const id = `${ID}-${backend === 'linuxbridge' ? 'lb' : 'ovs'}`;
@@ -617,12 +616,8 @@ for (const { backend, full, skip, lab: labPrefix } of CASES)
       await Promise.all([
         srv('a1', n1, 'net-a', ip.a1, probeScript(probes.a1)),
         srv('a2', n2, 'net-a', ip.a2, probeScript(probes.a2)),
-        ...(full
-          ? [
-              srv('b1', n1, 'net-b', ip.b1, probeScript(probes.b1, [`ip route add ${NET_A} dev eth0`])),
-              srv('x1', n2, 'net-a', ip.x1, probeScript(probes.x1, [`ip addr add ${ip.spoof}/32 dev eth0`]), ['other']),
-            ]
-          : []),
+        srv('b1', n1, 'net-b', ip.b1, probeScript(probes.b1, [`ip route add ${NET_A} dev eth0`])),
+        srv('x1', n2, 'net-a', ip.x1, probeScript(probes.x1, [`ip addr add ${ip.spoof}/32 dev eth0`]), ['other']),
       ]);
       for (const name of uids.keys()) {
         await waitFor(
@@ -728,72 +723,65 @@ for (const { backend, full, skip, lab: labPrefix } of CASES)
       for (const name of ['a1', 'a2']) expect(await text(name)).toContain('NICMTU 1450');
       const s = await getServer(client, NS, 'a1');
       expect(s?.status?.node).toBe(stack!.agents[0]!.nodeName);
-      if (!full) return;
       const since = await offset('b1');
       await expectBlocked('b1', probes.b1[0]!, since);
       await expectBlocked('b1', probes.b1[1]!, since);
     });
 
-    it.skipIf(!full)(
-      'b+c. the default group admits another group only through an ingress rule; spoofed sources never pass',
-      async () => {
-        const [tcp, icmp, spoofed] = probes.x1 as [Probe, Probe, Probe];
-        await expectBlocked('x1', tcp, await offset('x1'));
-        await defaultRules([
-          ...defaultSecurityGroupRules(),
-          { direction: 'ingress', ethertype: 'IPv4', remoteIPPrefix: NET_A },
-        ]);
-        let t = Date.now();
-        await waitSteady('x1', tcp, true);
-        await waitSteady('x1', icmp, true);
-        log(`${backend}: ingress rule added -> x1 connects: ${Date.now() - t} ms`);
-        // The rule admits all of net-a, the spoofed address included: only anti-spoofing stops it.
-        await expectBlocked('x1', spoofed, await offset('x1'));
-        // Still admitted by the rule all along:
-        expect((await results('x1', tcp)).slice(-3).every((r) => r.ok)).toBe(true);
-        await defaultRules(defaultSecurityGroupRules());
-        t = Date.now();
-        const since = await offset('x1');
-        await waitSteady('x1', tcp, false, since);
-        log(`${backend}: ingress rule removed -> x1 cut off: ${Date.now() - t} ms`);
-        await expectBlocked('x1', tcp, await offset('x1'));
-        // Members keep reaching each other throughout.
-        await waitSteady('a1', probes.a1[1]!, true);
-      },
-    );
+    it('b+c. the default group admits another group only through an ingress rule; spoofed sources never pass', async () => {
+      const [tcp, icmp, spoofed] = probes.x1 as [Probe, Probe, Probe];
+      await expectBlocked('x1', tcp, await offset('x1'));
+      await defaultRules([
+        ...defaultSecurityGroupRules(),
+        { direction: 'ingress', ethertype: 'IPv4', remoteIPPrefix: NET_A },
+      ]);
+      let t = Date.now();
+      await waitSteady('x1', tcp, true);
+      await waitSteady('x1', icmp, true);
+      log(`${backend}: ingress rule added -> x1 connects: ${Date.now() - t} ms`);
+      // The rule admits all of net-a, the spoofed address included: only anti-spoofing stops it.
+      await expectBlocked('x1', spoofed, await offset('x1'));
+      // Still admitted by the rule all along:
+      expect((await results('x1', tcp)).slice(-3).every((r) => r.ok)).toBe(true);
+      await defaultRules(defaultSecurityGroupRules());
+      t = Date.now();
+      const since = await offset('x1');
+      await waitSteady('x1', tcp, false, since);
+      log(`${backend}: ingress rule removed -> x1 cut off: ${Date.now() - t} ms`);
+      await expectBlocked('x1', tcp, await offset('x1'));
+      // Members keep reaching each other throughout.
+      await waitSteady('a1', probes.a1[1]!, true);
+    });
 
-    it.skipIf(!full)(
-      'd. restarting an agent barely interrupts established probe streams and duplicates nothing',
-      async () => {
-        const n1 = stack!.agents[0]!;
-        await waitSteady('a1', probes.a1[0]!, true);
-        await sleep(3000); // let the data plane settle after the rule changes of the previous test
-        const linksBefore = links(n1.node.netns);
-        const rulesBefore = nftRules(n1.node.netns);
-        const since = { a1: await offset('a1'), a2: await offset('a2') };
-        const t = Date.now();
-        await stack!.restartAgent(n1.node, 'SIGKILL');
-        log(`${backend}: agent of ${n1.node.name} restarted in ${Date.now() - t} ms`);
-        // Run the streams on for a while after the new agent came up (it re-applies the node's plan meanwhile).
-        await waitFor(
-          'probes after the restart',
-          async () => (await results('a1', probes.a1[0]!, since.a1)).length >= 25,
-          120_000,
-          500,
+    it('d. restarting an agent barely interrupts established probe streams and duplicates nothing', async () => {
+      const n1 = stack!.agents[0]!;
+      await waitSteady('a1', probes.a1[0]!, true);
+      await sleep(3000); // let the data plane settle after the rule changes of the previous test
+      const linksBefore = links(n1.node.netns);
+      const rulesBefore = nftRules(n1.node.netns);
+      const since = { a1: await offset('a1'), a2: await offset('a2') };
+      const t = Date.now();
+      await stack!.restartAgent(n1.node, 'SIGKILL');
+      log(`${backend}: agent of ${n1.node.name} restarted in ${Date.now() - t} ms`);
+      // Run the streams on for a while after the new agent came up (it re-applies the node's plan meanwhile).
+      await waitFor(
+        'probes after the restart',
+        async () => (await results('a1', probes.a1[0]!, since.a1)).length >= 25,
+        120_000,
+        500,
+      );
+      for (const [name, p] of [
+        ['a1', probes.a1[0]!],
+        ['a2', probes.a2[0]!],
+      ] as const) {
+        const r = await results(name, p, since[name]);
+        const outage = longestOutage(r);
+        log(
+          `${backend}: ${name} -> ${p.ip}: ${r.filter((x) => !x.ok).length} failed of ${r.length}, outage ${outage.toFixed(2)} s`,
         );
-        for (const [name, p] of [
-          ['a1', probes.a1[0]!],
-          ['a2', probes.a2[0]!],
-        ] as const) {
-          const r = await results(name, p, since[name]);
-          const outage = longestOutage(r);
-          log(
-            `${backend}: ${name} -> ${p.ip}: ${r.filter((x) => !x.ok).length} failed of ${r.length}, outage ${outage.toFixed(2)} s`,
-          );
-          expect(outage).toBeLessThanOrEqual(1.5);
-        }
-        expect(links(n1.node.netns)).toEqual(linksBefore);
-        expect(nftRules(n1.node.netns)).toEqual(rulesBefore);
-      },
-    );
+        expect(outage).toBeLessThanOrEqual(1.5);
+      }
+      expect(links(n1.node.netns)).toEqual(linksBefore);
+      expect(nftRules(n1.node.netns)).toEqual(rulesBefore);
+    });
   });
