@@ -258,16 +258,7 @@ export class LinuxBridgeBackend implements NetworkBackend {
       l2Drops: this.#dhcp ? [...dhcpVnis].map((v) => ({ device: vxlanName(v), mac: dhcpMac(v) })) : [],
       tables: this.#tables,
     });
-    for (const w of rendered.warnings) this.#log?.warn(w);
-    try {
-      changes.push(...(await this.#nft.apply(rendered)));
-      if (this.#sgUnavailable)
-        for (const p of wantPorts) if (p.portSecurity) ports[p.id] = { ready: false, message: this.#sgUnavailable };
-    } catch (e) {
-      const msg = `security group rules: ${(e as Error).message}`;
-      this.#log?.error({ err: (e as Error).message }, 'nft apply failed');
-      for (const p of wantPorts) if (p.portSecurity) ports[p.id] = { ready: false, message: msg };
-    }
+    changes.push(...(await this.#nft.applyForPorts(rendered, wantPorts, ports, this.#sgUnavailable)));
 
     // 5. DHCP
     if (this.#dhcp) {

@@ -16,7 +16,7 @@
 // the conntrack entries of permissions that went away (Neutron's behaviour) so removed rules also cut existing flows.
 import { createHash } from 'node:crypto';
 import { isIPv4, isIPv6 } from 'node:net';
-import type { PortPlan, SecurityGroupPlan, SecurityGroupRulePlan } from './backend.ts';
+import type { PortPlan, PortResult, SecurityGroupPlan, SecurityGroupRulePlan } from './backend.ts';
 import { type Exec, ExecError } from './exec.ts';
 
 /** Mark bits: destination port index (ingress), source port index (egress), and the "set by Stratus" flag. */
@@ -632,6 +632,29 @@ export class NftManager {
       }
     }
     this.#applied = r.permissions;
+    return changes;
+  }
+
+  /**
+   * apply() as a backend needs it: logs the rendering's warnings and marks every secured port of `ports` not ready in
+   * `results` when the rules cannot be enforced (`unavailable`, e.g. br_netfilter missing) or the batch fails.
+   */
+  async applyForPorts(
+    r: RenderedRules,
+    ports: readonly Pick<PortPlan, 'id' | 'portSecurity'>[],
+    results: Record<string, PortResult>,
+    unavailable: string | undefined,
+  ): Promise<string[]> {
+    for (const w of r.warnings) this.#log?.warn({ warning: w }, 'security group rule not rendered');
+    let failure = unavailable;
+    let changes: string[] = [];
+    try {
+      changes = await this.apply(r);
+    } catch (e) {
+      failure = `security group rules: ${(e as Error).message}`;
+      this.#log?.warn({ err: (e as Error).message }, 'nft apply failed');
+    }
+    if (failure) for (const p of ports) if (p.portSecurity) results[p.id] = { ready: false, message: failure };
     return changes;
   }
 }

@@ -903,16 +903,7 @@ export class OvsBackend implements NetworkBackend {
       securityGroups: plan.securityGroups,
       tables: this.#opts.tables,
     });
-    for (const w of rendered.warnings) this.#log?.warn(w);
-    try {
-      changes.push(...(await this.#nft.apply(rendered)));
-      if (this.#sgUnavailable)
-        for (const p of wired) if (p.portSecurity) ports[p.id] = { ready: false, message: this.#sgUnavailable };
-    } catch (e) {
-      const msg = `security group rules: ${(e as Error).message}`;
-      this.#log?.error({ err: (e as Error).message }, 'nft apply failed');
-      for (const p of wired) if (p.portSecurity) ports[p.id] = { ready: false, message: msg };
-    }
+    changes.push(...(await this.#nft.applyForPorts(rendered, wired, ports, this.#sgUnavailable)));
 
     // DHCP: dhcp.ts runs the servers; their veth joins br-int here (attach).
     if (this.#dhcp) {
