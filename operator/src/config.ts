@@ -33,6 +33,21 @@ export const OperatorConfig = z.object({
     .describe('Log level.'),
   projectConcurrency: z.int().min(1).max(64).default(4).describe('Parallel Project reconciles.'),
   serverConcurrency: z.int().min(1).max(64).default(4).describe('Parallel Server reconciles.'),
+  portConcurrency: z.int().min(1).max(64).default(8).describe('Parallel Port reconciles (address allocation).'),
+  networkConcurrency: z.int().min(1).max(64).default(4).describe('Parallel Network reconciles.'),
+  underlayMtu: z
+    .int()
+    .min(1280)
+    .max(65535)
+    .default(1500)
+    .describe(
+      "MTU of the node network carrying VXLAN (Neutron's global_physnet_mtu); networks default to this minus 50.",
+    ),
+  orphanGraceSeconds: z
+    .number()
+    .positive()
+    .default(120)
+    .describe('Address and segment claims whose holder is gone are released once older than this.'),
   heartbeatGraceSeconds: z
     .number()
     .positive()

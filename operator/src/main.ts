@@ -67,6 +67,10 @@ async function main(): Promise<void> {
     serverConcurrency: cfg.serverConcurrency,
     heartbeatGraceSeconds: cfg.heartbeatGraceSeconds,
     scheduler: { strategy: cfg.schedulerStrategy },
+    portConcurrency: cfg.portConcurrency,
+    networkConcurrency: cfg.networkConcurrency,
+    underlayMtu: cfg.underlayMtu,
+    orphanGraceSeconds: cfg.orphanGraceSeconds,
   });
   handleSignals(mgr);
   await mgr.start();

@@ -4,7 +4,7 @@ import { FlavorKind, HypervisorKind, KeyPairKind, ServerGroupKind, ServerKind } 
 import { ProjectKind } from './identity.ts';
 import { ImageKind } from './image.ts';
 import type { KindDefinition } from './kind.ts';
-import { NetworkKind, PortKind, SecurityGroupKind } from './network.ts';
+import { IPAllocationKind, NetworkKind, PortKind, SecurityGroupKind, SegmentAllocationKind } from './network.ts';
 import { VolumeKind, VolumeSnapshotKind } from './storage.ts';
 
 export * from './compute.ts';
@@ -29,6 +29,8 @@ export const ALL_KINDS: readonly KindDefinition[] = [
   NetworkKind,
   PortKind,
   SecurityGroupKind,
+  IPAllocationKind,
+  SegmentAllocationKind,
   VolumeKind,
   VolumeSnapshotKind,
 ];

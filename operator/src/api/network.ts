@@ -3,6 +3,7 @@ import { isIP } from 'node:net';
 import * as z from 'zod';
 import { defineKind } from './kind.ts';
 import {
+  cel,
   cidrString,
   conditions,
   dnsLabel,
@@ -276,8 +277,20 @@ export const NetworkStatus = z
             cidr: z.string().describe('Subnet CIDR.'),
             ipVersion: z.literal([4, 6]).describe('IP version.'),
             gatewayIP: z.string().optional().describe('Effective gateway address.'),
-            allocated: z.int().min(0).optional().describe('Addresses allocated to ports.'),
-            available: z.int().min(0).optional().describe('Addresses still free in the pools.'),
+            dhcpAddress: z
+              .string()
+              .optional()
+              .describe('Address the DHCP server of every node answers from on this subnet (IPv4 with DHCP only).'),
+            allocated: z
+              .int()
+              .min(0)
+              .optional()
+              .describe('Addresses claimed in the subnet (ports and the DHCP server).'),
+            available: z
+              .int()
+              .min(0)
+              .optional()
+              .describe('Addresses still free in the pools (capped at 2^53-1 for large IPv6 subnets).'),
           })
           .describe('Effective subnet settings and usage.'),
       )
@@ -404,6 +417,11 @@ export const PortStatus = z
       .max(16)
       .optional()
       .describe('Allocated addresses.'),
+    securityGroups: z
+      .array(z.string())
+      .max(10)
+      .optional()
+      .describe('Effective security groups: spec.securityGroups, or [default] when omitted; [] without port security.'),
     deviceOwner: z.string().optional().describe('What uses the port, e.g. compute:nova-style "compute:<zone>".'),
     deviceID: z.string().optional().describe('Name of the server using the port.'),
     bindingHost: z.string().optional().describe('Hypervisor the port is wired on (binding:host_id).'),
@@ -514,6 +532,28 @@ export const SecurityGroupRule = z
     }
   });
 
+/** The rules OpenStack gives every new security group: egress to anywhere, IPv4 and IPv6. */
+export const EGRESS_ANY_RULES: readonly { direction: 'egress'; ethertype: 'IPv4' | 'IPv6' }[] = [
+  { direction: 'egress', ethertype: 'IPv4' },
+  { direction: 'egress', ethertype: 'IPv6' },
+];
+
+/** Name of the security group every project has and ports get when they name none (Neutron's `default`). */
+export const DEFAULT_SECURITY_GROUP = 'default';
+
+/**
+ * The rules of a project's `default` group, as Neutron creates them: all egress, and ingress from the other members
+ * of the group (IPv4 and IPv6).
+ */
+export function defaultSecurityGroupRules(): SecurityGroupRule[] {
+  return [
+    { direction: 'egress', ethertype: 'IPv4' },
+    { direction: 'egress', ethertype: 'IPv6' },
+    { direction: 'ingress', ethertype: 'IPv4', remoteGroup: DEFAULT_SECURITY_GROUP },
+    { direction: 'ingress', ethertype: 'IPv6', remoteGroup: DEFAULT_SECURITY_GROUP },
+  ];
+}
+
 export const SecurityGroupSpec = z
   .object({
     description: z.string().max(1024).optional().describe('Free-form description.'),
@@ -521,7 +561,14 @@ export const SecurityGroupSpec = z
       .boolean()
       .default(true)
       .describe('Stateful groups allow replies to allowed traffic; stateless ones need explicit rules both ways.'),
-    rules: z.array(SecurityGroupRule).max(100).default([]).describe('Allow rules.'),
+    rules: z
+      .array(SecurityGroupRule)
+      .max(100)
+      .default(() => EGRESS_ANY_RULES.map((r) => ({ ...r })))
+      .describe(
+        'Allow rules. Omitted, a new group allows all egress (IPv4 and IPv6) and no ingress, as OpenStack creates ' +
+          'new groups; [] allows nothing.',
+      ),
   })
   .describe('Desired state of the security group.');
 
@@ -546,6 +593,151 @@ export const SecurityGroupKind = defineKind({
     { name: 'Description', type: 'string', jsonPath: '.spec.description', description: 'Description.' },
   ],
 });
+
+// ---------------------------------------------------------------------------------------------
+// IPAllocation and SegmentAllocation: the IPAM claims. One object per claimed address, MAC or VNI; creating it
+// is the atomic claim (a second claimant gets AlreadyExists), deleting it the release. The API server is the only
+// record of what is taken.
+
+/** FNV-1a (32 bit) of a string, as 8 hex digits. */
+function fnv32(s: string): string {
+  let h = 2166136261;
+  for (const c of s) h = Math.imul(h ^ c.charCodeAt(0), 16777619) >>> 0;
+  return h.toString(16).padStart(8, '0');
+}
+
+/**
+ * `prefix` + `rest`, where prefix (an object name) is cut and given a hash of itself when the whole would exceed 253
+ * characters. The cut keeps the result a DNS-1123 subdomain.
+ */
+function boundedName(prefix: string, rest: string): string {
+  if (prefix.length + rest.length <= 253) return `${prefix}${rest}`;
+  const keep = prefix.slice(0, 253 - rest.length - 9).replace(/[-.]+$/, '');
+  return `${keep}-${fnv32(prefix)}${rest}`;
+}
+
+/** An address in canonical name form: IPv4 dotted, IPv6 as eight hex groups without zero compression. */
+export function ipNamePart(ip: string): string {
+  const family = isIP(ip);
+  if (family === 0) throw new Error(`not an IP address: ${ip}`);
+  return bigIntToIP(ipToBigInt(ip), family as 4 | 6).replace(/[.:]/g, '-');
+}
+
+/**
+ * Name of the IPAllocation claiming `ip` in subnet `subnet` of network `network`:
+ * `<network>.<subnet>.<ip with '.' and ':' as '-'>` (IPv6 in full eight-group form, so each address has one name).
+ */
+export function ipAllocationName(network: string, subnet: string, ip: string): string {
+  return boundedName(network, `.${subnet}.${ipNamePart(ip)}`);
+}
+
+/** Name of the IPAllocation claiming MAC `mac` in network `network`: `<network>.mac.<fa-16-3e-..-..-..>`. */
+export function macAllocationName(network: string, mac: string): string {
+  return boundedName(network, `.mac.${mac.toLowerCase().replaceAll(':', '-')}`);
+}
+
+/** Name of the SegmentAllocation claiming VXLAN id `vni`. */
+export function segmentAllocationName(vni: number): string {
+  return `vxlan-${vni}`;
+}
+
+/** Highest VXLAN network identifier (24 bits). */
+export const MAX_VNI = 16777215;
+
+export const IPAllocationSpec = cel(
+  z
+    .object({
+      network: objectName('Network the claim is in.'),
+      subnet: dnsLabel('Subnet (by name) of the claimed address; required with ipAddress.').optional(),
+      ipAddress: ipAddress('The claimed address (exclusive with macAddress).').optional(),
+      macAddress: z
+        .string()
+        .max(17)
+        .regex(/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/)
+        .optional()
+        .describe('The claimed MAC address, lower case (exclusive with ipAddress).'),
+      port: objectName('Port holding the claim, if a port holds it.').optional(),
+      purpose: z
+        .enum(['port', 'dhcp'])
+        .default('port')
+        .describe("What the claim is for: a port's address or MAC, or the network's DHCP server address."),
+    })
+    .describe('The claimed address. Immutable: a claim is released by deleting it.'),
+  { rule: 'self == oldSelf', message: 'spec is immutable' },
+  { rule: 'has(self.ipAddress) != has(self.macAddress)', message: 'set exactly one of ipAddress and macAddress' },
+  { rule: '!has(self.ipAddress) || has(self.subnet)', message: 'an ipAddress claim needs its subnet' },
+).superRefine((a, ctx) => {
+  if ((a.ipAddress === undefined) === (a.macAddress === undefined)) {
+    ctx.addIssue({ code: 'custom', message: 'set exactly one of ipAddress and macAddress' });
+  }
+  if (a.ipAddress !== undefined && a.subnet === undefined) {
+    ctx.addIssue({ code: 'custom', path: ['subnet'], message: 'an ipAddress claim needs its subnet' });
+  }
+});
+
+export const IPAllocationKind = defineKind({
+  group: NETWORK_GROUP,
+  kind: 'IPAllocation',
+  plural: 'ipallocations',
+  scope: 'Namespaced',
+  shortNames: ['ipalloc'],
+  categories: ['stratus-network'],
+  description:
+    'An IPAllocation is the claim of one IP or MAC address in a network, written by the operator (Neutron IPAM ' +
+    'allocation). Creating it claims the address: its name is derived from the address (<network>.<subnet>.<address ' +
+    "with '-' for '.' and ':'>, or <network>.mac.<mac>), so a second claim of the same address is refused by the " +
+    'API server. The holder (Port or Network) is its controller owner; deleting the claim releases the address. A claim without an owner is a manual reservation.',
+  spec: IPAllocationSpec,
+  status: z.object({}).describe('Claims have no observed state.'),
+  columns: [
+    { name: 'Network', type: 'string', jsonPath: '.spec.network', description: 'Network.' },
+    { name: 'Subnet', type: 'string', jsonPath: '.spec.subnet', description: 'Subnet.' },
+    { name: 'Address', type: 'string', jsonPath: '.spec.ipAddress', description: 'Claimed IP address.' },
+    { name: 'MAC', type: 'string', jsonPath: '.spec.macAddress', description: 'Claimed MAC address.' },
+    { name: 'Port', type: 'string', jsonPath: '.spec.port', description: 'Holding port.' },
+    { name: 'Purpose', type: 'string', jsonPath: '.spec.purpose', description: 'port or dhcp.' },
+  ],
+});
+
+export const SegmentAllocationSpec = cel(
+  z
+    .object({
+      vni: z.int().min(1).max(MAX_VNI).describe('The claimed VXLAN network identifier.'),
+      network: z
+        .object({
+          namespace: dnsLabel('Namespace of the network.'),
+          name: objectName('Name of the network.'),
+          uid: z.string().max(64).describe('UID of the network (a recreated network is another holder).'),
+        })
+        .describe('The Network holding the claim.'),
+    })
+    .describe('The claimed segment. Immutable: a claim is released by deleting it.'),
+  { rule: 'self == oldSelf', message: 'spec is immutable' },
+);
+
+export const SegmentAllocationKind = defineKind({
+  group: NETWORK_GROUP,
+  kind: 'SegmentAllocation',
+  plural: 'segmentallocations',
+  scope: 'Cluster',
+  shortNames: ['segalloc'],
+  categories: ['stratus-network'],
+  description:
+    'A SegmentAllocation is the claim of one VXLAN network identifier (VNI) by a Network, written by the operator ' +
+    '(Neutron ml2_vxlan_allocations). The operator names it vxlan-<vni>, so each VNI can be claimed once cluster-wide.',
+  spec: SegmentAllocationSpec,
+  status: z.object({}).describe('Claims have no observed state.'),
+  columns: [
+    { name: 'VNI', type: 'integer', jsonPath: '.spec.vni', description: 'VXLAN id.' },
+    { name: 'Namespace', type: 'string', jsonPath: '.spec.network.namespace', description: 'Network namespace.' },
+    { name: 'Network', type: 'string', jsonPath: '.spec.network.name', description: 'Network name.' },
+  ],
+});
+
+export type IPAllocationSpec = z.infer<typeof IPAllocationSpec>;
+export type IPAllocation = z.infer<typeof IPAllocationKind.schema>;
+export type SegmentAllocationSpec = z.infer<typeof SegmentAllocationSpec>;
+export type SegmentAllocation = z.infer<typeof SegmentAllocationKind.schema>;
 
 export type Subnet = z.infer<typeof Subnet>;
 export type NetworkSpec = z.infer<typeof NetworkSpec>;

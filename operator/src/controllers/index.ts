@@ -3,7 +3,10 @@ import type { Manager } from '../runtime/index.ts';
 import type { SchedulerConfig } from '../scheduler/index.ts';
 import { registerHypervisorController } from './hypervisor.ts';
 import { registerKeyPairController } from './keypair.ts';
+import { registerNetworkController } from './network.ts';
+import { registerPortController } from './port.ts';
 import { registerProjectController } from './project.ts';
+import { registerSecurityGroupController } from './securitygroup.ts';
 import { registerServerController } from './server.ts';
 
 export interface ControllersConfig {
@@ -14,6 +17,18 @@ export interface ControllersConfig {
   /** A hypervisor whose heartbeat is older than this is down (Nova's service_down_time). */
   heartbeatGraceSeconds: number;
   scheduler: SchedulerConfig;
+  /** Parallel Port reconciles (default 8). */
+  portConcurrency?: number;
+  /** Parallel Network reconciles (default 4). */
+  networkConcurrency?: number;
+  /** Underlay MTU (Neutron global_physnet_mtu, default 1500): VXLAN networks get 50 less. */
+  underlayMtu?: number;
+  /** Claims whose holder is gone are released once older than this (default 120 s). */
+  orphanGraceSeconds?: number;
+  /** Period of the orphan sweep (default 60 s). */
+  orphanSweepSeconds?: number;
+  /** Retry period of a port that could not get its addresses (default 30 s). */
+  portRetrySeconds?: number;
 }
 
 export function registerControllers(mgr: Manager, cfg: ControllersConfig) {
@@ -27,5 +42,18 @@ export function registerControllers(mgr: Manager, cfg: ControllersConfig) {
     heartbeatGraceMs,
     scheduler: cfg.scheduler,
   });
-  return { project, hypervisor, keypair, server };
+  const network = registerNetworkController(mgr, {
+    instance: cfg.identity,
+    concurrency: cfg.networkConcurrency ?? 4,
+    underlayMtu: cfg.underlayMtu ?? 1500,
+    orphanGraceMs: (cfg.orphanGraceSeconds ?? 120) * 1000,
+    orphanSweepMs: (cfg.orphanSweepSeconds ?? 60) * 1000,
+  });
+  const port = registerPortController(mgr, {
+    instance: cfg.identity,
+    concurrency: cfg.portConcurrency ?? 8,
+    allocationRetryMs: (cfg.portRetrySeconds ?? 30) * 1000,
+  });
+  const securityGroup = registerSecurityGroupController(mgr);
+  return { project, hypervisor, keypair, server, network, port, securityGroup };
 }

@@ -1,9 +1,9 @@
 // The Project controller (Keystone projects): a Project owns one namespace, labelled with the
-// project. The namespace is created (or adopted when it exists unowned) after the finalizer is in
-// place; on deletion the controller deletes the namespace and releases the finalizer only once the
+// project, with Neutron's `default` security group in it. The namespace is created (or adopted when
+// it exists unowned) after the finalizer is in place; on deletion the controller deletes the namespace and releases the finalizer only once the
 // namespace is gone, so nothing a tenant created outlives its project.
 import { PatchStrategy, type V1Namespace } from '@kubernetes/client-node';
-import { type Project, ProjectKind } from '../api/index.ts';
+import { DEFAULT_SECURITY_GROUP, type Project, ProjectKind, type SecurityGroup } from '../api/index.ts';
 import {
   addFinalizer,
   type EventRecorder,
@@ -18,6 +18,7 @@ import {
   removeFinalizer,
 } from '../runtime/index.ts';
 import { applyStatusIfChanged, gvrOf, specOrMetaChanged, withConditions } from './common.ts';
+import { ensureDefaultSecurityGroup, SECURITY_GROUPS } from './securitygroup.ts';
 
 export const PROJECT_LABEL = 'identity.stratus.io/project';
 export const PROJECT_FINALIZER = 'identity.stratus.io/namespace';
@@ -38,6 +39,7 @@ export interface ProjectControllerOptions {
 export function registerProjectController(mgr: Manager, opts: ProjectControllerOptions) {
   const projects = mgr.informer<Project>(PROJECTS);
   const namespaces = mgr.informer<V1Namespace>(NAMESPACES, { labelSelector: PROJECT_LABEL });
+  const groups = mgr.informer<SecurityGroup>(SECURITY_GROUPS);
   const events = mgr.eventRecorder({
     reportingController: 'stratus.io/project-controller',
     reportingInstance: opts.instance,
@@ -156,6 +158,10 @@ export function registerProjectController(mgr: Manager, opts: ProjectControllerO
       );
       events.normal(cached, 'NamespaceAdopted', 'Adopt', `adopted existing namespace ${nsName}`);
       ctx.log.info({ namespace: nsName }, 'adopted an existing namespace');
+    }
+    // Every project has Neutron's `default` security group (ports that name no group are in it).
+    if (!groups.get(DEFAULT_SECURITY_GROUP, nsName) && (await ensureDefaultSecurityGroup(client, nsName))) {
+      events.normal(cached, 'DefaultSecurityGroupCreated', 'Create', `created security group default in ${nsName}`);
     }
     await setStatus(
       'Active',
