@@ -16,6 +16,7 @@
 // the conntrack entries of permissions that went away (Neutron's behaviour) so removed rules also cut existing flows.
 import { createHash } from 'node:crypto';
 import { isIPv4, isIPv6 } from 'node:net';
+import { formatIP, ipToBigInt } from '../../../operator/src/api/network.ts';
 import type { PortPlan, PortResult, SecurityGroupPlan, SecurityGroupRulePlan } from './backend.ts';
 import { type Exec, ExecError } from './exec.ts';
 
@@ -97,46 +98,6 @@ export interface Cidr {
   prefix: number;
 }
 
-function ipToBigInt(ip: string): bigint {
-  if (isIPv4(ip)) return ip.split('.').reduce((a, o) => (a << 8n) | BigInt(Number(o)), 0n);
-  if (!isIPv6(ip)) throw new Error(`invalid IP address ${ip}`);
-  let s = ip;
-  const v4 = /(\d+\.\d+\.\d+\.\d+)$/.exec(s);
-  if (v4) {
-    const n = ipToBigInt(v4[1]!);
-    s = `${s.slice(0, -v4[1]!.length)}${(n >> 16n).toString(16)}:${(n & 0xffffn).toString(16)}`;
-  }
-  const [head, tail] = s.includes('::') ? s.split('::') : [s, undefined];
-  const h = head ? head.split(':') : [];
-  const t = tail ? tail.split(':') : [];
-  const groups = tail === undefined ? h : [...h, ...Array(8 - h.length - t.length).fill('0'), ...t];
-  return groups.reduce((a, g) => (a << 16n) | BigInt(Number.parseInt(g, 16)), 0n);
-}
-
-function bigIntToIp(n: bigint, version: 4 | 6): string {
-  if (version === 4) return [24n, 16n, 8n, 0n].map((s) => String((n >> s) & 0xffn)).join('.');
-  const g: string[] = [];
-  for (let i = 7; i >= 0; i--) g.push(((n >> BigInt(i * 16)) & 0xffffn).toString(16));
-  // compress the longest run of zero groups
-  let best = -1;
-  let bestLen = 0;
-  for (let i = 0; i < 8; ) {
-    if (g[i] !== '0') {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && g[j] === '0') j++;
-    if (j - i > bestLen && j - i > 1) {
-      best = i;
-      bestLen = j - i;
-    }
-    i = j;
-  }
-  if (best < 0) return g.join(':');
-  return `${g.slice(0, best).join(':')}::${g.slice(best + bestLen).join(':')}`;
-}
-
 /** Parses "10.0.0.5", "10.0.0.0/24", "2001:db8::/64"; host bits are cleared. Throws on malformed input. */
 export function parseCidr(text: string): Cidr {
   const [ip, p] = text.split('/');
@@ -152,7 +113,7 @@ export function parseCidr(text: string): Cidr {
 
 /** Canonical text of a prefix: "10.0.0.5" for a host, "10.0.0.0/24" otherwise. */
 export function formatCidr(c: Cidr): string {
-  const ip = bigIntToIp(c.addr, c.version);
+  const ip = formatIP(c.addr, c.version);
   return c.prefix === (c.version === 4 ? 32 : 128) ? ip : `${ip}/${c.prefix}`;
 }
 

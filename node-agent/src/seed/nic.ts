@@ -2,7 +2,7 @@
 import { isIP } from 'node:net';
 import { z } from 'zod';
 import { parseCidr } from '../../../operator/src/api/meta.ts';
-import { bigIntToIP, ipToBigInt } from '../../../operator/src/api/network.ts';
+import { formatIP, ipToBigInt } from '../../../operator/src/api/network.ts';
 
 const ip = z.string().refine((v) => isIP(v) !== 0, 'must be an IP address');
 const ipv4 = z.string().refine((v) => isIP(v) === 4, 'must be an IPv4 address');
@@ -53,30 +53,6 @@ export const GuestNic = z
 export type GuestNic = z.infer<typeof GuestNic>;
 export type GuestNicInput = z.input<typeof GuestNic>;
 
-/** RFC 5952 text of an IPv6 address given as 8 groups: lower case, longest zero run (>= 2) as "::". */
-function compressIPv6(n: bigint): string {
-  const groups = bigIntToIP(n, 6)
-    .split(':')
-    .map((g) => g.replace(/^0+(?=.)/, ''));
-  let best = -1;
-  let bestLen = 1;
-  for (let i = 0; i < 8; ) {
-    if (groups[i] !== '0') {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && groups[j] === '0') j++;
-    if (j - i > bestLen) {
-      best = i;
-      bestLen = j - i;
-    }
-    i = j;
-  }
-  if (best < 0) return groups.join(':');
-  return `${groups.slice(0, best).join(':')}::${groups.slice(best + bestLen).join(':')}`;
-}
-
 /** Network address, netmask and family of an address/prefix (netmask dotted for IPv4, RFC 5952 for IPv6). */
 export function splitCidr(cidr: string): {
   address: string;
@@ -91,6 +67,6 @@ export function splitCidr(cidr: string): {
   const all = (1n << BigInt(bits)) - 1n;
   const mask = c.prefix === 0 ? 0n : (all >> BigInt(bits - c.prefix)) << BigInt(bits - c.prefix);
   const net = ipToBigInt(c.address) & mask;
-  const fmt = (n: bigint) => (c.family === 4 ? bigIntToIP(n, 4) : compressIPv6(n));
+  const fmt = (n: bigint) => formatIP(n, c.family);
   return { address: c.address, network: fmt(net), netmask: fmt(mask), prefix: c.prefix, family: c.family };
 }

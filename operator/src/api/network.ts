@@ -85,6 +85,29 @@ export function bigIntToIP(n: bigint, family: 4 | 6): string {
   return groups.join(':');
 }
 
+/** Formats an address integer: IPv4 dotted quad, IPv6 in RFC 5952 form (lower case, longest zero run as "::"). */
+export function formatIP(n: bigint, family: 4 | 6): string {
+  if (family === 4) return bigIntToIP(n, 4);
+  const groups = bigIntToIP(n, 6).split(':');
+  let bestStart = -1;
+  let bestLen = 0;
+  for (let i = 0; i < 8; ) {
+    if (groups[i] !== '0') {
+      i++;
+      continue;
+    }
+    let j = i;
+    while (j < 8 && groups[j] === '0') j++;
+    if (j - i > bestLen && j - i >= 2) {
+      bestStart = i;
+      bestLen = j - i;
+    }
+    i = j;
+  }
+  if (bestStart < 0) return groups.join(':');
+  return `${groups.slice(0, bestStart).join(':')}::${groups.slice(bestStart + bestLen).join(':')}`;
+}
+
 /** The CIDR with host bits cleared, in the same textual style as the input family prints it. */
 export function canonicalCidr(cidr: string): string | undefined {
   const c = parseCidr(cidr);

@@ -3,7 +3,9 @@
 // IPAllocation and SegmentAllocation objects are the only record of what is taken) and claim what it proposes.
 import { isIP } from 'node:net';
 import { parseCidr } from '../api/meta.ts';
-import { bigIntToIP, ipToBigInt, MAC_PREFIX, MAX_VNI, type Subnet } from '../api/network.ts';
+import { formatIP, ipToBigInt, MAC_PREFIX, MAX_VNI, type Subnet } from '../api/network.ts';
+
+export { formatIP };
 
 /** An inclusive range of addresses, as integers. */
 export interface Range {
@@ -26,31 +28,6 @@ export interface EffectiveSubnet {
   /** Pools clipped to the CIDR, sorted and merged. */
   pools: Range[];
   enableDHCP: boolean;
-}
-
-/** Formats an address integer: IPv4 dotted quad, IPv6 in RFC 5952 form (longest zero run compressed). */
-export function formatIP(n: bigint, family: 4 | 6): string {
-  if (family === 4) return bigIntToIP(n, 4);
-  const groups = bigIntToIP(n, 6).split(':');
-  let bestStart = -1;
-  let bestLen = 0;
-  for (let i = 0; i < 8; ) {
-    if (groups[i] !== '0') {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && groups[j] === '0') j++;
-    if (j - i > bestLen && j - i >= 2) {
-      bestStart = i;
-      bestLen = j - i;
-    }
-    i = j;
-  }
-  if (bestStart < 0) return groups.join(':');
-  const head = groups.slice(0, bestStart).join(':');
-  const tail = groups.slice(bestStart + bestLen).join(':');
-  return `${head}::${tail}`;
 }
 
 /** An address in canonical text form (see {@link formatIP}); throws on a malformed address. */
