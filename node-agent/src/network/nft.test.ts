@@ -245,6 +245,16 @@ describe('conntrackDeletions', () => {
   it('deletes nothing when permissions only grow or ports are new', () => {
     expect(conntrackDeletions({ p: perm(['a'], []) }, { p: perm(['a', 'b'], ['x']), q: perm([], []) })).toEqual([]);
   });
+  it('deletes the flows of a secured port that went, except addresses a remaining port still holds', () => {
+    const gone = { zone: 5, ips: ['10.0.0.7', '10.0.0.100'], ingress: ['a'], egress: [] };
+    const vip = { zone: 5, ips: ['10.0.0.5', '10.0.0.100'], ingress: ['a'], egress: [] };
+    // q reuses the released address 10.0.0.7 in the same zone: it must not inherit the old flows
+    const reuse = { zone: 5, ips: ['10.0.0.7'], ingress: [], egress: [] };
+    expect(conntrackDeletions({ p: gone, v: vip }, { v: vip, q: reuse })).toEqual([
+      ['-D', '-w', '5', '-d', '10.0.0.7'],
+      ['-D', '-w', '5', '-s', '10.0.0.7'],
+    ]);
+  });
 });
 
 describe('zonesForVnis', () => {

@@ -479,8 +479,11 @@ export function replaceBatch(family: string, name: string, text: string): string
 
 /**
  * The conntrack deletions needed when permissions go from `before` to `after`: for each secured port whose ingress
- * (egress) permissions lost an entry, every entry of its zone towards (from) its addresses. Ports that disappeared
- * need none (their zone's traffic has no port any more). Pure.
+ * (egress) permissions lost an entry, every entry of its zone towards (from) its addresses. A secured port that
+ * disappeared loses every entry of its zone to and from its addresses (Neutron does the same): a zone is per network
+ * on the Linux bridge backend, and IPAM hands a released address out again, so a port reusing it must not inherit
+ * the old port's established flows. Addresses that a port present before and after still holds (a shared
+ * allowed-pair address) are kept. Pure.
  */
 export function conntrackDeletions(
   before: Record<string, PortPermissions>,
@@ -498,6 +501,20 @@ export function conntrackDeletions(
     for (const [flag, yes] of dirs) {
       if (!yes) continue;
       for (const ip of a.ips) cmds.push(['-D', '-w', String(a.zone), ...(isIPv6(ip) ? ['-f', 'ipv6'] : []), flag, ip]);
+    }
+  }
+  const kept = new Set(
+    Object.entries(after)
+      .filter(([id]) => before[id])
+      .flatMap(([, a]) => a.ips.map((ip) => `${a.zone} ${ip}`)),
+  );
+  for (const [id, b] of Object.entries(before).sort(([x], [y]) => x.localeCompare(y))) {
+    if (after[id]) continue;
+    for (const ip of b.ips) {
+      if (kept.has(`${b.zone} ${ip}`)) continue;
+      for (const flag of ['-d', '-s']) {
+        cmds.push(['-D', '-w', String(b.zone), ...(isIPv6(ip) ? ['-f', 'ipv6'] : []), flag, ip]);
+      }
     }
   }
   return cmds;

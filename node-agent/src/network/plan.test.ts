@@ -256,6 +256,22 @@ describe('buildPlan: remote view', () => {
     ]);
   });
 
+  it('a port moving here (still bound to its old node) is local, not a remote port or a peer', () => {
+    const r = buildPlan(
+      input({
+        servers: [server('web', [{ network: 'net' }])],
+        ports: [
+          port('web-0', { server: 'web', host: 'n2', mac: 'fa:16:3e:00:00:01' }),
+          port('r1', { server: 'x', host: 'n3', mac: 'fa:16:3e:00:00:31', ips: [] }),
+        ],
+      }),
+    );
+    expect(r.plan.ports.map((p) => p.name)).toEqual(['web-0']);
+    const n = r.plan.networks[0]!;
+    expect(n.peers).toEqual(['10.9.0.3']);
+    expect(n.remotePorts).toEqual([{ mac: 'fa:16:3e:00:00:31', ips: [], hostIP: '10.9.0.3' }]);
+  });
+
   it('uses the configured host IP over the Hypervisor status', () => {
     const r = buildPlan(input({ hostIP: '192.0.2.1' }));
     expect(r.plan.hostIP).toBe('192.0.2.1');

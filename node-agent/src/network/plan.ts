@@ -7,8 +7,8 @@
 //    (`port`, or serverPortName(server, i)). A port is usable once it exists in the server's namespace, carries the
 //    device label naming the server, the operator's IPAM made it Ready (MAC and fixed IPs in status), and its Network
 //    has a segmentation id and an MTU.
-//  - Remote view (head-end replication, l2population): every other Port of the network whose status.bindingHost is
-//    another node with a known underlay address.
+//  - Remote view (head-end replication, l2population): every other Port of the network (not one wired here) whose
+//    status.bindingHost is another node with a known underlay address.
 //  - Security groups of a port: spec.securityGroups ?? ['default'] (none without port security), by name in the
 //    port's namespace; members of a group are all ports of the namespace that use it, on any node.
 import { isIP } from 'node:net';
@@ -369,6 +369,9 @@ export function buildPlan(input: PlanInput): PlanResult {
     const remotePorts: RemotePortPlan[] = [];
     for (const p of input.ports) {
       if (p.metadata?.namespace !== ns || p.spec?.network !== n.metadata?.name) continue;
+      // A port wired here is local even while its binding still names its previous node (a migration or resize to
+      // this node, before the old agent unbinds it): no FDB entry or flood peer sends its traffic there.
+      if (claimed.has(p.metadata?.uid ?? '')) continue;
       const host = p.status?.bindingHost;
       if (!host || host === input.nodeName) continue;
       const ip = hostIPs.get(host);

@@ -95,6 +95,20 @@ export function effectiveSecurityGroups(port: Pick<Port, 'spec'>, network?: Pick
   return port.spec.securityGroups ?? [DEFAULT_SECURITY_GROUP];
 }
 
+/**
+ * The status of an allocated port: the agent's ACTIVE, BUILD (bound but not wired) or DOWN while a node binds it;
+ * otherwise DOWN, which also replaces the BUILD or ERROR this controller wrote while the port waited or failed.
+ * (Overwriting the agent's BUILD would flap it on every reconcile: the agent writes it back.)
+ */
+export function allocatedPortStatus(
+  st: Pick<PortStatus, 'status' | 'bindingHost' | 'conditions'>,
+): PortStatus['status'] {
+  const bound = st.conditions?.some((c) => c.type === PORT_BOUND);
+  if (!bound || st.status === undefined || st.status === 'ERROR') return 'DOWN';
+  if (st.status === 'BUILD' && !st.bindingHost) return 'DOWN';
+  return st.status;
+}
+
 export function registerPortController(mgr: Manager, opts: PortControllerOptions) {
   const { networks, ports, claims, inflight } = ipamCaches(mgr);
   const groups = mgr.informer<SecurityGroup>(SECURITY_GROUPS);
@@ -532,8 +546,7 @@ export function registerPortController(mgr: Manager, opts: PortControllerOptions
         delete st.deviceID;
         delete st.deviceOwner;
       }
-      const bound = st.conditions?.some((c) => c.type === PORT_BOUND);
-      if (!bound || st.status === undefined || st.status === 'BUILD' || st.status === 'ERROR') st.status = 'DOWN';
+      st.status = allocatedPortStatus(st);
       st.observedGeneration = gen;
       st.conditions = withConditions(
         st.conditions,
