@@ -28,6 +28,7 @@ import {
   PortKind,
   type PortStatus,
   type SecurityGroup,
+  ServerKind,
 } from '../api/index.ts';
 import { type EffectiveSubnet, effectiveSubnet, formatIP, inSubnet, isReserved, macFromBytes } from '../ipam/ipam.ts';
 import {
@@ -43,7 +44,7 @@ import {
   removeFinalizer,
   updateStatus,
 } from '../runtime/index.ts';
-import { specOrMetaChanged, withConditions } from './common.ts';
+import { gvrOf, specOrMetaChanged, withConditions } from './common.ts';
 import {
   claimFreeAddress,
   claimLabels,
@@ -57,6 +58,8 @@ import { ensureDefaultSecurityGroup, SECURITY_GROUPS } from './securitygroup.ts'
 
 /** Port condition: every effective security group exists. */
 export const PORT_SECURITY_GROUPS = 'SecurityGroupsResolved';
+const SERVERS = gvrOf(ServerKind);
+
 /** deviceOwner of ports used by servers (Neutron: compute:<availability zone>). */
 export const COMPUTE_DEVICE_OWNER = 'compute:nova';
 
@@ -393,6 +396,32 @@ export function registerPortController(mgr: Manager, opts: PortControllerOptions
 
   async function release(port: Port, ctx: ReconcileContext) {
     if (!port.metadata.finalizers?.includes(PORT_FINALIZER)) return undefined;
+    // A port a live server still uses keeps its addresses (and its tap on the node): deleting it would cut the
+    // guest's NIC silently and the server would get a new port with new addresses. It goes once the server does
+    // (the Server controller deletes the ports it created and unlabels the others when it is deleted).
+    const device = port.metadata.labels?.[PORT_DEVICE_LABEL];
+    if (device) {
+      const server = await client.get(SERVERS, device, port.metadata.namespace).catch((e: unknown) => {
+        if (isNotFound(e)) return undefined;
+        throw e;
+      });
+      if (server && !server.metadata?.deletionTimestamp) {
+        const message = `port is in use by server ${device}; it is deleted when the server is`;
+        const gen = port.metadata.generation;
+        const before = readyReason(port);
+        await updateStatus<Port>(client, PORTS, port, (raw) => {
+          const st = raw as PortStatus;
+          st.conditions = withConditions(
+            st.conditions,
+            [{ type: PORT_READY, status: 'False', reason: 'PortInUse', message }],
+            gen,
+          ) as PortStatus['conditions'];
+          return st as Record<string, unknown>;
+        });
+        if (before?.reason !== 'PortInUse') events.warning(port, 'PortInUse', 'Delete', message);
+        return { requeueAfter: 60_000 };
+      }
+    }
     const held = await heldClaims(port, true);
     for (const a of held) await deleteClaim(client, a);
     await removeFinalizer(client, PORTS, port.metadata.name ?? '', port.metadata.namespace, PORT_FINALIZER, {

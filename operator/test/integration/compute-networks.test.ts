@@ -278,6 +278,22 @@ describe('a server on existing ports', () => {
     expect(after.metadata.deletionTimestamp).toBeUndefined();
   });
 
+  it('keeps a port deleted under a live server (PortInUse, addresses kept) until the server goes', async ({ skip }) => {
+    if (!ipam) skip();
+    await userPort('busy-p', 'net-a');
+    await createServer('user', [{ port: 'busy-p' }]);
+    const a = await allocated('busy-p');
+    await env.waitServer('user', 'bound', bound);
+    await env.client.delete(PORTS, 'busy-p', env.ns);
+    const p = await waitPort('busy-p', 'PortInUse', (x) => readyOf(x)?.reason === 'PortInUse');
+    expect(p.metadata.deletionTimestamp).toBeDefined();
+    expect(readyOf(p)?.message).toContain('server user');
+    expect(p.status?.fixedIPs).toEqual(a.status?.fixedIPs);
+    await env.deleteServer('user');
+    await env.waitServerGone('user');
+    await waitPortGone('busy-p');
+  });
+
   it('refuses a port another server holds (ERROR, PortInUse) and leaves it alone', async () => {
     await userPort('shared-p', 'net-a');
     await createServer('holder', [{ port: 'shared-p' }]);
