@@ -231,7 +231,7 @@ describe('NetworkController', () => {
     await t.ctl.stop();
   });
 
-  it('a failed apply keeps wired ports ready, reports new ones not wired and retries', async () => {
+  it('a failed apply keeps wired ports ready, leaves the status of ports it never wired alone, and retries', async () => {
     const t = setup();
     t.networks.add(net);
     t.servers.add(server('a'));
@@ -243,7 +243,7 @@ describe('NetworkController', () => {
     t.ports.add(port('b-0', 'b', { ip: '10.0.0.6' }));
     await t.clock.advance(100);
     expect(t.ports.objects.get(`${NS}/a-0`)!.status?.status).toBe('ACTIVE');
-    expect(t.ports.objects.get(`${NS}/b-0`)!.status).toMatchObject({ status: 'BUILD', bindingHost: NODE });
+    expect(t.ports.objects.get(`${NS}/b-0`)!.status?.bindingHost).toBeUndefined();
     await expect(t.ctl.plug(server('b'))).rejects.toThrow(/not wired on this node yet: apply failed: bridge exploded/);
     expect(await t.ctl.plug(server('a'))).toHaveLength(1);
     expect(await metricValue(t.registry, 'stratus_agent_network_apply_errors_total', { backend: 'noop' })).toBe(1);
@@ -251,6 +251,24 @@ describe('NetworkController', () => {
     await t.clock.advance(5000);
     expect(t.ports.objects.get(`${NS}/b-0`)!.status?.status).toBe('ACTIVE');
     expect(t.woken).toContain(`${NS}/b`);
+    await t.ctl.stop();
+  });
+
+  it('after a restart, a failing first apply does not flip ports bound here to BUILD', async () => {
+    const t = setup();
+    t.networks.add(net);
+    t.servers.add(server('a'));
+    const bound = port('a-0', 'a', { host: NODE });
+    bound.status = { ...bound.status, status: 'ACTIVE', vifType: 'noop' };
+    t.ports.add(bound);
+    t.backend.fail = new Error('nft busy');
+    t.ctl.start();
+    await t.clock.advance(100);
+    expect(t.ports.objects.get(`${NS}/a-0`)!.status).toMatchObject({ status: 'ACTIVE', bindingHost: NODE });
+    t.backend.fail = undefined;
+    await t.clock.advance(5000);
+    expect(t.ports.objects.get(`${NS}/a-0`)!.status).toMatchObject({ status: 'ACTIVE', bindingHost: NODE });
+    expect(await t.ctl.plug(server('a'))).toHaveLength(1);
     await t.ctl.stop();
   });
 

@@ -155,6 +155,8 @@ export class NetworkController implements ServerNetworkService {
   readonly #unsubscribe: (() => void)[] = [];
   readonly #waiting = new Set<string>();
   #wired = new Map<string, Wired>();
+  /** Ports whose wiring is unknown because the apply failed before this process saw them wired. */
+  #unverified = new Set<string>();
   #last: PlanResult | undefined;
   #lastPlan: string | undefined;
   #lastProblems = '';
@@ -350,6 +352,9 @@ export class NetworkController implements ServerNetworkService {
         this.#schedule(this.#o.retryMs ?? 5000);
         // Ports keep their previous wiring state; the ones never wired stay not ready.
         const message = `apply failed: ${(err as Error).message}`.slice(0, 512);
+        // Ports this process never saw wired (e.g. the first apply after a restart) may well be wired: their
+        // status is left alone until an apply succeeds, rather than flipped to BUILD.
+        this.#unverified = new Set(plan.ports.filter((p) => !this.#wired.has(p.id)).map((p) => p.id));
         applied = { ports: {}, changes: [] };
         for (const p of plan.ports) {
           applied.ports[p.id] = this.#wired.get(p.id)?.ready ? { ready: true } : { ready: false, message };
@@ -365,6 +370,7 @@ export class NetworkController implements ServerNetworkService {
         );
       }
       this.#lastPlan = ok ? planJson : undefined;
+      if (ok) this.#unverified = new Set();
       this.#wired = new Map(
         plan.ports.map((p) => [
           p.id,
@@ -379,7 +385,9 @@ export class NetworkController implements ServerNetworkService {
 
     // port status
     const results = Object.fromEntries([...this.#wired].map(([id, w]) => [id, w]));
-    const changes = bindingChanges(this.nodeName, this.backend.vifType, this.ports.list(), plan, results);
+    const changes = bindingChanges(this.nodeName, this.backend.vifType, this.ports.list(), plan, results).filter(
+      (c) => !(c.kind === 'bind' && this.#unverified.has(c.port.metadata?.uid ?? '')),
+    );
     let failed = false;
     for (const c of changes) {
       if (this.#stopped) return;
