@@ -179,19 +179,41 @@ async function main(): Promise<void> {
     const active = new Map<string, number>();
     const deleteSent = new Map<string, number>();
     const gone = new Map<string, number>();
+    // A watch can end without an error (server timeout, a dropped connection under load): it is then resumed from a
+    // fresh list, which also records what happened meanwhile (ACTIVE servers, servers gone since their delete).
     const watch = new k8s.Watch(kc);
-    const req = await watch.watch(
-      `/apis/${ServerKind.group}/${ServerKind.version}/namespaces/${NS}/servers`,
-      {},
-      (type: string, obj: Server) => {
-        const name = obj.metadata.name ?? '';
-        if (type === 'DELETED') gone.set(name, performance.now());
-        else if (obj.status?.status === 'ACTIVE' && !active.has(name)) active.set(name, performance.now());
+    const path = `/apis/${ServerKind.group}/${ServerKind.version}/namespaces/${NS}/servers`;
+    let watching: { abort(): void } | undefined;
+    let stopped = false;
+    const observe = (type: string, obj: Server) => {
+      const name = obj.metadata.name ?? '';
+      if (type === 'DELETED') gone.set(name, performance.now());
+      else if (obj.status?.status === 'ACTIVE' && !active.has(name)) active.set(name, performance.now());
+    };
+    const startWatch = async (): Promise<void> => {
+      const list = await client.listAll<Server>(gvr(ServerKind), { namespace: NS });
+      const present = new Set(list.items.map((s) => s.metadata.name ?? ''));
+      for (const s of list.items) observe('MODIFIED', s);
+      for (const name of deleteSent.keys())
+        if (!present.has(name) && !gone.has(name)) gone.set(name, performance.now());
+      watching = await watch.watch(
+        path,
+        { resourceVersion: list.metadata?.resourceVersion },
+        observe,
+        (err: unknown) => {
+          if (stopped) return;
+          log(`watch ended${err ? `: ${String(err)}` : ''}; resuming`);
+          setTimeout(() => void startWatch().catch((e: unknown) => log(`watch restart failed: ${String(e)}`)), 200);
+        },
+      );
+    };
+    await startWatch();
+    const req = {
+      abort: () => {
+        stopped = true;
+        watching?.abort();
       },
-      (err: unknown) => {
-        if (err) log(`watch ended: ${String(err)}`);
-      },
-    );
+    };
 
     const loadAtStart = loadavg()[0]!.toFixed(1);
     const before = await apiRequests(client);
