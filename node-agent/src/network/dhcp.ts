@@ -10,7 +10,7 @@
 // configuration file changed. A network that leaves the node loses its dnsmasq, namespace, veth and files.
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { NetworkPlan, PortPlan, SubnetPlan } from './backend.ts';
+import type { NetworkPlan, PortPlan, PortResult, SubnetPlan } from './backend.ts';
 import { type Exec, ExecError, hostExec } from './exec.ts';
 import { DEVICE_PREFIX } from './names.ts';
 import { parseCidr } from './nft.ts';
@@ -240,6 +240,41 @@ export class DhcpManager {
   }
 
   /** Makes the node run exactly the given servers. Errors of one server do not stop the others. */
+  /**
+   * reconcile() as a backend needs it: one server per network of `networks` (with the static leases of `ports` and
+   * the backend's `attach`), errors logged, and a ready port of a network whose server is not serving keeps its
+   * readiness but carries the reason in `results`. Returns the changes.
+   */
+  async reconcileForPorts(
+    networks: readonly NetworkPlan[],
+    ports: readonly PortPlan[],
+    results: Record<string, PortResult>,
+    attach: (n: NetworkPlan, dev: string) => Promise<string[]>,
+  ): Promise<string[]> {
+    const wanted: DhcpNetwork[] = networks.map((n) => ({
+      vni: n.vni,
+      networkId: n.id,
+      mtu: n.mtu,
+      subnets: n.subnets,
+      hosts: dhcpHosts(n, ports),
+      attach: (dev) => attach(n, dev),
+    }));
+    try {
+      const r = await this.reconcile(wanted);
+      for (const [vni, msg] of Object.entries(r.errors)) {
+        this.#log?.warn({ vni, err: msg }, 'DHCP server not serving');
+        const n = networks.find((x) => x.vni === Number(vni));
+        for (const p of ports)
+          if (n && p.networkId === n.id && results[p.id]?.ready)
+            results[p.id] = { ready: true, message: `DHCP server: ${msg}` };
+      }
+      return r.changes;
+    } catch (e) {
+      this.#log?.warn({ err: (e as Error).message }, 'DHCP reconcile failed');
+      return [];
+    }
+  }
+
   async reconcile(wanted: readonly DhcpNetwork[]): Promise<DhcpResult> {
     const changes: string[] = [];
     const errors: Record<number, string> = {};

@@ -16,7 +16,7 @@ import type {
   PortResult,
   VifType,
 } from './backend.ts';
-import { DhcpManager, type DhcpNetwork, dhcpDefaults, dhcpHosts, dhcpMac, servedSubnets } from './dhcp.ts';
+import { DhcpManager, dhcpDefaults, dhcpMac, servedSubnets } from './dhcp.ts';
 import type { Exec } from './exec.ts';
 import { bridgeName, DEVICE_PREFIX, vxlanName } from './names.ts';
 import { NftManager, renderRules, zonesForVnis } from './nft.ts';
@@ -262,29 +262,12 @@ export class LinuxBridgeBackend implements NetworkBackend {
 
     // 5. DHCP
     if (this.#dhcp) {
-      const wanted: DhcpNetwork[] = networks
-        .filter((n) => dhcpVnis.has(n.vni) && !netErrors.has(n.id))
-        .map((n) => ({
-          vni: n.vni,
-          networkId: n.id,
-          mtu: n.mtu,
-          subnets: n.subnets,
-          hosts: dhcpHosts(n, wantPorts),
-          attach: (dev) => this.#attachDhcp(dev, bridgeName(n.vni)),
-        }));
-      try {
-        const r = await this.#dhcp.reconcile(wanted);
-        changes.push(...r.changes);
-        for (const [vni, msg] of Object.entries(r.errors)) {
-          this.#log?.warn({ vni, err: msg }, 'DHCP server not serving');
-          const n = networks.find((x) => x.vni === Number(vni));
-          for (const p of wantPorts)
-            if (n && p.networkId === n.id && ports[p.id]?.ready)
-              ports[p.id] = { ready: true, message: `DHCP server: ${msg}` };
-        }
-      } catch (e) {
-        this.#log?.warn({ err: (e as Error).message }, 'DHCP reconcile failed');
-      }
+      const served = networks.filter((n) => dhcpVnis.has(n.vni) && !netErrors.has(n.id));
+      changes.push(
+        ...(await this.#dhcp.reconcileForPorts(served, wantPorts, ports, (n, dev) =>
+          this.#attachDhcp(dev, bridgeName(n.vni)),
+        )),
+      );
     }
     if (changes.length) this.#log?.info({ changes }, 'network data plane changed');
     return { ports, changes };

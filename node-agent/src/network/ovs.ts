@@ -40,15 +40,7 @@ import type {
   PortResult,
   VifType,
 } from './backend.ts';
-import {
-  DHCP_NS_DEVICE,
-  DhcpManager,
-  type DhcpNetwork,
-  dhcpDefaults,
-  dhcpHostDevice,
-  dhcpHosts,
-  servedSubnets,
-} from './dhcp.ts';
+import { DHCP_NS_DEVICE, DhcpManager, dhcpDefaults, dhcpHostDevice, servedSubnets } from './dhcp.ts';
 import { type Exec, hostExec } from './exec.ts';
 import { DEVICE_PREFIX, shortId } from './names.ts';
 import { NftManager, renderRules } from './nft.ts';
@@ -908,30 +900,12 @@ export class OvsBackend implements NetworkBackend {
     // DHCP: dhcp.ts runs the servers; their veth joins br-int here (attach).
     if (this.#dhcp) {
       const dhcp = this.#dhcp;
-      const wanted: DhcpNetwork[] = plan.networks
-        .filter((n) => dhcpNetworks.has(n.id) && !failedNets.has(n.id))
-        .map((n) => ({
-          vni: n.vni,
-          networkId: n.id,
-          mtu: n.mtu,
-          subnets: n.subnets,
-          hosts: dhcpHosts(n, wired),
-          attach: (dev) =>
-            this.#attachDhcp(dev, dhcpOvsPort(n, vlans.get(n.id)!), ovsByName.get(dev), dhcp.netnsName(n.vni)),
-        }));
-      try {
-        const r = await dhcp.reconcile(wanted);
-        changes.push(...r.changes);
-        for (const [vni, msg] of Object.entries(r.errors)) {
-          this.#log?.warn({ vni, err: msg }, 'DHCP server not serving');
-          const n = plan.networks.find((x) => x.vni === Number(vni));
-          for (const p of wired)
-            if (n && p.networkId === n.id && ports[p.id]?.ready)
-              ports[p.id] = { ready: true, message: `DHCP server: ${msg}` };
-        }
-      } catch (e) {
-        this.#log?.warn({ err: (e as Error).message }, 'DHCP reconcile failed');
-      }
+      const served = plan.networks.filter((n) => dhcpNetworks.has(n.id) && !failedNets.has(n.id));
+      changes.push(
+        ...(await dhcp.reconcileForPorts(served, wired, ports, (n, dev) =>
+          this.#attachDhcp(dev, dhcpOvsPort(n, vlans.get(n.id)!), ovsByName.get(dev), dhcp.netnsName(n.vni)),
+        )),
+      );
     }
     if (changes.length) this.#log?.info({ changes }, 'network data plane changed');
     return { ports, changes };
