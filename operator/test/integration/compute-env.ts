@@ -89,16 +89,22 @@ export function testLogger(): Logger {
 // The operator
 // ---------------------------------------------------------------------------------------------------------------
 
-/** A Manager whose informers only see objects carrying `selector` (besides any selector the caller asks for). */
+/**
+ * A Manager whose informers only see objects carrying `selector` (besides any selector the caller asks for), except
+ * the kinds `unscoped` names (e.g. claim objects, which must be seen whoever made them).
+ */
 export class ScopedManager extends Manager {
   readonly #selector: string;
+  readonly #unscoped: (gvr: GVR) => boolean;
 
-  constructor(selector: string, opts: ManagerOptions) {
+  constructor(selector: string, opts: ManagerOptions, unscoped: (gvr: GVR) => boolean = () => false) {
     super(opts);
     this.#selector = selector;
+    this.#unscoped = unscoped;
   }
 
   override informer<T extends KubernetesObject>(gvr: GVR, selector: InformerSelector = {}): Informer<T> {
+    if (this.#unscoped(gvr)) return super.informer<T>(gvr, selector);
     const labelSelector = selector.labelSelector ? `${this.#selector},${selector.labelSelector}` : this.#selector;
     return super.informer<T>(gvr, { ...selector, labelSelector });
   }
@@ -141,9 +147,18 @@ export interface ChildOperator {
   kill(): Promise<void>;
 }
 
-export async function startChildOperator(scope: string, identity: string): Promise<ChildOperator> {
-  const child = spawn(process.execPath, [fileURLToPath(import.meta.url)], {
-    env: { ...process.env, CMP_SCOPE: scope, CMP_IDENTITY: identity, CMP_GRACE: String(GRACE_SECONDS) },
+export function startChildOperator(scope: string, identity: string): Promise<ChildOperator> {
+  return startScriptChild(import.meta.url, {
+    CMP_SCOPE: scope,
+    CMP_IDENTITY: identity,
+    CMP_GRACE: String(GRACE_SECONDS),
+  });
+}
+
+/** Runs a test module as a script (its `import.meta.main` branch) and resolves once it prints `ready`. */
+export async function startScriptChild(moduleUrl: string, env: Record<string, string>): Promise<ChildOperator> {
+  const child = spawn(process.execPath, [fileURLToPath(moduleUrl)], {
+    env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const output: string[] = [];

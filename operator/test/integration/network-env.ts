@@ -7,12 +7,8 @@
 // orphan sweep confirms with a live read before releasing anything, so claims of other runs are never touched.
 //
 // Run as a script (`node network-env.ts`) it is the child-process operator: NET_SCOPE, NET_IDENTITY.
-import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
-import { pino } from 'pino';
 import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
 import { waitFor } from '../../../e2e/testing/wait.ts';
 import {
@@ -32,18 +28,10 @@ import {
 import { gvrOf } from '../../src/controllers/common.ts';
 import { registerControllers } from '../../src/controllers/index.ts';
 import { installCRDs } from '../../src/crdgen/install.ts';
-import {
-  createLogger,
-  type GVR,
-  type Informer,
-  type InformerSelector,
-  isNotFound,
-  KubeClient,
-  type Logger,
-  Manager,
-  type ManagerOptions,
-  silentLogger,
-} from '../../src/runtime/index.ts';
+import { type GVR, isNotFound, KubeClient, type Logger, type Manager } from '../../src/runtime/index.ts';
+import { type ChildOperator, ScopedManager, startScriptChild, testLogger } from './compute-env.ts';
+
+export { type ChildOperator, testLogger };
 
 export const NETWORKS = gvrOf(NetworkKind);
 export const PORTS = gvrOf(PortKind);
@@ -59,29 +47,9 @@ export type P = Port & KubernetesObject;
 export { waitFor };
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-/** STRATUS_TEST_LOG=<file> writes the debug log of the operator there. */
-export function testLogger(): Logger {
-  const file = process.env.STRATUS_TEST_LOG;
-  return file
-    ? createLogger({ level: 'debug', destination: pino.destination({ dest: file, sync: false, append: true }) })
-    : silentLogger();
-}
-
 const UNSCOPED = new Set([IP_ALLOCATIONS.plural, SEGMENT_ALLOCATIONS.plural]);
-
-/** A Manager whose informers see only this run's objects, except the claim kinds. */
-class NetScopedManager extends Manager {
-  readonly #selector: string;
-  constructor(selector: string, opts: ManagerOptions) {
-    super(opts);
-    this.#selector = selector;
-  }
-  override informer<T extends KubernetesObject>(gvr: GVR, selector: InformerSelector = {}): Informer<T> {
-    if (gvr.group === IP_ALLOCATIONS.group && UNSCOPED.has(gvr.plural)) return super.informer<T>(gvr, selector);
-    const labelSelector = selector.labelSelector ? `${this.#selector},${selector.labelSelector}` : this.#selector;
-    return super.informer<T>(gvr, { ...selector, labelSelector });
-  }
-}
+/** The claim kinds: every operator must see every claim, whoever made it. */
+const unscoped = (gvr: GVR) => gvr.group === IP_ALLOCATIONS.group && UNSCOPED.has(gvr.plural);
 
 export interface RunningOperator {
   mgr: Manager;
@@ -92,13 +60,17 @@ export async function startOperator(
   scope: string,
   o: { identity?: string; logger?: Logger; orphanGraceSeconds?: number } = {},
 ): Promise<RunningOperator> {
-  const mgr = new NetScopedManager(`${SCOPE_LABEL}=${scope}`, {
-    kubeConfig: adminKubeConfig(),
-    logger: (o.logger ?? testLogger()).child({ operator: o.identity ?? scope }),
-    http: false,
-    leaderElection: false,
-    gracefulShutdownMs: 10_000,
-  });
+  const mgr = new ScopedManager(
+    `${SCOPE_LABEL}=${scope}`,
+    {
+      kubeConfig: adminKubeConfig(),
+      logger: (o.logger ?? testLogger()).child({ operator: o.identity ?? scope }),
+      http: false,
+      leaderElection: false,
+      gracefulShutdownMs: 10_000,
+    },
+    unscoped,
+  );
   registerControllers(mgr, {
     identity: o.identity ?? `${scope}-operator`,
     projectConcurrency: 1,
@@ -114,39 +86,9 @@ export async function startOperator(
   return { mgr, stop: () => mgr.stop(10_000) };
 }
 
-export interface ChildOperator {
-  child: ChildProcess;
-  output: string[];
-  exited: Promise<void>;
-  kill(): Promise<void>;
-}
-
 /** The same operator in a child process (this file run as a script), to be killed with SIGKILL. */
-export async function startChildOperator(scope: string, identity: string): Promise<ChildOperator> {
-  const child = spawn(process.execPath, [fileURLToPath(import.meta.url)], {
-    env: { ...process.env, NET_SCOPE: scope, NET_IDENTITY: identity },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  const output: string[] = [];
-  const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  const ready = new Promise<void>((resolve, reject) => {
-    createInterface({ input: child.stdout! }).on('line', (l) => {
-      output.push(l);
-      if (l === 'ready') resolve();
-    });
-    createInterface({ input: child.stderr! }).on('line', (l) => output.push(l));
-    void exited.then(() => reject(new Error(`child operator exited before it was ready:\n${output.join('\n')}`)));
-  });
-  await ready;
-  return {
-    child,
-    output,
-    exited,
-    kill: async () => {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-      await exited;
-    },
-  };
+export function startChildOperator(scope: string, identity: string): Promise<ChildOperator> {
+  return startScriptChild(import.meta.url, { NET_SCOPE: scope, NET_IDENTITY: identity });
 }
 
 export class NetEnv {
