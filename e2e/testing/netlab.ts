@@ -5,6 +5,8 @@
 // can ping without QEMU. Everything is named with a per-lab prefix and removed by destroy() (also on a rerun after a
 // crash: create() first removes a lab of the same prefix).
 import { execFileSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 
 export interface LabNode {
   name: string;
@@ -39,6 +41,11 @@ export interface NetLab {
     cidr: string,
     opts?: { mtu?: number; gateway?: string },
   ): VmStandIn;
+  /**
+   * Runs a DHCP client (busybox udhcpc, asking for the MTU option) on the stand-in's eth0 and returns what it was
+   * given (udhcpc's variables: ip, router, mtu, dns, serverid, ...). `workDir` holds its hook script.
+   */
+  dhcpLease(vm: VmStandIn, workDir: string): Record<string, string>;
   /** Whether `from` can ping `ip` (one echo, timeout in seconds). */
   ping(from: VmStandIn | string, ip: string, timeoutS?: number): boolean;
   destroy(): void;
@@ -110,6 +117,17 @@ export function createLab(prefix: string, count: number, subnet = 250): NetLab {
       run(['ip', '-n', netns, 'link', 'set', 'eth0', 'up']);
       if (opts.gateway) run(['ip', '-n', netns, 'route', 'add', 'default', 'via', opts.gateway]);
       return { netns, device, mac, cidr };
+    },
+    dhcpLease(vm, workDir) {
+      const script = join(workDir, `udhcpc-${vm.netns}.sh`);
+      const dump = join(workDir, `udhcpc-${vm.netns}.env`);
+      writeFileSync(script, `#!/bin/sh\nif [ "$1" = bound ]; then env > ${dump}; fi\n`, { mode: 0o755 });
+      const args = ['udhcpc', '-i', 'eth0', '-n', '-q', '-f', '-t', '5', '-T', '1', '-O', 'mtu', '-s', script];
+      sh(vm.netns, 'busybox', args);
+      const lines = readFileSync(dump, 'utf8')
+        .split('\n')
+        .filter((l) => l.includes('='));
+      return Object.fromEntries(lines.map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
     },
     ping(from, ip, timeoutS = 1) {
       const ns = typeof from === 'string' ? from : from.netns;

@@ -11,7 +11,7 @@
 // Needs root, iproute2, nft, conntrack, dnsmasq and busybox (udhcpc); skipped with a message otherwise.
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { chmod, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -448,32 +448,7 @@ describe.skipIf(missing !== undefined)('Linux bridge backend (3 simulated nodes,
   });
 
   it('serves a static DHCP lease from the node-local dnsmasq', async () => {
-    const script = path.join(runDir, 'udhcpc.sh');
-    const dump = path.join(runDir, 'udhcpc.env');
-    await writeFile(script, `#!/bin/sh\nif [ "$1" = bound ]; then env > ${dump}; fi\n`);
-    await chmod(script, 0o755);
-    lab.sh(vms.a5!.netns, 'busybox', [
-      'udhcpc',
-      '-i',
-      'eth0',
-      '-n',
-      '-q',
-      '-f',
-      '-t',
-      '5',
-      '-T',
-      '1',
-      '-O',
-      'mtu',
-      '-s',
-      script,
-    ]);
-    const env = Object.fromEntries(
-      (await readFile(dump, 'utf8'))
-        .split('\n')
-        .filter((l) => l.includes('='))
-        .map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
-    );
+    const env = lab.dhcpLease(vms.a5!, runDir);
     expect(env).toMatchObject({ ip: '192.168.41.15', router: '192.168.41.1', mtu: '1450', dns: '192.0.2.53' });
     expect(env.serverid).toBe('192.168.41.2');
     // the DHCP server MAC never crosses the overlay: node1's bridge has not learnt it on its VXLAN port

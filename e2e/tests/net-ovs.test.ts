@@ -8,7 +8,6 @@
 //  5. empty plans remove every Stratus device and OVS port (the stand-in veths stay: they are not the backend's).
 // Needs root, OVS (ovsdb-server, ovs-vswitchd, ovs-vsctl) and ethtool; skipped with a message otherwise.
 import { execFileSync, spawn } from 'node:child_process';
-import { chmod, readFile, writeFile } from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type {
   NetworkPlan,
@@ -421,32 +420,7 @@ describe.skipIf(missing !== undefined)('OVS backend (userspace datapath, 3 simul
   });
 
   it('serves the static DHCP lease from the node-local dnsmasq on br-int', async () => {
-    const script = `${RUN_DIR}/udhcpc.sh`;
-    const dump = `${RUN_DIR}/udhcpc.env`;
-    await writeFile(script, `#!/bin/sh\nif [ "$1" = bound ]; then env > ${dump}; fi\n`);
-    await chmod(script, 0o755);
-    lab.sh(vms.get('a4')!.netns, 'busybox', [
-      'udhcpc',
-      '-i',
-      'eth0',
-      '-n',
-      '-q',
-      '-f',
-      '-t',
-      '5',
-      '-T',
-      '1',
-      '-O',
-      'mtu',
-      '-s',
-      script,
-    ]);
-    const env = Object.fromEntries(
-      (await readFile(dump, 'utf8'))
-        .split('\n')
-        .filter((l) => l.includes('='))
-        .map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
-    );
+    const env = lab.dhcpLease(vms.get('a4')!, RUN_DIR);
     expect(env).toMatchObject({ ip: '192.168.60.14', router: '192.168.60.1', mtu: String(MTU), dns: '192.0.2.53' });
     expect(env.serverid).toBe('192.168.60.2');
     // The DHCP port is protected like the tunnels: node 1 never learns a DHCP server MAC from a tunnel.
