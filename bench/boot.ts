@@ -97,6 +97,7 @@ const agent = startAgentProc({
   nodeName: ID,
   stateDir,
   accelerator: ACCEL,
+  kvmProbeKernel: img.kernel,
   labels,
   logFile: path.join(work, 'agent.log'),
 });

@@ -139,6 +139,8 @@ export interface AgentProcOptions {
   nodeName: string;
   stateDir: string;
   accelerator: 'auto' | 'kvm' | 'tcg';
+  /** --kvm-probe-kernel (e.g. the test image's kernel, TestImage.kernel). */
+  kvmProbeKernel?: string;
   labels: Record<string, string>;
   logFile: string;
   detached?: boolean;
@@ -159,6 +161,7 @@ export function agentArgs(o: AgentProcOptions): string[] {
     `--kubeconfig=${o.kubeconfig}`,
     '--driver=qemu',
     `--accelerator=${o.accelerator}`,
+    ...(o.kvmProbeKernel !== undefined ? [`--kvm-probe-kernel=${o.kvmProbeKernel}`] : []),
     `--state-dir=${o.stateDir}`,
     `--node-name=${o.nodeName}`,
     '--labels',
@@ -206,6 +209,8 @@ export interface NodeStackOptions {
   labels: Record<string, string>;
   /** Default tcg. */
   accelerator?: 'auto' | 'kvm' | 'tcg';
+  /** --kvm-probe-kernel of every agent. */
+  kvmProbeKernel?: string;
   /** More agent flags per node (e.g. --ovs-db of the node's OVS). */
   agentArgs?: (node: StackNode) => string[];
   /** Reuse an operator the caller runs (e.g. one per test file) instead of starting one. */
@@ -287,6 +292,7 @@ export class NodeStack {
       nodeName: a.nodeName,
       stateDir: a.stateDir,
       accelerator: this.o.accelerator ?? 'tcg',
+      ...(this.o.kvmProbeKernel ? { kvmProbeKernel: this.o.kvmProbeKernel } : {}),
       labels: { ...this.o.labels, [NODE_LABEL]: a.nodeName },
       logFile: path.join(this.o.work, `agent-${a.node.name}-${a.starts}.log`),
       netns: a.node.netns,

@@ -4,6 +4,8 @@
 //                              background), the image served on loopback, the manifests of examples/ (network and
 //                              security groups included), then follows the guest's serial console until it is up,
 //                              shows its address and pings it, and returns.
+//   npm run demo -- --accelerator=tcg   the same with the agent's --accelerator (auto, the default: KVM only if a
+//                              kernel really boots under it, else TCG; kvm; tcg)
 //   npm run demo -- --down     deletes the guest and the demo objects, stops agent, operator and image server,
 //                              removes the demo's network namespaces, and stops the control plane if the demo started
 //                              it.
@@ -16,6 +18,7 @@ import { mkdir, open, readdir, readFile, rm, symlink, writeFile } from 'node:fs/
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { parseArgs } from 'node:util';
 import { KubeConfig, type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
 import { parseAllDocuments } from 'yaml';
 import { clusterConfig, down as clusterDown, up as clusterUp } from '../e2e/controlplane/controlplane.ts';
@@ -335,7 +338,8 @@ async function up(): Promise<void> {
     kubeconfig,
     nodeName: NODE,
     stateDir,
-    accelerator: 'auto',
+    accelerator: options.accelerator,
+    kvmProbeKernel: img.kernel,
     labels: { [NODE_LABEL]: NODE, [DEMO_LABEL]: 'true' },
     logFile: path.join(demoDir, 'agent.log'),
     detached: true,
@@ -534,8 +538,16 @@ async function followConsole(c: KubeClient, uid: string, timeoutMs: number): Pro
       }
       await fh.close();
     }
-    if (Date.now() > deadline) fail(`no ${READY} on the serial console within ${timeoutMs / 1000} s`);
     const s = await c.get<Srv>(SERVERS, SERVER, NS).catch(() => undefined);
+    if (Date.now() > deadline) {
+      const st = s?.status;
+      fail(
+        `no ${READY} on the serial console within ${timeoutMs / 1000} s: server ${st?.status ?? '?'}/${st?.powerState ?? '?'}` +
+          ` on ${st?.accelerator ?? '?'}${st?.fault ? `, fault: ${st.fault.message}` : ''}` +
+          `; see .cluster/demo/agent.log and ${path.join(guestDir(stateDir, uid), 'qemu.log')}` +
+          (st?.accelerator === 'kvm' ? '; try npm run demo -- --down && npm run demo -- --accelerator=tcg' : ''),
+      );
+    }
     if (s?.status?.status === 'ERROR') fail(`server ${SERVER} in ERROR: ${s.status.fault?.message}`);
     await sleep(200);
   }
@@ -664,6 +676,19 @@ async function serve(dir: string, urlFile: string): Promise<void> {
 }
 
 const argv = process.argv.slice(2);
+const options = { accelerator: 'auto' as 'auto' | 'kvm' | 'tcg' };
+if (argv[0] !== '--serve') {
+  const { values } = parseArgs({
+    args: argv,
+    options: { down: { type: 'boolean' }, accelerator: { type: 'string', default: 'auto' } },
+    strict: true,
+  });
+  if (!['auto', 'kvm', 'tcg'].includes(values.accelerator)) {
+    console.error(`--accelerator=${values.accelerator}: auto, kvm or tcg`);
+    process.exit(2);
+  }
+  options.accelerator = values.accelerator as typeof options.accelerator;
+}
 const main = argv[0] === '--serve' ? () => serve(argv[1]!, argv[2]!) : argv.includes('--down') ? down : up;
 main().catch((err: unknown) => {
   console.error(err instanceof Error ? err.message : err);

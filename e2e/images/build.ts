@@ -25,6 +25,16 @@ export interface TestImage {
   /** Bytes of the virtual disk. */
   virtualSize: number;
   format: 'qcow2';
+  /**
+   * The image's kernel as a separate file (stratus-test-<key>.vmlinuz beside the image): what the node agents of the
+   * e2e tier, the demo and the boot benchmark boot their KVM probe with (--kvm-probe-kernel).
+   */
+  kernel: string;
+}
+
+/** The kernel file kept beside a cached image. */
+export function kernelPathOf(image: string): string {
+  return image.replace(/\.qcow2$/, '.vmlinuz');
 }
 
 export interface BuildOptions {
@@ -72,6 +82,7 @@ const MODULE_ROOTS = [
   'nls_ascii',
   'button', // ACPI power button -> KEY_POWER input events
   'evdev', // /dev/input/event* for the power-button watcher
+  'pvpanic_mmio', // reports a kernel panic to QEMU's pvpanic device (the driver's crash handling)
 ];
 
 export function cacheRoot(): string {
@@ -249,7 +260,7 @@ export async function describeImage(file: string): Promise<TestImage> {
     await fh.close();
   }
   const [sha256, sha512, st] = await Promise.all([fileHash(file, 'sha256'), fileHash(file, 'sha512'), stat(file)]);
-  return { path: file, sha256, sha512, size: st.size, virtualSize, format: 'qcow2' };
+  return { path: file, sha256, sha512, size: st.size, virtualSize, format: 'qcow2', kernel: kernelPathOf(file) };
 }
 
 /** The modinfo `depends=` list of a .ko file. */
@@ -445,10 +456,14 @@ async function build(debFiles: string[], sources: Map<string, Buffer>, dest: str
     if (!vmlinuz) throw new Error('no boot/vmlinuz-* in the kernel package');
     log(`initramfs (${vmlinuz})`);
     const initrd = await initramfs(kernelRoot, busyboxRoot, sources);
-    const disk = await buildDisk(work, await readFile(path.join(kernelRoot, 'boot', vmlinuz)), initrd, log);
+    const kernel = await readFile(path.join(kernelRoot, 'boot', vmlinuz));
+    const disk = await buildDisk(work, kernel, initrd, log);
     const tmpOut = path.join(work, 'out.qcow2');
     log('qemu-img convert -O qcow2');
     await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'compat=1.1', disk, tmpOut]);
+    // The kernel first: an image on disk always has its kernel beside it.
+    await writeFile(path.join(work, 'vmlinuz'), kernel);
+    await rename(path.join(work, 'vmlinuz'), kernelPathOf(dest));
     await rename(tmpOut, dest);
   } finally {
     await rm(work, { recursive: true, force: true });
@@ -471,7 +486,7 @@ export async function ensureTestImage(opts: BuildOptions = {}): Promise<TestImag
     sources.set('cpio.ts', await readFile(path.join(here, 'cpio.ts')));
     const key = computeKey(debs, hostVersions, sources);
     const dest = path.join(imagesDir, `stratus-test-${key}.qcow2`);
-    if (!opts.force && (await exists(dest))) return describeImage(dest);
+    if (!opts.force && (await exists(dest)) && (await exists(kernelPathOf(dest)))) return describeImage(dest);
     await mkdir(imagesDir, { recursive: true });
     let debFiles: string[];
     try {
@@ -491,7 +506,7 @@ export async function ensureTestImage(opts: BuildOptions = {}): Promise<TestImag
       path.join(imagesDir, `.stratus-test-${key}.lock`),
       300_000,
       async () => {
-        if (!opts.force && (await exists(dest))) return;
+        if (!opts.force && (await exists(dest)) && (await exists(kernelPathOf(dest)))) return;
         const started = Date.now();
         log(`building ${dest}`);
         await build(debFiles, sources, dest, log);
@@ -516,6 +531,7 @@ async function prune(imagesDir: string, debDir: string, current: string, debs: D
   for (const old of images.slice(KEEP_IMAGES - 1)) {
     log(`removing old ${path.basename(old.p)}`);
     await rm(old.p, { force: true });
+    await rm(kernelPathOf(old.p), { force: true });
   }
   const wanted = new Set(debs.map((d) => d.filename));
   for (const name of await readdir(debDir).catch(() => [] as string[])) {
@@ -532,7 +548,7 @@ async function main(argv: string[]): Promise<void> {
   const print = (img: TestImage) => {
     process.stdout.write(
       `${img.path}\nformat ${img.format}\nsize ${img.size}\nvirtual-size ${img.virtualSize}\n` +
-        `sha256 ${img.sha256}\nsha512 ${img.sha512}\n`,
+        `sha256 ${img.sha256}\nsha512 ${img.sha512}\nkernel ${img.kernel}\n`,
     );
   };
   if (!verify) {

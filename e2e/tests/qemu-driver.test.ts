@@ -1,8 +1,11 @@
-// The QEMU driver against real QEMU (TCG) and the test guest image, without Kubernetes:
+// The QEMU driver against real QEMU and the test guest image, without Kubernetes. The accelerator is whatever the
+// driver decides on this host (STRATUS_E2E_ACCELERATOR, default auto): the tests assert behaviour for that choice.
+//  0. the KVM probe recognises a real kernel booting (run under TCG so it runs anywhere) and rejects a non-kernel;
 //  1. a driver in a separate process spawns the guest and is SIGKILLed (with its process group): QEMU keeps running;
 //  2. a driver in this process adopts it (same pid) and drives it: pause/unpause, hard reboot, graceful power off,
 //     power on, suspend (state saved to disk, no process) and resume, a poweroff from inside the guest and a killed
-//     QEMU (GuestExit guest-shutdown / crash);
+//     QEMU (GuestExit guest-shutdown / crash), and a guest kernel panic that leaves QEMU alive (pvpanic): the driver
+//     reports a CRASHED exit naming it, ends that QEMU, and power on starts a fresh one;
 //  3. a second driver instance over the same state directory adopts the running guest; destroy removes everything;
 //  4. spawns whose image is refused (checksum mismatch, bigger than the root disk) fail with ImageError and leave
 //     no guest directory.
@@ -14,13 +17,15 @@ import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { GuestExit, GuestSpec } from '../../node-agent/src/driver.ts';
+import type { Accelerator, GuestExit, GuestSpec } from '../../node-agent/src/driver.ts';
 import { QemuDriver } from '../../node-agent/src/drivers/qemu.ts';
 import { ImageError } from '../../node-agent/src/images/cache.ts';
+import { detectAccelerator, probeKvmKernel } from '../../node-agent/src/qemu/accel.ts';
 import { createLogger } from '../../operator/src/runtime/index.ts';
 import { ensureTestImage, type TestImage } from '../images/build.ts';
 import { type FileServer, start } from '../images/serve.ts';
-import { missingQemuPrerequisite } from '../testing/qemu.ts';
+import { e2eAccelerator, missingQemuPrerequisite } from '../testing/qemu.ts';
+import { waitFor } from '../testing/wait.ts';
 
 const log = (m: string) => console.error(`[qemu-driver] ${m}`);
 
@@ -38,8 +43,10 @@ const cmdline = async (pid: number) => (await readFile(`/proc/${pid}/cmdline`, '
 const alive = async (pid: number) => (await cmdline(pid)).includes(UID);
 const count = (text: string, needle: string) => text.split(needle).length - 1;
 
-describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
+describe.skipIf(missing !== undefined)('QEMU driver (real QEMU)', () => {
   let image: TestImage;
+  /** What the driver decides on this host (the same probe and cache file the driver uses). */
+  let accel: Accelerator;
   let work: string;
   let stateDir: string;
   let imageCacheDir: string;
@@ -76,11 +83,17 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
     ...over,
   });
 
-  const newDriver = (accelerator: 'auto' | 'tcg' = 'tcg') => {
-    const d = new QemuDriver(
-      { stateDir, imageCacheDir, accelerator, powerOffTimeoutMs: 60_000, startTimeoutMs: BOOT_TIMEOUT },
-      { logger },
-    );
+  const driverOptions = () => ({
+    stateDir,
+    imageCacheDir,
+    accelerator: e2eAccelerator(),
+    kvmProbeKernel: image.kernel,
+    acceleratorCacheFile: path.join(work, 'kvm-probe.json'),
+    powerOffTimeoutMs: 60_000,
+    startTimeoutMs: BOOT_TIMEOUT,
+  });
+  const newDriver = () => {
+    const d = new QemuDriver(driverOptions(), { logger });
     drivers.push(d);
     return d;
   };
@@ -105,8 +118,8 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
       sock.once('connect', () => resolve());
       sock.once('error', reject);
     });
-    sock.write(`\n${line}\n`);
-    await sleep(300);
+    // end() resolves once the line is handed to the kernel; QEMU reads it from the socket.
+    await new Promise<void>((resolve) => sock.end(`\n${line}\n`, () => resolve()));
     sock.destroy();
   };
 
@@ -122,7 +135,38 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
     await symlink(image.path, path.join(serveDir, 'test.qcow2'));
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(serveDir, 'big.qcow2'), '2G']);
     server = await start(serveDir);
+    const decision = await detectAccelerator({
+      mode: e2eAccelerator(),
+      probeKernel: image.kernel,
+      cacheFile: path.join(work, 'kvm-probe.json'),
+    });
+    accel = decision.accelerator;
+    log(`accelerator on this host: ${decision.accelerator} (${decision.reason})`);
   }, 600_000);
+
+  it('the KVM probe recognises a real kernel booting (under TCG, so on any host) and rejects a non-kernel', async () => {
+    const ok = await probeKvmKernel({
+      qemuBinary: 'qemu-system-x86_64',
+      cpuModel: 'max',
+      kernel: image.kernel,
+      deadlineMs: BOOT_TIMEOUT,
+      accelerator: 'tcg',
+    });
+    log(`probe under TCG: ${ok.detail}`);
+    expect(ok).toEqual({
+      ok: true,
+      detail: expect.stringMatching(/^kernel banner after \d+ ms, through its initialisation/),
+    });
+    const bad = await probeKvmKernel({
+      qemuBinary: 'qemu-system-x86_64',
+      cpuModel: 'max',
+      kernel: image.path, // a qcow2 file is no kernel: QEMU refuses it
+      deadlineMs: BOOT_TIMEOUT,
+      accelerator: 'tcg',
+    });
+    expect(bad.ok).toBe(false);
+    expect(bad.detail).toMatch(/qemu exited 1/);
+  });
 
   afterAll(async () => {
     if (agent?.pid && agent.exitCode === null) {
@@ -148,7 +192,7 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
       process.execPath,
       [
         path.join(import.meta.dirname, 'qemu-driver-agent.ts'),
-        JSON.stringify({ stateDir, imageCacheDir, accelerator: 'tcg', startTimeoutMs: BOOT_TIMEOUT }),
+        JSON.stringify({ ...driverOptions(), startTimeoutMs: BOOT_TIMEOUT }),
         JSON.stringify(spec()),
       ],
       { detached: true, stdio: ['ignore', 'pipe', 'inherit'] },
@@ -163,7 +207,7 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
     });
     const state = JSON.parse(line) as { powerState: string; pid: number; accelerator: string };
     log(`spawn (download, disks, seeds, QEMU up) took ${Date.now() - t0} ms`);
-    expect(state).toMatchObject({ powerState: 'RUNNING', accelerator: 'tcg' });
+    expect(state).toMatchObject({ powerState: 'RUNNING', accelerator: accel });
     pid = state.pid;
     const text = await waitConsole('STRATUS-GUEST-READY', 1);
     log(`spawn -> READY: ${Date.now() - t0} ms`);
@@ -188,17 +232,20 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
     // Kill the agent and its whole process group: QEMU is in neither.
     process.kill(-agent.pid!, 'SIGKILL');
     await new Promise((resolve) => agent!.once('exit', resolve));
-    await sleep(500);
     expect(await alive(pid)).toBe(true);
     expect(await cmdline(pid)).toContain(UID);
   });
 
   it('adopts the guest and drives it: pause, hard reboot, power off/on, suspend/resume, exits', async () => {
-    const d = newDriver('auto');
+    const d = newDriver();
     await d.init();
     const host = await d.hostInfo();
     log(`accelerator ${host.accelerator}: ${host.acceleratorReason}`);
-    expect(host).toMatchObject({ accelerator: 'tcg', version: expect.stringMatching(/^\d+\.\d+/) });
+    expect(host).toMatchObject({ accelerator: accel, version: expect.stringMatching(/^\d+\.\d+/) });
+    // The driver decided from the cached probe result (one probe per host boot), and says why.
+    if (/kernel boot probe/.test(host.acceleratorReason ?? '')) {
+      expect(host.acceleratorReason).toMatch(/cached for this host boot/);
+    }
     expect(host.capacity.vcpus).toBeGreaterThan(0);
     const exits: GuestExit[] = [];
     d.onGuestExit((e) => exits.push(e));
@@ -224,7 +271,7 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
     log(`graceful power off: ${Date.now() - t} ms`);
     expect(await consoleText()).toContain('STRATUS-GUEST-POWEROFF');
     expect(await alive(pid)).toBe(false);
-    expect(await d.state(UID)).toEqual({ id: UID, powerState: 'SHUTDOWN', accelerator: 'tcg' });
+    expect(await d.state(UID)).toEqual({ id: UID, powerState: 'SHUTDOWN', accelerator: accel });
     await d.powerOff(UID, { graceful: true, timeoutMs: 1000 }); // idempotent
 
     t = Date.now();
@@ -257,7 +304,7 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
 
     // The guest powers itself off: a GuestExit with guest-shutdown.
     await typeLine('poweroff');
-    for (let i = 0; i < 300 && exits.length === 0; i++) await sleep(100);
+    await waitFor('the guest-shutdown exit', () => exits.length > 0);
     expect(exits).toEqual([{ id: UID, powerState: 'SHUTDOWN', at: expect.any(String), reason: 'guest-shutdown' }]);
     expect((await d.state(UID))?.powerState).toBe('SHUTDOWN');
 
@@ -266,7 +313,7 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
     pid = (await d.state(UID))!.pid!;
     // QEMU killed: a crash.
     process.kill(pid, 'SIGKILL');
-    for (let i = 0; i < 300 && exits.length < 2; i++) await sleep(100);
+    await waitFor('the crash exit', () => exits.length > 1);
     expect(exits[1]).toEqual({ id: UID, powerState: 'CRASHED', at: expect.any(String), reason: 'crash' });
     expect((await d.state(UID))?.powerState).toBe('CRASHED');
 
@@ -278,6 +325,31 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
     expect(back?.powerState).toBe('RUNNING');
     pid = back!.pid!;
     expect(exits).toHaveLength(2);
+
+    // A guest kernel panic: pvpanic stops the VM (guest-panicked) with QEMU alive, like a KVM internal error does.
+    // The driver reports it, ends that QEMU (no guest stays stuck CRASHED with a live process), and powerOn works.
+    await typeLine('echo c > /proc/sysrq-trigger');
+    await waitFor('the panic exit', () => exits.length > 2, 60_000);
+    expect(exits[2]).toEqual({
+      id: UID,
+      powerState: 'CRASHED',
+      at: expect.any(String),
+      reason: expect.stringMatching(/^the guest kernel panicked \(QEMU status guest-panicked/),
+    });
+    await waitFor('the panicked QEMU to end', async () => !(await alive(pid)));
+    expect(await d.state(UID)).toEqual({
+      id: UID,
+      powerState: 'CRASHED',
+      accelerator: accel,
+      fault: expect.stringMatching(/^the guest kernel panicked/),
+    });
+    await d.powerOn(UID);
+    await waitConsole('STRATUS-GUEST-READY', 6);
+    const again = await d.state(UID);
+    expect(again).toMatchObject({ powerState: 'RUNNING' });
+    expect(again).not.toHaveProperty('fault');
+    pid = again!.pid!;
+    expect(exits).toHaveLength(3);
     await d.close();
     expect(await alive(pid)).toBe(true);
   });

@@ -9,9 +9,9 @@
 // Needs root, qemu-system-x86_64, qemu-img and genisoimage; skipped (with a message) otherwise.
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, rm, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { PatchStrategy } from '@kubernetes/client-node';
+import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KubeClient } from '../../operator/src/runtime/index.ts';
 import { adminKubeConfig, adminKubeconfigFile } from '../controlplane/testenv.ts';
@@ -43,7 +43,7 @@ import {
   waitConsole,
   waitFor,
 } from '../stack.ts';
-import { missingQemuPrerequisite } from '../testing/qemu.ts';
+import { e2eAccelerator, missingQemuPrerequisite } from '../testing/qemu.ts';
 
 const log = (m: string) => console.error(`[qemu-server] ${m}`);
 
@@ -58,7 +58,7 @@ const FLAVOR = `${ID}-tiny`;
 const READY = 'STRATUS-GUEST-READY';
 const STATE_TIMEOUT = 180_000;
 
-describe.skipIf(missing !== undefined)('Servers on QEMU through operator and node agent (TCG)', () => {
+describe.skipIf(missing !== undefined)('Servers on QEMU through operator and node agent', () => {
   const client = new KubeClient(adminKubeConfig());
   let img: TestImage;
   let work: string;
@@ -76,7 +76,8 @@ describe.skipIf(missing !== undefined)('Servers on QEMU through operator and nod
       kubeconfig: adminKubeconfigFile(),
       nodeName: ID,
       stateDir,
-      accelerator: 'tcg',
+      accelerator: e2eAccelerator(),
+      kvmProbeKernel: img.kernel,
       labels,
       logFile: path.join(work, `agent-${agents}.log`),
     });
@@ -192,7 +193,16 @@ describe.skipIf(missing !== undefined)('Servers on QEMU through operator and nod
     expect(text).toContain(ready(name, uid));
     text = await waitConsole(stateDir, uid, 'USERDATA-MARKER-42\n', 1, 30_000);
     const s = await waitStatus(name, 'ACTIVE', 'RUNNING');
-    expect(s.status).toMatchObject({ node: ID, accelerator: 'tcg', vmState: 'active' });
+    // Whatever the agent chose on this host (auto: KVM only if a kernel really boots under it), the guest runs on it.
+    const hv = await client.get<{ status?: { accelerator?: string; acceleratorReason?: string } } & KubernetesObject>(
+      HYPERVISORS,
+      ID,
+    );
+    log(`accelerator: ${hv.status?.accelerator} (${hv.status?.acceleratorReason})`);
+    expect(hv.status?.accelerator).toMatch(/^(kvm|tcg)$/);
+    expect(s.status).toMatchObject({ node: ID, accelerator: hv.status?.accelerator, vmState: 'active' });
+    const argv = (await readFile(`/proc/${await qemuPid(stateDir, uid)}/cmdline`, 'utf8')).split('\0');
+    expect(argv[argv.indexOf('-accel') + 1]).toBe(hv.status?.accelerator === 'kvm' ? 'kvm' : 'tcg,thread=multi');
     let pid = await qemuPid(stateDir, uid);
     expect(await isQemuOf(pid, uid)).toBe(true);
 

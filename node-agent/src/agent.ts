@@ -127,7 +127,14 @@ export const AgentConfig = z.object({
     .enum(['auto', 'kvm', 'tcg'])
     .default('auto')
     .describe(
-      'Accelerator: auto (KVM when a boot probe works, else TCG), kvm (the qemu driver refuses to start without it) or tcg; also spec.accelerator of a Hypervisor the agent creates.',
+      'Accelerator: auto (KVM when a real kernel boots under it, else TCG), kvm (the qemu driver refuses to start without it) or tcg; also spec.accelerator of a Hypervisor the agent creates.',
+    ),
+  kvmProbeKernel: z
+    .string()
+    .regex(/^\//, 'must be an absolute path')
+    .optional()
+    .describe(
+      'qemu driver: the kernel (vmlinuz) the KVM probe boots; default /usr/share/stratus/kvm-probe/vmlinuz, /boot/vmlinuz-<release>, /boot/vmlinuz or /vmlinuz, the first that exists.',
     ),
   stateDir: z
     .string()
@@ -444,6 +451,7 @@ export function qemuOptionsFrom(cfg: AgentConfig): QemuDriverOptions {
     stateDir: cfg.stateDir,
     ...(cfg.imageCacheDir ? { imageCacheDir: cfg.imageCacheDir } : {}),
     accelerator: cfg.accelerator,
+    ...(cfg.kvmProbeKernel ? { kvmProbeKernel: cfg.kvmProbeKernel } : {}),
     qemuBinary: cfg.qemuBinary,
     launcher: cfg.launcher,
     powerOffTimeoutMs: cfg.powerOffTimeoutSeconds * 1000,

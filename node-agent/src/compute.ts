@@ -449,10 +449,16 @@ export class ComputeService {
       case 'exited': {
         const exit = this.#exits.get(uid);
         const running = server.spec.powerState === 'Running';
-        const message = `guest exited on its own (${d.powerState}${exit ? `: ${exit.reason}` : ''})`;
+        const why = exit?.reason ?? guest?.fault;
+        const crashed = d.powerState === 'CRASHED';
+        const message = crashed
+          ? `guest crashed${why ? `: ${why}` : ''}`
+          : `guest exited on its own (${d.powerState}${why ? `: ${why}` : ''})`;
         const r = await this.#write(server, guest, d, (st, s) => {
           setStates(st, 'stopped', undefined);
           st.powerState = d.powerState;
+          // Nova keeps a fault on the instance; ours says what the hypervisor reported (e.g. a KVM internal error).
+          if (crashed) st.fault = { code: 500, message: message.slice(0, 4096), time: now };
           st.actions = appendAction(st.actions as never, {
             action: 'exit',
             startTime: exit?.at.replace(/\.\d+Z$/, 'Z') ?? now,
@@ -462,7 +468,7 @@ export class ComputeService {
           });
           setConditions(
             st,
-            [{ type: 'Ready', status: 'False', reason: 'GuestExited', message }],
+            [{ type: 'Ready', status: 'False', reason: crashed ? 'GuestCrashed' : 'GuestExited', message }],
             s.metadata.generation,
             date,
           );
@@ -471,7 +477,7 @@ export class ComputeService {
         this.#exits.delete(uid);
         this.#events.warning(
           ref(r.server),
-          'GuestExited',
+          crashed ? 'GuestCrashed' : 'GuestExited',
           'Exit',
           running ? `${message}; starting it again (spec.powerState is Running)` : message,
         );

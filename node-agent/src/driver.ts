@@ -74,6 +74,8 @@ export interface GuestState {
   startedAt?: string;
   /** Accelerator the guest runs (or last ran) with, when the driver knows it. */
   accelerator?: Accelerator;
+  /** CRASHED only: why, as the driver knows it (e.g. the KVM internal error QEMU reported), for the Server's fault. */
+  fault?: string;
 }
 
 /** A guest as list() reports it: state plus the identity and size it was spawned with. */

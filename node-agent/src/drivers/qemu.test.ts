@@ -25,6 +25,7 @@ import { guestProcess, isGuestCmdline, type ProcReader, parsePid } from './qemu/
 import { diskGiBOf, type GuestRecord, guestPaths, readRecord, writeRecord } from './qemu/record.ts';
 import {
   acquireLaunchLock,
+  crashDetail,
   disksOf,
   type ImageOps,
   nicsOf,
@@ -633,5 +634,34 @@ describe('NICs and network namespaces', () => {
       expect(await readdir(join(stateDir, 'guests'))).toEqual([]);
       expect(launches).toEqual([]);
     });
+  });
+});
+
+describe('crashDetail (what QEMU said when it stopped a guest)', () => {
+  it('names a KVM internal error without the register dump', () => {
+    const log = [
+      "2026-12-03T10:00:00.000000Z qemu-system-x86_64: warning: host doesn't support requested feature",
+      'KVM internal error. Suberror: 1',
+      'extra data[0]: 0x0000000000000000',
+      'emulation failure',
+      'EAX=00000000 EBX=00000000 ECX=00000000 EDX=000806f8',
+      'ESI=00000000 EDI=00000000 EBP=00000000 ESP=00000000',
+      'CS =f000 ffff0000 0000ffff 00009b00',
+      'SS =0000 00000000 0000ffff 00009300',
+      'LDT=0000 00000000 0000ffff 00008200',
+      'TR =0000 00000000 0000ffff 00008b00',
+      'DR6=00000000ffff0ff0 DR7=0000000000000400',
+      'EFER=0000000000000000',
+      'GDT=     00000000 0000ffff',
+      'CR0=60000010 CR2=00000000 CR3=00000000 CR4=00000000',
+      'Code=00 00 00 <00> 00',
+    ].join('\n');
+    expect(crashDetail(log)).toBe('KVM internal error. Suberror: 1; emulation failure');
+  });
+
+  it('says nothing for a log without an error at its end (a killed QEMU)', () => {
+    expect(crashDetail('qemu-system-x86_64: -vnc unix:/x: warning: something\n')).toBeUndefined();
+    const old = ['qemu-system-x86_64: error: an old run', ...Array.from({ length: 8 }, (_, i) => `line ${i}`)];
+    expect(crashDetail(old.join('\n'))).toBeUndefined();
   });
 });

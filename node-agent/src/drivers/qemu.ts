@@ -43,7 +43,12 @@ import {
 import { type CachedImage, ImageCache, ImageError, type ImageSource } from '../images/cache.ts';
 import { createBlankDisk, createRootDisk } from '../images/disks.ts';
 import { type Exec, ExecError, hostExec } from '../network/exec.ts';
-import { type AcceleratorDecision, type AcceleratorMode, detectAccelerator } from '../qemu/accel.ts';
+import {
+  type AcceleratorDecision,
+  type AcceleratorMode,
+  type DetectAcceleratorOptions,
+  detectAccelerator,
+} from '../qemu/accel.ts';
 import { type DiskSpec, type NicSpec, qemuArgs } from '../qemu/cmdline.ts';
 import { QmpClient, type QmpEvent, type QmpStatus } from '../qemu/qmp.ts';
 import { writeConfigDriveIso } from '../seed/configdrive.ts';
@@ -84,6 +89,13 @@ export interface QemuDriverOptions {
   imageCacheDir?: string;
   /** auto: KVM when a boot probe works, else TCG; kvm: KVM or init fails; tcg: TCG. Default auto. */
   accelerator?: AcceleratorMode;
+  /** The kernel the KVM probe boots (default: see kernelCandidates in qemu/accel.ts). */
+  kvmProbeKernel?: string;
+  /**
+   * Where the KVM probe's result is kept (default /run/stratus/kvm-probe.json: /run is emptied at boot, and every
+   * agent of the host shares it), so KVM is probed once per host boot, host kernel, QEMU and probe kernel.
+   */
+  acceleratorCacheFile?: string;
   /** Default qemu-system-x86_64 (from PATH). */
   qemuBinary?: string;
   /** How QEMU is started (default direct; systemd for the DaemonSet). */
@@ -121,7 +133,7 @@ export interface QemuDriverDeps {
   images?: ImageOps;
   proc?: ProcReader;
   launcher?: Launcher;
-  detectAccelerator?: (o: { mode: AcceleratorMode; qemuBinary: string }) => Promise<AcceleratorDecision>;
+  detectAccelerator?: (o: DetectAcceleratorOptions) => Promise<AcceleratorDecision>;
   /** QEMU's version (default: `<qemuBinary> --version`). */
   qemuVersion?: () => Promise<string>;
   /** Runs host commands in the guests' network namespace (the tap checks); default hostExec(options.netns). */
@@ -139,9 +151,41 @@ interface Live {
   detached: boolean;
   /** Data of the last SHUTDOWN event. */
   shutdown: { guest: boolean; reason: string } | undefined;
+  /** Data of a GUEST_PANICKED event. */
+  panic?: Record<string, unknown>;
+  /** The driver is ending this process because the guest crashed (see #endCrashed). */
+  crashing?: boolean;
   /** Resolves once the process is gone. */
   gone: Promise<void>;
   markGone: () => void;
+}
+
+/**
+ * QEMU run states in which QEMU stays alive but the guest cannot continue without a reset: a KVM internal error
+ * (e.g. "KVM internal error. Suberror: 1 … emulation failure" on hosts whose KVM cannot run ordinary guests) and a
+ * guest kernel panic reported through pvpanic (-action panic=pause). The driver records why, ends QEMU and reports
+ * a CRASHED exit; start and hard reboot launch a fresh QEMU.
+ */
+const CRASHED_STATUSES: ReadonlySet<string> = new Set(['internal-error', 'guest-panicked']);
+
+/** What QEMU printed about the error that stopped a guest: its log's error lines, without the register dump. */
+export function crashDetail(qemuLog: string): string | undefined {
+  // Only the end of the log speaks of how this process ended (earlier lines are older runs and warnings).
+  const lines = qemuLog
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l && !/^[A-Z][A-Z0-9]{1,3} *=/.test(l) && !/^(Code=|extra data)/.test(l))
+    .slice(-6);
+  const at = lines.findLastIndex((l) => /internal error|emulation failure|error/i.test(l));
+  if (at < 0) return undefined;
+  const first = lines.findIndex(
+    (l, i) => i <= at && /KVM internal error/i.test(l) && lines.slice(i, at + 1).length <= 4,
+  );
+  return lines
+    .slice(first >= 0 ? first : at, at + 1)
+    .map((l) => l.replace(/^qemu-system-[\w-]+: /, ''))
+    .join('; ')
+    .slice(0, 500);
 }
 
 function errMsg(err: unknown): string {
@@ -233,7 +277,14 @@ export class QemuDriver implements HypervisorDriver {
     }
     this.#version = await (this.#deps.qemuVersion ?? (() => qemuVersion(this.#qemu)))();
     const detect = this.#deps.detectAccelerator ?? detectAccelerator;
-    this.#accel = await detect({ mode: this.#o.accelerator ?? 'auto', qemuBinary: this.#qemu });
+    this.#accel = await detect({
+      mode: this.#o.accelerator ?? 'auto',
+      qemuBinary: this.#qemu,
+      ...(this.#o.kvmProbeKernel ? { probeKernel: this.#o.kvmProbeKernel } : {}),
+      // Probed once per host boot, host kernel, QEMU binary and probe kernel, not at every agent start.
+      cacheFile: this.#o.acceleratorCacheFile ?? '/run/stratus/kvm-probe.json',
+    });
+    this.#log.info(this.#accel, 'accelerator');
     if (!this.#images && !this.#deps.images) {
       this.#imageCache = new ImageCache({ dir: this.imageCacheDir, logger: this.#log });
     }
@@ -479,7 +530,9 @@ export class QemuDriver implements HypervisorDriver {
       if (live) {
         const s = await live.qmp.queryStatus();
         if (s.powerState === 'RUNNING') return;
-        throw new InvalidGuestStateError('powerOn', id, s.powerState);
+        if (!CRASHED_STATUSES.has(s.status)) throw new InvalidGuestStateError('powerOn', id, s.powerState);
+        // Crashed but alive (internal error, panic): end this QEMU and start a fresh one.
+        await this.#stop(live, { graceful: false, timeoutMs: 0 });
       }
       if (rec.suspended) throw new InvalidGuestStateError('powerOn', id, 'SUSPENDED');
       await this.#start('powerOn', rec);
@@ -489,6 +542,13 @@ export class QemuDriver implements HypervisorDriver {
   async reboot(id: string, opts: { hard: boolean }): Promise<void> {
     await this.#op('reboot', id, async (rec, live) => {
       if (opts.hard) {
+        const crashed = live && CRASHED_STATUSES.has((await live.qmp.queryStatus()).status);
+        if (live && crashed) {
+          // A reset would re-enter the state that stopped it (a KVM internal error): a fresh QEMU instead.
+          await this.#stop(live, { graceful: false, timeoutMs: 0 });
+          await this.#start('reboot', rec);
+          return;
+        }
         if (live) {
           await live.qmp.reset();
           const s = await live.qmp.queryStatus();
@@ -711,7 +771,13 @@ export class QemuDriver implements HypervisorDriver {
   async #stateOf(id: string, rec: GuestRecord): Promise<GuestState> {
     const p = this.paths(id);
     const proc = await guestProcess(this.#proc, p.pidFile, id);
-    if (proc.kind !== 'running') return { id, powerState: this.#stoppedState(rec), accelerator: rec.accelerator };
+    const stopped = (): GuestState => ({
+      id,
+      powerState: this.#stoppedState(rec),
+      accelerator: rec.accelerator,
+      ...(!rec.suspended && rec.lastExit?.powerState === 'CRASHED' ? { fault: rec.lastExit.reason } : {}),
+    });
+    if (proc.kind !== 'running') return stopped();
     const startedAt = await startedAtOf(p.pidFile);
     const base = { id, pid: proc.pid, ...(startedAt ? { startedAt } : {}), accelerator: rec.accelerator };
     const live = await this.#liveOf(id, proc.pid);
@@ -720,10 +786,60 @@ export class QemuDriver implements HypervisorDriver {
     if (!status) {
       // Alive but not answering (another client holds the QMP socket, or QEMU is exiting): unknown.
       const again = await processOf(this.#proc, proc.pid, id);
-      if (again.kind !== 'running') return { id, powerState: this.#stoppedState(rec), accelerator: rec.accelerator };
+      if (again.kind !== 'running') return stopped();
       return { ...base, powerState: 'NOSTATE' };
     }
+    if (CRASHED_STATUSES.has(status.status) && live) {
+      const fault = await this.#crashReason(id, status.status, live.panic);
+      // End it (under the guest's lock, which the caller may hold: not awaited here); reported as a GuestExit.
+      void this.#endCrashed(live, status.status);
+      return { ...base, powerState: 'CRASHED', fault };
+    }
     return { ...base, powerState: status.powerState };
+  }
+
+  /** Why a guest crashed while its QEMU stays alive, for the fault. */
+  async #crashReason(id: string, status: string, panic?: Record<string, unknown>): Promise<string> {
+    if (status === 'guest-panicked') {
+      return `the guest kernel panicked (QEMU status guest-panicked${panic ? `, ${JSON.stringify(panic).slice(0, 300)}` : ''})`;
+    }
+    const log = await readFile(this.paths(id).qemuLog, 'utf8').catch(() => '');
+    const detail = crashDetail(log.slice(-16_384));
+    return `QEMU stopped the guest with status ${status}${detail ? `: ${detail}` : ''}`;
+  }
+
+  /**
+   * A guest stopped in a crashed state while QEMU stays alive: record why, end QEMU and report a CRASHED exit (so
+   * the Server shows the fault and, with spec.powerState Running, is started again on a fresh QEMU).
+   */
+  async #endCrashed(live: Live, status: string): Promise<void> {
+    if (live.crashing || live.expectExit || this.#closed) return;
+    live.crashing = true;
+    const reason = await this.#crashReason(live.id, status, live.panic);
+    const exit: GuestExit = { id: live.id, powerState: 'CRASHED', at: isoNow(), reason };
+    let ended = false;
+    await this.#withLock(live.id, async () => {
+      if (live.expectExit || this.#live.get(live.id) !== live) return; // an operation got there first
+      const s = await live.qmp.queryStatus({ timeoutMs: 10_000 }).catch(() => undefined);
+      if (s && !CRASHED_STATUSES.has(s.status)) return; // reset meanwhile
+      const p = this.paths(live.id);
+      const rec = await readRecord(p.record).catch(() => undefined);
+      if (!rec) return;
+      await this.#stop(live, { graceful: false, timeoutMs: 0 });
+      rec.lastExit = { powerState: 'CRASHED', reason: exit.reason.slice(0, 1000), at: exit.at };
+      await writeRecord(p.record, rec);
+      ended = true;
+    }).catch((err: unknown) => this.#log.warn({ err, guest: live.id }, 'cannot end the crashed guest'));
+    live.crashing = false;
+    if (!ended || this.#closed) return;
+    this.#log.warn({ guest: live.id, pid: live.pid, reason }, 'guest crashed; its QEMU was ended');
+    for (const l of [...this.#listeners]) {
+      try {
+        l(exit);
+      } catch (err) {
+        this.#log.warn({ err }, 'guest exit listener failed');
+      }
+    }
   }
 
   /** The QMP link of a running guest, connecting (adopting) if needed; undefined if QMP does not answer. */
@@ -781,6 +897,14 @@ export class QemuDriver implements HypervisorDriver {
     if (['SHUTDOWN', 'RESET', 'STOP', 'RESUME', 'GUEST_PANICKED', 'SUSPEND', 'WAKEUP'].includes(e.event)) {
       this.#log.debug({ guest: live.id, event: e.event, data: e.data }, 'qmp event');
     }
+    if (e.event === 'GUEST_PANICKED') live.panic = e.data;
+    if (e.event === 'STOP' || e.event === 'GUEST_PANICKED') {
+      // A KVM internal error or a guest panic stops the VM with QEMU alive: find out which stop this was.
+      void live.qmp
+        .queryStatus({ timeoutMs: 10_000 })
+        .then((s) => (CRASHED_STATUSES.has(s.status) ? this.#endCrashed(live, s.status) : undefined))
+        .catch(() => {});
+    }
   }
 
   /** The QMP connection ended: QEMU exited (or is exiting), or the driver detached. */
@@ -795,11 +919,14 @@ export class QemuDriver implements HypervisorDriver {
     live.markGone();
     if (live.expectExit || this.#closed) return;
     const guestShutdown = live.shutdown?.guest === true && live.shutdown.reason === 'guest-shutdown';
+    const detail = guestShutdown
+      ? undefined
+      : crashDetail((await readFile(this.paths(live.id).qemuLog, 'utf8').catch(() => '')).slice(-16_384));
     const exit: GuestExit = {
       id: live.id,
       powerState: guestShutdown ? 'SHUTDOWN' : 'CRASHED',
       at: isoNow(),
-      reason: guestShutdown ? 'guest-shutdown' : 'crash',
+      reason: guestShutdown ? 'guest-shutdown' : detail ? `crash: ${detail}` : 'crash',
     };
     let unexpected = true;
     await this.#withLock(live.id, async () => {

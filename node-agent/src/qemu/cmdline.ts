@@ -11,6 +11,8 @@
 //    spawn=deny (QEMU dies with SIGSYS) and with elevateprivileges=deny|children (setsid is denied: exit 1).
 //    -runas is incompatible with elevateprivileges=deny|children too (SIGSYS). sandboxOptions() relaxes exactly
 //    those; the full sandbox needs daemonize=false and no runAs (drop privileges in the spawner: uid/gid).
+//  - Crashes: a pvpanic device with -action panic=pause, so a guest kernel panic is seen (status guest-panicked)
+//    rather than turned into a reboot; the driver then records it and ends QEMU.
 //  - No -no-shutdown: a guest poweroff makes QEMU exit (SHUTDOWN event with guest=true, then exit 0), which
 //    frees the guest's memory and lets the supervisor see the shutdown as a process exit. Guest reboots stay
 //    inside the process (RESET event).
@@ -229,6 +231,9 @@ export function qemuArgs(input: QemuSpecInput): string[] {
   a.push('-rtc', 'base=utc');
   a.push('-boot', 'strict=on');
   a.push('-msg', 'timestamp=on');
+  // A guest kernel panic (pvpanic, ACPI QEMU0001) stops the VM in 'guest-panicked' with QEMU alive instead of a
+  // silent reboot: the driver records the fault, ends QEMU and reports the crash (as for a KVM internal error).
+  a.push('-device', 'pvpanic', '-action', 'panic=pause');
   if (!spec.guestPowerManagement) {
     a.push('-global', 'ICH9-LPC.disable_s3=1', '-global', 'ICH9-LPC.disable_s4=1');
   }

@@ -267,12 +267,13 @@ describe('node agent (fake driver) against kube-apiserver', () => {
     );
     expect(s.status?.actions?.find((a) => a.action === 'exit')).toMatchObject({
       result: 'Error',
-      message: expect.stringContaining('simulated kernel panic'),
+      message: 'guest crashed: simulated kernel panic',
     });
     expect(await driver.state(uid)).toMatchObject({ powerState: 'RUNNING' });
     expect(driver.calls.filter((c) => c.op === 'powerOn' && c.id === uid).length).toBe(startsBefore + 1);
-    const e = (await events('web')).find((x) => x.reason === 'GuestExited');
+    const e = (await events('web')).find((x) => x.reason === 'GuestCrashed');
     expect(e?.type).toBe('Warning');
+    expect(e?.message).toContain('guest crashed: simulated kernel panic; starting it again');
   });
 
   it('after an agent restart it adopts the running guest (no second guest, no restart)', async () => {
