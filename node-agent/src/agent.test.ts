@@ -42,12 +42,15 @@ describe('AgentConfig', () => {
       qemuBinary: 'qemu-system-x86_64',
       launcher: 'direct',
       powerOffTimeoutMs: 60_000,
+      qemuUser: 'stratus-qemu',
     });
     const c = load([
       '--state-dir=/srv/stratus',
       '--image-cache-dir=/cache',
       '--launcher=systemd',
       '--accelerator=tcg',
+      '--kvm-probe-kernel=/opt/vmlinuz',
+      '--qemu-user=107:108',
       '--power-off-timeout-seconds=5',
     ]);
     expect(qemuOptionsFrom(c)).toMatchObject({
@@ -55,8 +58,11 @@ describe('AgentConfig', () => {
       imageCacheDir: '/cache',
       launcher: 'systemd',
       accelerator: 'tcg',
+      kvmProbeKernel: '/opt/vmlinuz',
+      qemuUser: '107:108',
       powerOffTimeoutMs: 5000,
     });
+    expect(() => load(['--qemu-user=a b'])).toThrow(/--qemu-user/);
     expect(() => load(['--state-dir=relative'])).toThrow(/--state-dir/);
     expect(() => load(['--launcher=docker'])).toThrow(/--launcher/);
   });

@@ -147,6 +147,13 @@ export const AgentConfig = z.object({
     .optional()
     .describe('qemu driver: image cache directory; default <state-dir>/images.'),
   qemuBinary: z.string().min(1).default('qemu-system-x86_64').describe('qemu driver: the QEMU system emulator.'),
+  qemuUser: z
+    .string()
+    .regex(/^([a-z_][a-z0-9_-]{0,31}|\d+:\d+)$/, 'a user name or uid:gid')
+    .default('stratus-qemu')
+    .describe(
+      'qemu driver: the unprivileged user QEMU drops to before the guest runs (-runas); a name or uid:gid; root keeps QEMU root. The guest files are owned by it, mode 0600.',
+    ),
   launcher: z
     .enum(['direct', 'systemd'])
     .default('direct')
@@ -453,6 +460,7 @@ export function qemuOptionsFrom(cfg: AgentConfig): QemuDriverOptions {
     accelerator: cfg.accelerator,
     ...(cfg.kvmProbeKernel ? { kvmProbeKernel: cfg.kvmProbeKernel } : {}),
     qemuBinary: cfg.qemuBinary,
+    qemuUser: cfg.qemuUser,
     launcher: cfg.launcher,
     powerOffTimeoutMs: cfg.powerOffTimeoutSeconds * 1000,
     ...(cfg.netns ? { netns: cfg.netns } : {}),

@@ -17,7 +17,7 @@
 //    (network-config v2, network_data.json). With options.netns, QEMU runs in that network namespace (the taps are
 //    there; the e2e tier runs one namespace per simulated node).
 import { constants, createReadStream, createWriteStream } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { createServer, type Server as NetServer, connect as netConnect } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
@@ -78,6 +78,7 @@ import {
   readRecord,
   writeRecord,
 } from './qemu/record.ts';
+import { type QemuUser, resolveQemuUser } from './qemu/user.ts';
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
@@ -119,6 +120,11 @@ export interface QemuDriverOptions {
   netns?: string;
   /** Use vhost-net for the taps (needs /dev/vhost-net in the kernel). Default off. */
   vhostNet?: boolean;
+  /**
+   * The unprivileged user QEMU drops to before the guest runs (-runas uid:gid): a name or uid:gid; root or unset:
+   * QEMU keeps root. The node agent's --qemu-user defaults to stratus-qemu. See drivers/qemu/user.ts.
+   */
+  qemuUser?: string;
 }
 
 /** What the driver needs from the image cache and disk helpers (injected in tests). */
@@ -214,6 +220,8 @@ export class QemuDriver implements HypervisorDriver {
   #images: ImageOps | undefined;
   #launcher: Launcher | undefined;
   #accel: AcceleratorDecision | undefined;
+  /** The user QEMU drops to (undefined: root). */
+  #runAs: QemuUser | undefined;
   #version: string | undefined;
   #cache: 'none' | 'writeback' = 'none';
   readonly #deps: QemuDriverDeps;
@@ -275,6 +283,8 @@ export class QemuDriver implements HypervisorDriver {
         'the state directory refuses O_DIRECT (tmpfs?): guest disks use cache=writeback',
       );
     }
+    this.#runAs = this.#o.qemuUser ? await resolveQemuUser(this.#o.qemuUser) : undefined;
+    if (!this.#runAs) this.#log.warn('QEMU runs as root (--qemu-user=root): guests are not confined to a user');
     this.#version = await (this.#deps.qemuVersion ?? (() => qemuVersion(this.#qemu)))();
     const detect = this.#deps.detectAccelerator ?? detectAccelerator;
     this.#accel = await detect({
@@ -621,6 +631,8 @@ export class QemuDriver implements HypervisorDriver {
           server!.once('error', reject);
           server!.listen(p.migrateSocket, () => resolve());
         });
+        // QEMU no longer runs as root: the socket must be its to connect to.
+        if (this.#runAs) await chown(p.migrateSocket, this.#runAs.uid, this.#runAs.gid);
         const done = live.qmp.waitForEvent('MIGRATION', {
           timeoutMs: this.#startTimeout(),
           predicate: (e) => ['completed', 'failed', 'cancelled'].includes(String(e.data.status)),
@@ -1017,6 +1029,27 @@ export class QemuDriver implements HypervisorDriver {
     await this.#launch(op, rec, o);
   }
 
+  /**
+   * With --qemu-user, the guest directory and the files QEMU uses (disks, seeds, console log) belong to that user and
+   * are readable by it alone (0700/0600); guest.json and qemu.log stay root's. Before every start, so guests made
+   * before the option was set are brought in line too.
+   */
+  async #own(rec: GuestRecord): Promise<void> {
+    const u = this.#runAs;
+    if (!u) return;
+    const p = this.paths(rec.spec.id);
+    await chown(p.dir, u.uid, u.gid);
+    await chmod(p.dir, 0o700);
+    // The console log is created here, so QEMU (root until it drops) never makes it world-readable.
+    await (await open(p.consoleLog, 'a', 0o600)).close();
+    const d = rec.disks;
+    for (const f of [d.root, d.ephemeral, d.swap, d.seed, d.configDrive, p.consoleLog]) {
+      if (!f) continue;
+      await chown(f, u.uid, u.gid);
+      await chmod(f, 0o600);
+    }
+  }
+
   /** Starts QEMU for a guest and waits until it runs. Never starts a second QEMU for the same guest. */
   async #launch(op: DriverOp, rec: GuestRecord, o: { restore?: string } = {}): Promise<Live> {
     const id = rec.spec.id;
@@ -1034,6 +1067,7 @@ export class QemuDriver implements HypervisorDriver {
       for (const f of [p.qmpSocket, p.consoleSocket, p.vncSocket, p.migrateSocket, p.pidFile]) {
         await rm(f, { force: true });
       }
+      await this.#own(rec);
       const args = qemuArgs({
         name: qemuName(rec.spec),
         uuid: id,
@@ -1044,6 +1078,7 @@ export class QemuDriver implements HypervisorDriver {
         ...(this.#o.vnc === false ? {} : { vncSocket: p.vncSocket }),
         serial: { socket: p.consoleSocket, log: p.consoleLog },
         pidFile: p.pidFile,
+        ...(this.#runAs ? { runAs: `${this.#runAs.uid}:${this.#runAs.gid}` } : {}),
         disks: disksOf(rec),
         nics: nicsOf(rec, { vhost: this.#o.vhostNet ?? false }),
         ...(o.restore ? { incoming: 'defer' } : {}),

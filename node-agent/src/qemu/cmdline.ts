@@ -108,9 +108,10 @@ export const QemuSpec = z
     pidFile: absPath('pidFile').optional(),
     daemonize: z.boolean().default(false),
     /** -runas <user>: QEMU drops to this user after init. Prefer spawning as that user (keeps the full sandbox). */
+    /** -runas: a user name or uid:gid (QEMU 7.2 takes both). */
     runAs: z
       .string()
-      .regex(/^[a-z_][a-z0-9_-]{0,31}$/)
+      .regex(/^([a-z_][a-z0-9_-]{0,31}|\d+:\d+)$/)
       .optional(),
     /** seccomp sandbox (-sandbox on,…); see sandboxOptions(). */
     sandbox: z.boolean().default(true),

@@ -273,7 +273,7 @@ describe('node agent (fake driver) against kube-apiserver', () => {
     expect(driver.calls.filter((c) => c.op === 'powerOn' && c.id === uid).length).toBe(startsBefore + 1);
     const e = (await events('web')).find((x) => x.reason === 'GuestCrashed');
     expect(e?.type).toBe('Warning');
-    expect(e?.message).toContain('guest crashed: simulated kernel panic; starting it again');
+    expect(e?.note).toContain('guest crashed: simulated kernel panic; starting it again');
   });
 
   it('after an agent restart it adopts the running guest (no second guest, no restart)', async () => {
