@@ -1,8 +1,9 @@
 import { defineConfig } from 'vitest/config';
 
 // Three tiers, run one at a time by `npm test` (see README):
-//  unit         pure logic, no processes, no network
-//  integration  a real kube-apiserver + etcd (started once per run by the global setup), operator in-process
+//  unit         pure logic, no external binaries (enforced by e2e/testing/unit-setup.ts), no network
+//  integration  a real kube-apiserver + etcd (started once per run by the global setup), operator in-process, and
+//               the tests that run host tools (qemu-img, genisoimage, ssh-keygen, QEMU): a missing tool fails them
 //  e2e          operator and node-agent processes, real QEMU guests and kernel networking (root)
 export default defineConfig({
   test: {
@@ -16,13 +17,19 @@ export default defineConfig({
             'scripts/**/*.test.ts',
             'e2e/**/*.unit.test.ts',
           ],
+          // Makes node:child_process throw in the test worker: the unit tier runs no external binaries.
+          setupFiles: ['e2e/testing/unit-setup.ts'],
           testTimeout: 20_000,
         },
       },
       {
         test: {
           name: 'integration',
-          include: ['operator/test/integration/**/*.test.ts', 'node-agent/test/integration/**/*.test.ts'],
+          include: [
+            'operator/test/integration/**/*.test.ts',
+            'node-agent/test/integration/**/*.test.ts',
+            'e2e/**/*.integration.test.ts',
+          ],
           globalSetup: ['e2e/controlplane/vitest-setup.ts'],
           testTimeout: 180_000,
           hookTimeout: 600_000,

@@ -7,64 +7,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { QmpClient } from '../../node-agent/src/qemu/qmp.ts';
 import { run } from '../controlplane/util.ts';
 import { ensureTestImage, type TestImage } from '../images/build.ts';
 import { staticNetworkConfig, writeSeedIso } from '../images/seed.ts';
+import { waitFor } from '../testing/wait.ts';
 
 const log = (m: string) => console.error(`[guest-image] ${m}`);
 const MAC = 'fa:16:3e:00:00:01';
-
-/** Minimal QMP client: greeting, then one command at a time; events are skipped. */
-async function qmp(socketPath: string, commands: string[]): Promise<unknown[]> {
-  const sock = net.connect(socketPath);
-  const lines: string[] = [];
-  let wake: (() => void) | undefined;
-  let buf = '';
-  sock.setEncoding('utf8');
-  sock.on('data', (chunk: string) => {
-    buf += chunk;
-    for (let i = buf.indexOf('\n'); i >= 0; i = buf.indexOf('\n')) {
-      lines.push(buf.slice(0, i));
-      buf = buf.slice(i + 1);
-    }
-    wake?.();
-  });
-  const closed = new Promise<void>((resolve) => sock.once('close', () => resolve()));
-  sock.on('error', () => wake?.());
-  const next = async (): Promise<Record<string, unknown>> => {
-    const deadline = Date.now() + 10_000;
-    for (;;) {
-      const line = lines.shift();
-      if (line !== undefined) return JSON.parse(line) as Record<string, unknown>;
-      if (Date.now() > deadline || sock.destroyed) throw new Error('QMP: no answer');
-      await new Promise<void>((resolve) => {
-        wake = resolve;
-        setTimeout(resolve, 200);
-      });
-    }
-  };
-  try {
-    const greeting = await next();
-    if (!('QMP' in greeting)) throw new Error(`QMP: unexpected greeting ${JSON.stringify(greeting)}`);
-    const results: unknown[] = [];
-    for (const execute of commands) {
-      sock.write(`${JSON.stringify({ execute })}\n`);
-      for (;;) {
-        const msg = await next();
-        if ('error' in msg) throw new Error(`QMP ${execute}: ${JSON.stringify(msg.error)}`);
-        if ('return' in msg) {
-          results.push(msg.return);
-          break;
-        }
-      }
-    }
-    return results;
-  } finally {
-    sock.end();
-    await Promise.race([closed, sleep(1000)]);
-    sock.destroy();
-  }
-}
 
 async function freePort(): Promise<number> {
   const srv = net.createServer();
@@ -167,14 +117,31 @@ describe('test guest image', () => {
     // The guest's tty turns \n into \r\n.
     const consoleText = async () => (await readFile(consoleLog, 'utf8').catch(() => '')).replaceAll('\r', '');
     const waitConsole = async (needle: string, times: number, timeoutMs: number) => {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const text = await consoleText();
-        if (count(text, needle) >= times) return text;
-        if (qemu!.exitCode !== null || Date.now() > deadline) {
-          throw new Error(`no ${needle} (x${times}); qemu stderr: ${stderr}\nconsole:\n${text.slice(-3000)}`);
-        }
-        await sleep(100);
+      try {
+        return await Promise.race([
+          waitFor(
+            `${needle} (x${times}) on the console`,
+            async () => {
+              const text = await consoleText();
+              return count(text, needle) >= times ? text : undefined;
+            },
+            timeoutMs,
+          ),
+          exited.then((code) => {
+            throw new Error(`qemu exited ${code}; stderr: ${stderr}`);
+          }),
+        ]);
+      } catch (err) {
+        throw new Error(`${String(err)}\nconsole:\n${(await consoleText()).slice(-3000)}`);
+      }
+    };
+    /** One QMP command on a fresh connection (QmpClient negotiates the greeting and capabilities). */
+    const qmp = async (command: (c: QmpClient) => Promise<void>) => {
+      const c = await QmpClient.connect(qmpSock);
+      try {
+        await command(c);
+      } finally {
+        await c.close();
       }
     };
 
@@ -189,13 +156,13 @@ describe('test guest image', () => {
     expect(await readTcp(fwd)).toBe('t-guest\n');
 
     const resetAt = Date.now();
-    await qmp(qmpSock, ['qmp_capabilities', 'system_reset']);
+    await qmp((c) => c.reset());
     text = await waitConsole('STRATUS-GUEST-READY', 2, 120_000);
     log(`READY again ${Date.now() - resetAt} ms after system_reset`);
     expect(count(text, 'USERDATA-RAN-42')).toBe(2);
 
     const powerdownAt = Date.now();
-    await qmp(qmpSock, ['qmp_capabilities', 'system_powerdown']);
+    await qmp((c) => c.powerdown());
     const code = await Promise.race([exited, sleep(30_000).then(() => 'timeout' as const)]);
     log(`QEMU exited ${Date.now() - powerdownAt} ms after system_powerdown`);
     text = await consoleText();

@@ -2,7 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import {
   powerStateOf,
   QmpClient,
@@ -206,13 +206,32 @@ describe('QmpClient', () => {
     await qmp.close();
   });
 
-  it('times out when there is no greeting', async () => {
+  it('times out when there is no greeting: at timeoutMs, not before (fake clock)', async () => {
     server.greet = () => {};
-    const qmp = new QmpClient();
-    const t0 = Date.now();
-    await expect(qmp.connect(server.path, { timeoutMs: 150 })).rejects.toBeInstanceOf(QmpTimeoutError);
-    expect(Date.now() - t0).toBeLessThan(2000);
-    expect(qmp.closed).toBe(true);
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'Date'] });
+    try {
+      const qmp = new QmpClient();
+      let outcome: unknown;
+      void qmp.connect(server.path, { timeoutMs: 150 }).then(
+        () => {
+          outcome = 'connected';
+        },
+        (e: unknown) => {
+          outcome = e;
+        },
+      );
+      // the socket is really connected (I/O is not faked); only the greeting is missing
+      while (server.conns.length === 0) await new Promise((r) => setImmediate(r));
+      await vi.advanceTimersByTimeAsync(149);
+      expect(outcome).toBeUndefined();
+      expect(qmp.closed).toBe(false);
+      await vi.advanceTimersByTimeAsync(1);
+      for (let i = 0; i < 10 && outcome === undefined; i++) await new Promise((r) => setImmediate(r));
+      expect(outcome).toBeInstanceOf(QmpTimeoutError);
+      expect(qmp.closed).toBe(true);
+    } finally {
+      vi.useRealTimers();
+    }
   });
 
   it('times out a command without a reply and drops the late reply', async () => {

@@ -235,6 +235,15 @@ export class Controller {
     return this.#started && !this.#stopping;
   }
 
+  /**
+   * Settle signal for tests and tools: resolves once no key is queued and no reconcile is in flight (an abandoned,
+   * timed-out reconcile counts until it settles). Delayed requeues (requeueAfter, backoff) are future work and do not
+   * count.
+   */
+  idle(): Promise<void> {
+    return this.queue.whenIdle();
+  }
+
   #beginStop(): void {
     if (this.#stopping) return;
     this.#stopping = true;

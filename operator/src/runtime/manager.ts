@@ -176,6 +176,20 @@ export class Manager {
     return [...this.#informers.values()].every((i) => i.healthy());
   }
 
+  /**
+   * Settle signal for tests and tools: resolves once every running controller is idle at the same time (no key
+   * queued, no reconcile in flight; delayed requeues do not count), so work one controller hands another is waited
+   * for too. A test that expects "nothing happens" after a write first waits until the informer has seen the write,
+   * then awaits idle().
+   */
+  async idle(): Promise<void> {
+    for (;;) {
+      const running = this.#controllers.filter((c) => c.isStarted());
+      if (running.every((c) => c.queue.isIdle())) return;
+      await Promise.all(running.map((c) => c.idle()));
+    }
+  }
+
   address(): AddressInfo | undefined {
     const a = this.#server?.address();
     return a && typeof a === 'object' ? a : undefined;

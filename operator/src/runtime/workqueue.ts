@@ -34,6 +34,7 @@ export class WorkQueue implements QueueProgress {
   #waitTimer: { handle: TimerHandle; at: number } | undefined;
   readonly #getters: Array<(key: string | undefined) => void> = [];
   readonly #drainWaiters: Array<() => void> = [];
+  readonly #idleWaiters: Array<() => void> = [];
   #shuttingDown = false;
 
   constructor(opts: WorkQueueOptions = {}) {
@@ -98,9 +99,11 @@ export class WorkQueue implements QueueProgress {
     this.#metrics.workDuration((this.#clock.now() - started) / 1000);
     if (this.#shuttingDown) {
       if (this.#processing.size === 0) for (const w of this.#drainWaiters.splice(0)) w();
+      this.#notifyIdle();
       return;
     }
     if (this.#dirty.has(key)) this.#enqueue(key);
+    this.#notifyIdle();
   }
 
   /** Stops intake: adds are ignored, queued and waiting keys dropped, blocked get() calls resolve undefined. */
@@ -116,6 +119,7 @@ export class WorkQueue implements QueueProgress {
     this.#metrics.depth(0);
     for (const g of this.#getters.splice(0)) g(undefined);
     if (this.#processing.size === 0) for (const w of this.#drainWaiters.splice(0)) w();
+    this.#notifyIdle();
   }
 
   /** shutDown, then wait until every key being processed is done() or deadlineMs passes; true if drained. */
@@ -167,6 +171,24 @@ export class WorkQueue implements QueueProgress {
     let longest = 0;
     for (const started of this.#processing.values()) longest = Math.max(longest, now - started);
     return longest / 1000;
+  }
+
+  /**
+   * Nothing is ready to be handed out and nothing is being processed. Keys delayed by addAfter/addRateLimited are
+   * future work and do not count (see waitingLen()).
+   */
+  isIdle(): boolean {
+    return this.#queue.size === 0 && this.#processing.size === 0;
+  }
+
+  /** Resolves once isIdle() holds (at once if it does now). */
+  whenIdle(): Promise<void> {
+    if (this.isIdle()) return Promise.resolve();
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  #notifyIdle(): void {
+    if (this.#idleWaiters.length > 0 && this.isIdle()) for (const w of this.#idleWaiters.splice(0)) w();
   }
 
   #enqueue(key: string): void {

@@ -90,6 +90,16 @@ async function userPort(name: string, net: string): Promise<Port> {
 
 const getPort = (name: string) => env.client.get<Port>(PORTS, name, env.ns);
 
+/**
+ * "Nothing more happens" without a sleep: waits until the operator's Server informer agrees with `seen` for `name`
+ * (undefined once it saw the delete), then until every controller is idle (no key queued, no reconcile in flight).
+ */
+async function operatorSettled(name: string, seen: (s: Srv | undefined) => boolean): Promise<void> {
+  const mgr = env.operator!.mgr;
+  await waitFor(`the operator to see ${name}`, () => seen(mgr.informer<Srv>(SERVERS).get(name, env.ns)));
+  await mgr.idle();
+}
+
 function waitPort(name: string, what: string, ok: (p: Port) => boolean, timeoutMs = 30_000): Promise<Port> {
   return waitFor(
     `port ${name}: ${what}`,
@@ -306,6 +316,7 @@ describe('a server on existing ports', () => {
     expect(s.status?.fault?.message).toBe('Port shared-p is still in use by server holder');
     expect(condition(s, 'Scheduled')).toMatchObject({ status: 'False', reason: 'PortInUse' });
     expect(s.status?.node).toBeUndefined();
+    await operatorSettled('thief', (x) => x?.status?.status === 'ERROR');
     const after = await getPort('shared-p');
     expect(after.metadata.labels?.[PORT_DEVICE_LABEL]).toBe('holder');
     expect(after.metadata.labels).toEqual(before.metadata.labels);
@@ -314,6 +325,7 @@ describe('a server on existing ports', () => {
     // The refused server's delete does not release the holder's port.
     await env.deleteServer('thief');
     await env.waitServerGone('thief');
+    await operatorSettled('thief', (x) => x === undefined);
     expect((await getPort('shared-p')).metadata.labels?.[PORT_DEVICE_LABEL]).toBe('holder');
   });
 

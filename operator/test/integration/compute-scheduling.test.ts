@@ -3,8 +3,17 @@
 // Nova's NoValidHost fault; server groups are honoured under concurrent creation; a server naming a missing Flavor
 // waits for it.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { waitFor } from '../../../e2e/testing/wait.ts';
 import { SERVER_NODE_LABEL } from '../../src/api/index.ts';
-import { allocatableOf, allocationsByNode, ComputeEnv, condition, type FakeNode, type Srv } from './compute-env.ts';
+import {
+  allocatableOf,
+  allocationsByNode,
+  ComputeEnv,
+  condition,
+  type FakeNode,
+  SERVERS,
+  type Srv,
+} from './compute-env.ts';
 
 const env = new ComputeEnv('sched');
 let burstNodes: FakeNode[];
@@ -79,8 +88,14 @@ describe('burst beyond capacity', () => {
     const failed = byStatus(servers, 'ERROR')[0]!.metadata!.name!;
     const before = await env.server(failed);
     await env.patchServer(failed, { metadata: { annotations: { 'test.stratus.io/touch': '1' } } });
-    // the operator reconciles it (annotations count as a change) and must leave it alone
-    await new Promise((r) => setTimeout(r, 2000));
+    // the operator reconciles it (annotations count as a change) and must leave it alone: wait until its informer
+    // holds the touched server, then until every controller is idle (no key queued, no reconcile in flight)
+    const mgr = env.operator!.mgr;
+    await waitFor(
+      'the operator to see the touch',
+      () => mgr.informer<Srv>(SERVERS).get(failed, env.ns)?.metadata?.annotations?.['test.stratus.io/touch'] === '1',
+    );
+    await mgr.idle();
     const after = await env.server(failed);
     expect(after.status?.actions).toEqual(before.status?.actions);
     expect(after.status?.status).toBe('ERROR');

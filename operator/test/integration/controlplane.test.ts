@@ -4,6 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { ApiException, CoreV1Api, RbacAuthorizationV1Api } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { adminKubeConfig, userKubeConfig } from '../../../e2e/controlplane/testenv.ts';
+import { waitFor } from '../../../e2e/testing/wait.ts';
 
 const suffix = randomBytes(3).toString('hex');
 const created: string[] = [];
@@ -22,13 +23,9 @@ async function statusOf(call: Promise<unknown>): Promise<number> {
   }
 }
 
-/** Polls until `check` returns true, failing with `what` after `timeoutMs`. */
+/** Polls until `check` returns true (e2e/testing/wait.ts), failing with `what` after `timeoutMs`. */
 async function eventually(what: string, check: () => Promise<boolean>, timeoutMs = 60_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs / 1000} s waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
+  await waitFor(what, check, timeoutMs, 250);
 }
 
 async function createNamespace(prefix: string): Promise<string> {

@@ -94,17 +94,18 @@ describe('operator process: failing reconciles', () => {
     const kubeSystem = await client.get(NAMESPACES, 'kube-system');
     expect(kubeSystem.metadata?.labels?.[PROJECT_LABEL]).toBeUndefined();
 
-    // Not retried: no error for it, and once the controller is idle that key is not reconciled again (no backoff loop).
+    // Not retried: once the controller is idle, every reconcile of that key has ended in plain success (no error, no
+    // requeue, no requeueAfter), so nothing is scheduled for it and only a new event could bring it back.
     await op.settle();
-    const reconciles = () => op.logs((l) => typeof l.reconcileID === 'string' && l.key === bad).length;
-    const n = reconciles();
-    expect(n).toBeGreaterThanOrEqual(1);
-    await new Promise((r) => setTimeout(r, 3000));
-    expect(reconciles()).toBe(n);
+    const outcomes = op
+      .logs((l) => typeof l.reconcileID === 'string' && l.key === bad && /^reconcile(r)? /.test(String(l.msg)))
+      .map((l) => l.msg);
+    expect(outcomes.length).toBeGreaterThanOrEqual(1);
+    expect(outcomes).toEqual(outcomes.map(() => 'reconcile succeeded'));
     expect(op.logs((l) => l.level === 'error' && l.key === bad)).toEqual([]);
   });
 
-  it('retries a failing reconcile with growing delays, counts it in metrics and recovers', {
+  it('retries a failing reconcile through the rate limiter, counts it in metrics and recovers', {
     timeout: 120_000,
   }, async () => {
     await client.create(VAP, {
@@ -153,17 +154,14 @@ describe('operator process: failing reconciles', () => {
     const errs = errorsOf();
     expect(errs.slice(0, 11).map((l) => l.retries)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     expect(JSON.stringify(errs[0]!.err)).toContain(`namespaces named ${DENY}-* are refused by a test policy`);
-    // Exponential backoff (5 ms doubling). A single gap can be shorter than its delay (an event for the key
-    // requeues it at once, as in controller-runtime), so assert the trend: the last gaps are far longer than the
-    // first ones, and the delay has reached the seconds range (retry 9 waits 5·2^8 = 1280 ms).
+    // The retry count grows with each failure, so every retry went through the rate limiter (addRateLimited). Its
+    // delays (5 ms doubling) are asserted on a fake clock in operator/src/runtime/controller.test.ts and
+    // ratelimit.test.ts: wall-clock gaps here depend on the host's load, so they are only logged.
     const gaps = errs
       .slice(0, 11)
       .map((l, i, a) => (i === 0 ? 0 : l.t - a[i - 1]!.t))
       .slice(1);
     console.log(`gaps between failed reconciles (ms): ${gaps.join(', ')}`);
-    const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
-    expect(sum(gaps.slice(-3))).toBeGreaterThan(8 * sum(gaps.slice(0, 3)));
-    expect(Math.max(...gaps.slice(-3))).toBeGreaterThanOrEqual(5 * 2 ** 8);
 
     // The failures are visible in the metrics, and keep growing.
     const d = (m: typeof m0, name: string, labels: Record<string, string>) =>

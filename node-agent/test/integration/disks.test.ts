@@ -5,10 +5,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { CachedImage } from './cache.ts';
-import { createBlankDisk, createRootDisk, DiskConflictError, diskInfo } from './disks.ts';
-import { ImageError } from './errors.ts';
+import { requireTools } from '../../../e2e/testing/tools.ts';
+import type { CachedImage } from '../../src/images/cache.ts';
+import { createBlankDisk, createRootDisk, DiskConflictError, diskInfo } from '../../src/images/disks.ts';
+import { ImageError } from '../../src/images/errors.ts';
 
+// Root and blank disks made with the real qemu-img.
+requireTools('qemu-img', 'qemu-io');
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
 const fileSha = async (p: string) =>

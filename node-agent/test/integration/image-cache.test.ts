@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { type FileServer, start } from '../../../e2e/images/serve.ts';
+import { requireTools } from '../../../e2e/testing/tools.ts';
 import {
   type CachedImage,
   cacheKey,
@@ -17,9 +18,10 @@ import {
   ImageError,
   type ImageErrorReason,
   type ImageSource,
-} from './cache.ts';
-import { createRootDisk, diskInfo } from './disks.ts';
+} from '../../src/images/cache.ts';
+import { createRootDisk, diskInfo } from '../../src/images/disks.ts';
 
+requireTools('qemu-img', 'qemu-io');
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
 const sha = (alg: string, b: Uint8Array) => createHash(alg).update(b).digest('hex');

@@ -3,6 +3,9 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { run } from '../controlplane/util.ts';
+import { requireTools } from '../testing/tools.ts';
+
+requireTools('awk');
 
 const script = path.join(path.dirname(fileURLToPath(import.meta.url)), 'guest', 'yaml.awk');
 const flatten = async (yaml: string) => (await run('awk', ['-f', script], { input: yaml })).stdout.trim().split('\n');
