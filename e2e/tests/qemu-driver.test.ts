@@ -118,9 +118,20 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU)', () => {
       sock.once('connect', () => resolve());
       sock.once('error', reject);
     });
-    // end() resolves once the line is handed to the kernel; QEMU reads it from the socket.
-    await new Promise<void>((resolve) => sock.end(`\n${line}\n`, () => resolve()));
-    sock.destroy();
+    // QEMU feeds the guest's UART from the socket only as fast as the guest reads, and closing a socket with unread
+    // data resets it, which drops what QEMU has not read yet: keep it open until the shell has echoed the line.
+    let echoed = '';
+    sock.on('data', (b: Buffer) => {
+      echoed += b.toString('utf8');
+    });
+    sock.write(`\n${line}\n`);
+    try {
+      await waitFor(`the guest shell to echo ${JSON.stringify(line)}`, () =>
+        echoed.replaceAll('\r', '').includes(line),
+      );
+    } finally {
+      sock.destroy();
+    }
   };
 
   beforeAll(async () => {
