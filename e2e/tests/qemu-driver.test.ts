@@ -78,7 +78,14 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
 
   const newDriver = (accelerator: 'auto' | 'tcg' = 'tcg') => {
     const d = new QemuDriver(
-      { stateDir, imageCacheDir, accelerator, powerOffTimeoutMs: 60_000, startTimeoutMs: BOOT_TIMEOUT },
+      {
+        stateDir,
+        imageCacheDir,
+        accelerator,
+        powerOffTimeoutMs: 60_000,
+        startTimeoutMs: BOOT_TIMEOUT,
+        imageUrlPolicy: { allowCidrs: ['127.0.0.0/8'] }, // the image server is on loopback
+      },
       { logger },
     );
     drivers.push(d);
@@ -148,7 +155,13 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU, TCG)', () => {
       process.execPath,
       [
         path.join(import.meta.dirname, 'qemu-driver-agent.ts'),
-        JSON.stringify({ stateDir, imageCacheDir, accelerator: 'tcg', startTimeoutMs: BOOT_TIMEOUT }),
+        JSON.stringify({
+          stateDir,
+          imageCacheDir,
+          accelerator: 'tcg',
+          startTimeoutMs: BOOT_TIMEOUT,
+          imageUrlPolicy: { allowCidrs: ['127.0.0.0/8'] },
+        }),
         JSON.stringify(spec()),
       ],
       { detached: true, stdio: ['ignore', 'pipe', 'inherit'] },

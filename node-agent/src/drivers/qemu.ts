@@ -107,6 +107,8 @@ export interface QemuDriverOptions {
   netns?: string;
   /** Use vhost-net for the taps (needs /dev/vhost-net in the kernel). Default off. */
   vhostNet?: boolean;
+  /** Which addresses image URLs may reach (the image cache's URL guard; default: no loopback/link-local). */
+  imageUrlPolicy?: { allowCidrs?: string[]; denyCidrs?: string[] };
 }
 
 /** What the driver needs from the image cache and disk helpers (injected in tests). */
@@ -235,7 +237,11 @@ export class QemuDriver implements HypervisorDriver {
     const detect = this.#deps.detectAccelerator ?? detectAccelerator;
     this.#accel = await detect({ mode: this.#o.accelerator ?? 'auto', qemuBinary: this.#qemu });
     if (!this.#images && !this.#deps.images) {
-      this.#imageCache = new ImageCache({ dir: this.imageCacheDir, logger: this.#log });
+      this.#imageCache = new ImageCache({
+        dir: this.imageCacheDir,
+        logger: this.#log,
+        ...(this.#o.imageUrlPolicy ? { urlPolicy: this.#o.imageUrlPolicy } : {}),
+      });
     }
     this.#images ??= this.#deps.images ?? {
       ...bindCache(this.#imageCache!),
