@@ -3,8 +3,8 @@
 //  1. one Server through its life: boot (READY + user data on the serial console), stop, start, soft and hard
 //     reboot, pause, unpause, delete (QEMU gone, guest directory removed, finalizers released);
 //  2. three running guests survive a SIGKILL of the agent; a new agent adopts them (same pids, no new boot);
-//  3. bad images (checksum mismatch, not a disk image, bigger than the flavor) put the Server in ERROR with a fault
-//     naming the reason, and leave no guest directory.
+//  3. bad images (checksum mismatch, not a disk image, bigger than the flavor, a URL the image URL guard refuses)
+//     put the Server in ERROR with a fault naming the reason, and leave no guest directory.
 // Every Server has a nodeSelector on this run's label, so other hypervisors of the shared cluster are never chosen.
 // Needs root, qemu-system-x86_64, qemu-img and genisoimage; skipped (with a message) otherwise.
 import { execFileSync } from 'node:child_process';
@@ -293,10 +293,17 @@ describe.skipIf(missing !== undefined)('Servers on QEMU through operator and nod
     await client.create(IMAGES, image('bad-sum', NS, `${files.url}/test.qcow2`, '0'.repeat(64), labels));
     await client.create(IMAGES, image('not-disk', NS, `${files.url}/text.qcow2`, undefined, labels));
     await client.create(IMAGES, image('too-big', NS, `${files.url}/big.qcow2`, undefined, labels));
+    // The agent allows 127.0.0.0/8 (the image server), not the link-local metadata address.
+    const metadata = 'http://169.254.169.254/latest/meta-data/';
+    await client.create(IMAGES, image('metadata', NS, metadata, undefined, labels));
     const cases = [
       { name: 'bad-sum', reason: /checksum mismatch/i },
       { name: 'not-disk', reason: /not a disk image/i },
       { name: 'too-big', reason: /too big/i },
+      {
+        name: 'metadata',
+        reason: `download failed: image ${NS}/metadata: image URL ${metadata} resolves to 169.254.169.254, a link-local address; refused (allow it with --image-url-allow-cidr)`,
+      },
     ];
     const ids = await Promise.all(cases.map((c) => create(`srv-${c.name}`, c.name)));
     for (const [i, c] of cases.entries()) {
