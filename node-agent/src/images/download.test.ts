@@ -115,7 +115,8 @@ describe('ImageCache download: servers that close or reset the connection', () =
   it('survives a Connection: close (HTTP/1.0) server that closes after the body while the body waits unread', async () => {
     // The server sends headers, the whole body and FIN at once. The consumer is held until the connection has
     // ended on the client side, so the body sits unread (backpressure) when the close arrives: the undici of Node
-    // 24.21 (fetch) threw `assert(!this.paused)` from the socket's 'end' handler here (nodejs/undici#5360).
+    // 24.21 (fetch) threw `assert(!this.paused)` from the socket's 'end' handler here (nodejs/undici#5360; 64 KiB
+    // fills its body buffer). The node:http client reads ahead 1 MiB, so its socket reaches the end.
     for (const withLength of [true, false]) {
       const srv = await rawServer((sock) => {
         const length = withLength ? `Content-Length: ${BODY.length}\r\n` : '';
@@ -227,7 +228,7 @@ describe('ImageCache download: HTTP behaviour kept from the fetch-based client',
     const idle = new ImageCache({ dir, urlPolicy: LOOPBACK, idleTimeoutMs: 50 });
     const err = await failure(idle.ensure(source(srv.url)));
     expect(err.reason).toBe('DownloadFailed');
-    expect(err.message).toMatch(/failed after 1000 of 65536 bytes: no data from the server for 50 ms$/);
+    expect(err.message).toMatch(/failed after \d+ of 65536 bytes: no data from the server for 50 ms$/);
     const ac = new AbortController();
     const aborting = new ImageCache({ dir, urlPolicy: LOOPBACK });
     const p = aborting.ensure(source(srv.url), { signal: ac.signal });
