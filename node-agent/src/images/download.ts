@@ -36,16 +36,16 @@ function pinnedLookup(addrs: ResolvedAddress[]): LookupFunction {
     const wanted =
       options.family === 4 || options.family === 6 ? addrs.filter((a) => a.family === options.family) : addrs;
     if (wanted.length === 0) {
-      const err = Object.assign(new Error(`no IPv${options.family} address among the vetted ones`), {
-        code: 'ENOTFOUND',
-      });
-      cb(err, undefined);
-    } else if (options.all)
+      const err = new Error(`no IPv${options.family} address among the vetted ones`);
+      cb(Object.assign(err, { code: 'ENOTFOUND' }), undefined);
+    } else if (options.all) {
       cb(
         null,
         wanted.map((a) => ({ address: a.address, family: a.family })),
       );
-    else cb(null, wanted[0]!.address, wanted[0]!.family);
+    } else {
+      cb(null, wanted[0]!.address, wanted[0]!.family);
+    }
   };
 }
 
