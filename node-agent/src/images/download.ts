@@ -5,7 +5,7 @@
 // Every hop (the URL and each redirect) is vetted by the UrlGuard and connected to the addresses it vetted; every
 // error of the request, the socket and the response ends in a rejected promise or an errored body stream, never in
 // an uncaught exception.
-import http, { type IncomingMessage } from 'node:http';
+import http, { type IncomingMessage, type RequestOptions } from 'node:http';
 import https from 'node:https';
 import type { LookupFunction } from 'node:net';
 import type { ResolvedAddress, UrlGuard } from './urlguard.ts';
@@ -53,7 +53,8 @@ function requestOnce(url: URL, addrs: ResolvedAddress[], o: HttpGetOptions): Pro
   const idle = o.idleTimeoutMs ?? 300_000;
   return new Promise<IncomingMessage>((resolve, reject) => {
     const mod = url.protocol === 'https:' ? https : http;
-    const req = mod.request(url, {
+    // highWaterMark: node:http honours it for the socket and the response (not in @types/node's RequestOptions).
+    const options: RequestOptions & { highWaterMark: number } = {
       method: 'GET',
       headers: o.headers ?? {},
       // A connection of its own: no pooled socket that was connected for another lookup.
@@ -63,7 +64,8 @@ function requestOnce(url: URL, addrs: ResolvedAddress[], o: HttpGetOptions): Pro
       timeout: idle,
       // Reads ahead up to 1 MiB while the consumer writes to disk (fewer pauses of the socket than the default).
       highWaterMark: 1024 * 1024,
-    });
+    };
+    const req = mod.request(url, options);
     let response: IncomingMessage | undefined;
     // Stays attached for the life of the request: a socket error after the response must not go unhandled.
     req.on('error', reject);
