@@ -170,6 +170,8 @@ export function agentArgs(o: AgentProcOptions): string[] {
     '--metrics-port=0',
     '--heartbeat-seconds=2',
     '--power-off-timeout-seconds=30',
+    // The tests' image server (e2e/images/serve.ts) listens on loopback, which image URLs may not reach by default.
+    '--image-url-allow-cidr=127.0.0.0/8',
     ...(o.netns !== undefined ? [`--netns=${o.netns}`] : []),
     ...(o.hostIP !== undefined ? [`--host-ip=${o.hostIP}`] : []),
     ...(o.networkBackend !== undefined ? [`--network-backend=${o.networkBackend}`] : []),

@@ -254,7 +254,14 @@ describe.skipIf(skipReason !== undefined)('QEMU guest NICs in a node network nam
 
   const newDriver = (netns: string) => {
     const d = new QemuDriver(
-      { stateDir, accelerator: 'tcg', netns, startTimeoutMs: BOOT_TIMEOUT, powerOffTimeoutMs: 30_000 },
+      {
+        stateDir,
+        accelerator: 'tcg',
+        netns,
+        startTimeoutMs: BOOT_TIMEOUT,
+        powerOffTimeoutMs: 30_000,
+        imageUrlPolicy: { allowCidrs: ['127.0.0.0/8'] }, // the image server is on loopback
+      },
       { logger },
     );
     drivers.push(d);

@@ -91,6 +91,7 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU)', () => {
     acceleratorCacheFile: path.join(work, 'kvm-probe.json'),
     powerOffTimeoutMs: 60_000,
     startTimeoutMs: BOOT_TIMEOUT,
+    imageUrlPolicy: { allowCidrs: ['127.0.0.0/8'] }, // the image server is on loopback
   });
   const newDriver = () => {
     const d = new QemuDriver(driverOptions(), { logger });

@@ -3,13 +3,15 @@
 //  1. one Server through its life: boot (READY + user data on the serial console), stop, start, soft and hard
 //     reboot, pause, unpause, delete (QEMU gone, guest directory removed, finalizers released);
 //  2. three running guests survive a SIGKILL of the agent; a new agent adopts them (same pids, no new boot);
-//  3. bad images (checksum mismatch, not a disk image, bigger than the flavor) put the Server in ERROR with a fault
-//     naming the reason, and leave no guest directory.
+//  3. bad images (checksum mismatch, not a disk image, bigger than the flavor, a URL the image URL guard refuses)
+//     put the Server in ERROR with a fault naming the reason, and leave no guest directory; an HTTP/1.0 server
+//     that closes the connection after the body leaves the agent process running.
 // Every Server has a nodeSelector on this run's label, so other hypervisors of the shared cluster are never chosen.
 // Needs root, qemu-system-x86_64, qemu-img and genisoimage; skipped (with a message) otherwise.
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { type AddressInfo, createServer as createNetServer } from 'node:net';
 import path from 'node:path';
 import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -303,10 +305,33 @@ describe.skipIf(missing !== undefined)('Servers on QEMU through operator and nod
     await client.create(IMAGES, image('bad-sum', NS, `${files.url}/test.qcow2`, '0'.repeat(64), labels));
     await client.create(IMAGES, image('not-disk', NS, `${files.url}/text.qcow2`, undefined, labels));
     await client.create(IMAGES, image('too-big', NS, `${files.url}/big.qcow2`, undefined, labels));
+    // The agent allows 127.0.0.0/8 (the image server), not the link-local metadata address.
+    const metadata = 'http://169.254.169.254/latest/meta-data/';
+    await client.create(IMAGES, image('metadata', NS, metadata, undefined, labels));
+    // An HTTP/1.0 server that closes the connection after the body (as python3 -m http.server does; the agent's
+    // former fetch client could end the agent process on it, nodejs/undici#5360). The wrong checksum stops the
+    // spawn right after a complete download.
+    const agentPid = agent!.pid;
+    const data = await readFile(img.path);
+    const http10 = createNetServer((sock) => {
+      sock.on('error', () => {});
+      sock.once('data', () => {
+        sock.write(`HTTP/1.0 200 OK\r\nContent-Length: ${data.length}\r\nConnection: close\r\n\r\n`);
+        sock.end(data);
+      });
+    });
+    await new Promise<void>((r) => http10.listen(0, '127.0.0.1', r));
+    const http10Url = `http://127.0.0.1:${(http10.address() as AddressInfo).port}/test.qcow2`;
+    await client.create(IMAGES, image('http10', NS, http10Url, '0'.repeat(64), labels));
     const cases = [
       { name: 'bad-sum', reason: /checksum mismatch/i },
       { name: 'not-disk', reason: /not a disk image/i },
       { name: 'too-big', reason: /too big/i },
+      { name: 'http10', reason: `sha256 of the ${data.length} bytes downloaded from ${http10Url} is ${img.sha256}` },
+      {
+        name: 'metadata',
+        reason: `download failed: image ${NS}/metadata: image URL ${metadata} resolves to 169.254.169.254, a link-local address; refused (allow it with --image-url-allow-cidr)`,
+      },
     ];
     const ids = await Promise.all(cases.map((c) => create(`srv-${c.name}`, c.name)));
     for (const [i, c] of cases.entries()) {
@@ -324,5 +349,8 @@ describe.skipIf(missing !== undefined)('Servers on QEMU through operator and nod
       expect(existsSync(guestDir(stateDir, ids[i]!))).toBe(false);
     }
     expect(await readdir(path.join(stateDir, 'guests')).catch(() => [])).toEqual([]);
+    expect(agent!.running).toBe(true);
+    expect(agent!.pid).toBe(agentPid);
+    http10.close();
   });
 });

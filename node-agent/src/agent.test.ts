@@ -64,6 +64,16 @@ describe('AgentConfig', () => {
     });
     expect(() => load(['--qemu-user=a b'])).toThrow(/--qemu-user/);
     expect(() => load(['--state-dir=relative'])).toThrow(/--state-dir/);
+    expect(
+      qemuOptionsFrom(
+        load([
+          '--image-url-allow-cidr=127.0.0.0/8',
+          '--image-url-allow-cidr=::1',
+          '--image-url-deny-cidr=10.96.0.0/12,10.244.0.0/16',
+        ]),
+      ).imageUrlPolicy,
+    ).toEqual({ allowCidrs: ['127.0.0.0/8', '::1'], denyCidrs: ['10.96.0.0/12', '10.244.0.0/16'] });
+    expect(() => load(['--image-url-deny-cidr=10.0.0.0/33'])).toThrow(/--image-url-deny-cidr.*must be a CIDR/);
     expect(() => load(['--launcher=docker'])).toThrow(/--launcher/);
   });
 

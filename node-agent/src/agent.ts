@@ -19,6 +19,7 @@ import { FakeDriverOptions } from './drivers/fake.ts';
 import { createDriver, DRIVER_NAMES } from './drivers/index.ts';
 import type { QemuDriverOptions } from './drivers/qemu.ts';
 import { HypervisorReporter } from './hypervisor.ts';
+import { parseCidr } from './images/urlguard.ts';
 import type { NetworkBackend } from './network/backend.ts';
 import { NetworkController } from './network/controller.ts';
 import { BACKEND_NAMES, type BackendName } from './network/index.ts';
@@ -29,6 +30,17 @@ export const ZONE_LABEL = 'topology.kubernetes.io/zone';
 const DNS1123_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 const fakeOps = FakeDriverOptions.shape;
+const cidr = z.string().refine(
+  (c) => {
+    try {
+      parseCidr(c);
+      return true;
+    } catch {
+      return false;
+    }
+  },
+  { message: 'must be a CIDR (address/prefix) or an address' },
+);
 
 /** Flags (--node-name=x) and environment (STRATUS_NODE_NAME=x); see `node node-agent/src/main.ts --help`. */
 export const AgentConfig = z.object({
@@ -153,6 +165,18 @@ export const AgentConfig = z.object({
     .default('stratus-qemu')
     .describe(
       'qemu driver: the unprivileged user QEMU drops to before the guest runs (-runas); a name or uid:gid; root keeps QEMU root. The guest files are owned by it, mode 0600.',
+    ),
+  imageUrlAllowCidr: z
+    .array(cidr)
+    .default([])
+    .describe(
+      'qemu driver: addresses image URLs may reach although denied (CIDRs; repeatable or comma separated), e.g. 127.0.0.0/8 for an image server on loopback. Wins over every denied range.',
+    ),
+  imageUrlDenyCidr: z
+    .array(cidr)
+    .default([])
+    .describe(
+      "qemu driver: addresses image URLs may not reach besides loopback, link-local and unspecified ones (CIDRs; repeatable or comma separated): the cluster's service and pod ranges (the Helm chart fills them in).",
     ),
   launcher: z
     .enum(['direct', 'systemd'])
@@ -464,5 +488,8 @@ export function qemuOptionsFrom(cfg: AgentConfig): QemuDriverOptions {
     launcher: cfg.launcher,
     powerOffTimeoutMs: cfg.powerOffTimeoutSeconds * 1000,
     ...(cfg.netns ? { netns: cfg.netns } : {}),
+    ...(cfg.imageUrlAllowCidr.length > 0 || cfg.imageUrlDenyCidr.length > 0
+      ? { imageUrlPolicy: { allowCidrs: cfg.imageUrlAllowCidr, denyCidrs: cfg.imageUrlDenyCidr } }
+      : {}),
   };
 }

@@ -18,6 +18,7 @@ import {
   qemuOptionsFrom,
 } from './agent.ts';
 import { createDriver } from './drivers/index.ts';
+import { installLastResort } from './lastresort.ts';
 import type { NetworkBackend } from './network/backend.ts';
 import { hostExec } from './network/exec.ts';
 import { createBackend } from './network/index.ts';
@@ -42,6 +43,9 @@ async function main(): Promise<void> {
     throw e;
   }
   const log = createLogger({ level: cfg.logLevel, name: 'stratus-node-agent' });
+  // Errors no code path caught: a lost promise is logged and the agent goes on; an uncaught exception is logged at
+  // fatal level and ends the process (guests keep running). Why: lastresort.ts.
+  installLastResort(log);
   const kc = new KubeConfig();
   if (cfg.kubeconfig) kc.loadFromFile(cfg.kubeconfig);
   else kc.loadFromDefault();

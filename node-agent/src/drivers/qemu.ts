@@ -125,6 +125,8 @@ export interface QemuDriverOptions {
    * QEMU keeps root. The node agent's --qemu-user defaults to stratus-qemu. See drivers/qemu/user.ts.
    */
   qemuUser?: string;
+  /** Which addresses image URLs may reach (the image cache's URL guard; default: no loopback/link-local). */
+  imageUrlPolicy?: { allowCidrs?: string[]; denyCidrs?: string[] };
 }
 
 /** What the driver needs from the image cache and disk helpers (injected in tests). */
@@ -296,7 +298,11 @@ export class QemuDriver implements HypervisorDriver {
     });
     this.#log.info(this.#accel, 'accelerator');
     if (!this.#images && !this.#deps.images) {
-      this.#imageCache = new ImageCache({ dir: this.imageCacheDir, logger: this.#log });
+      this.#imageCache = new ImageCache({
+        dir: this.imageCacheDir,
+        logger: this.#log,
+        ...(this.#o.imageUrlPolicy ? { urlPolicy: this.#o.imageUrlPolicy } : {}),
+      });
     }
     this.#images ??= this.#deps.images ?? {
       ...bindCache(this.#imageCache!),

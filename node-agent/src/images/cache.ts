@@ -9,15 +9,19 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, statfs } from 'node:fs/promises';
+import type { IncomingMessage } from 'node:http';
 import { join, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import type { Logger } from 'pino';
 import * as z from 'zod';
+import { httpGet } from './download.ts';
 import { ImageError } from './errors.ts';
 import { checkDeclaredFormat, HEAD_BYTES, judge } from './inspect.ts';
 import { QemuImgError, qemuImg, qemuImgInfo } from './qemuimg.ts';
+import { UrlGuard, type UrlPolicyOptions, UrlRefusedError } from './urlguard.ts';
 
 export { ImageError, type ImageErrorReason } from './errors.ts';
+export type { UrlPolicyOptions } from './urlguard.ts';
 
 export interface ImageSource {
   /** The Image object. */
@@ -52,7 +56,13 @@ export interface ImageCacheOptions {
   logger?: Logger;
   /** Bytes that must stay free in `dir` after a download (NoSpace otherwise). Default 0. */
   minFreeBytes?: number;
-  fetch?: typeof fetch;
+  /**
+   * Which hosts image URLs may reach (see urlguard.ts). Default: loopback, link-local and unspecified addresses are
+   * refused; the agent adds --image-url-allow-cidr and --image-url-deny-cidr.
+   */
+  urlPolicy?: UrlPolicyOptions;
+  /** A download fails when the server sends nothing for this long (default 300 s). */
+  idleTimeoutMs?: number;
   now?: () => number;
   /** Free bytes of the filesystem holding `dir`; default statfs (bavail × bsize). For tests. */
   freeBytes?: (dir: string) => Promise<number>;
@@ -171,7 +181,8 @@ export class ImageCache {
   readonly dir: string;
   private readonly log: Logger | undefined;
   private readonly minFreeBytes: number;
-  private readonly fetchFn: typeof fetch;
+  private readonly guard: UrlGuard;
+  private readonly idleTimeoutMs: number | undefined;
   private readonly now: () => number;
   private readonly freeBytesFn: (dir: string) => Promise<number>;
   private readonly flights = new Map<string, Flight>();
@@ -181,7 +192,8 @@ export class ImageCache {
     this.dir = resolve(opts.dir);
     this.log = opts.logger?.child({ component: 'image-cache' });
     this.minFreeBytes = opts.minFreeBytes ?? 0;
-    this.fetchFn = opts.fetch ?? fetch;
+    this.guard = new UrlGuard(opts.urlPolicy);
+    this.idleTimeoutMs = opts.idleTimeoutMs;
     this.now = opts.now ?? Date.now;
     this.freeBytesFn =
       opts.freeBytes ??
@@ -517,36 +529,43 @@ export class ImageCache {
     signal: AbortSignal,
     what: string,
   ): Promise<{ bytes: number; sha256: string; declared: string }> {
-    let res: Response;
+    let res: IncomingMessage;
+    let from = src.url;
     try {
-      res = await this.fetchFn(url, { signal, redirect: 'follow', headers: { 'accept-encoding': 'identity' } });
+      const got = await httpGet(url, {
+        guard: this.guard,
+        signal,
+        headers: { 'accept-encoding': 'identity', 'user-agent': 'stratus-node-agent' },
+        ...(this.idleTimeoutMs !== undefined ? { idleTimeoutMs: this.idleTimeoutMs } : {}),
+      });
+      res = got.res;
+      if (got.url.href !== url.href) from = `${src.url} (redirected to ${got.url.href})`;
     } catch (err) {
       if (signal.aborted) throw signal.reason;
+      if (err instanceof UrlRefusedError) throw new ImageError('DownloadFailed', `${what}: ${err.message}`);
       throw new ImageError('DownloadFailed', `${what}: GET ${src.url} failed: ${describeError(err)}`, {
         cause: err,
       });
     }
-    const from = res.url && res.url !== url.href ? `${src.url} (redirected to ${res.url})` : src.url;
-    const body = res.body;
-    if (!res.ok || !body) {
-      await body?.cancel().catch(() => {});
+    const status = res.statusCode ?? 0;
+    if (status < 200 || status > 299 || status === 204 || status === 205) {
+      res.destroy();
       throw new ImageError(
         'DownloadFailed',
-        res.ok
-          ? `${what}: GET ${from} answered ${res.status} without a body`
-          : `${what}: GET ${from} answered HTTP ${res.status}${res.statusText ? ` ${res.statusText}` : ''}`,
+        status < 300
+          ? `${what}: GET ${from} answered ${status} without a body`
+          : `${what}: GET ${from} answered HTTP ${status}${res.statusMessage ? ` ${res.statusMessage}` : ''}`,
       );
     }
-    const lengthHeader = res.headers.get('content-length');
+    const lengthHeader = res.headers['content-length'];
     const length = lengthHeader && /^\d+$/.test(lengthHeader) ? Number(lengthHeader) : undefined;
-    const encoding = res.headers.get('content-encoding');
-    const encoded = !!encoding && encoding.toLowerCase() !== 'identity';
     try {
       await this.checkSpace(length ?? 0, `for the ${length === undefined ? '' : `${length} `}bytes of ${from}`, what);
     } catch (err) {
-      await body.cancel().catch(() => {});
+      res.destroy();
       throw err;
     }
+    const body = res;
     const sha256 = createHash('sha256');
     const other = src.checksum?.algorithm === 'sha512' ? createHash('sha512') : undefined;
     let bytes = 0;
@@ -570,6 +589,7 @@ export class ImageCache {
         { signal },
       );
     } catch (err) {
+      res.destroy();
       if (signal.aborted) throw signal.reason;
       if (err instanceof ImageError || isNoSpace(err)) throw err;
       throw new ImageError(
@@ -578,10 +598,12 @@ export class ImageCache {
         { cause: err },
       );
     }
-    if (length !== undefined && !encoded && bytes !== length) {
+    if (!res.complete || (length !== undefined && bytes !== length)) {
       throw new ImageError(
         'DownloadFailed',
-        `${what}: downloading ${from} ended after ${bytes} bytes, but Content-Length is ${length}`,
+        length === undefined
+          ? `${what}: downloading ${from} ended after ${bytes} bytes, before the end of the body`
+          : `${what}: downloading ${from} ended after ${bytes} bytes, but Content-Length is ${length}`,
       );
     }
     const hex = sha256.digest('hex');

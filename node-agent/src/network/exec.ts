@@ -56,6 +56,10 @@ export function hostExec(netns?: string): Exec {
             else resolve({ stdout, stderr });
           },
         );
+        // A child that exits without reading its input (ip netns exec of a missing namespace, a tool that fails
+        // at once) makes the write fail with EPIPE: an 'error' on stdin that, unhandled, would end the agent. The
+        // command's own failure reaches the callback above.
+        child.stdin?.on('error', () => {});
         if (opts.input !== undefined) child.stdin?.end(opts.input);
         else child.stdin?.end();
       });

@@ -340,6 +340,32 @@ describe('QmpClient', () => {
     await qmp.close();
   });
 
+  it('a throwing event listener or predicate fails its own wait or the connection, never the process', async () => {
+    server.handler = (msg, conn) => {
+      conn.reply(msg);
+      if (msg.execute === 'stop') conn.event('STOP');
+      if (msg.execute === 'cont') conn.event('RESUME');
+    };
+    const qmp = await QmpClient.connect(server.path);
+    const wait = qmp.waitForEvent('STOP', {
+      timeoutMs: 1000,
+      predicate: () => {
+        throw new Error('bad predicate');
+      },
+    });
+    await qmp.stop();
+    await expect(wait).rejects.toThrow('bad predicate');
+    expect(qmp.closed).toBe(false);
+    // A listener that throws closes the connection with the error (its owner reconnects).
+    qmp.on('event', (e) => {
+      if (e.event === 'RESUME') throw new Error('listener bug');
+    });
+    const closed = new Promise<Error>((resolve) => qmp.once('close', resolve));
+    await qmp.cont().catch(() => {}); // the reply may or may not arrive before the close
+    expect((await closed).message).toBe("QMP: an 'event' listener failed on RESUME: listener bug");
+    expect(qmp.closed).toBe(true);
+  });
+
   it('sends the power helpers as the right commands; quit tolerates the connection dropping', async () => {
     server.handler = (msg, conn) => {
       if (msg.execute === 'quit') {

@@ -284,7 +284,17 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     const timeoutMs = options.timeoutMs ?? this.commandTimeoutMs;
     return new Promise<QmpEvent>((resolve, reject) => {
       const onEvent = (e: QmpEvent) => {
-        if (e.event !== name || (options.predicate && !options.predicate(e))) return;
+        if (e.event !== name) return;
+        let match = true;
+        try {
+          match = !options.predicate || options.predicate(e);
+        } catch (err) {
+          // A predicate that throws fails this wait, not the socket's data handler (and with it the process).
+          cleanup();
+          reject(err);
+          return;
+        }
+        if (!match) return;
         cleanup();
         resolve(e);
       };
@@ -408,11 +418,18 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     }
     if (typeof m.event === 'string') {
       const ts = (m.timestamp ?? {}) as { seconds?: number; microseconds?: number };
-      this.emit('event', {
-        event: m.event,
-        data: (m.data ?? {}) as Record<string, unknown>,
-        timestamp: { seconds: ts.seconds ?? -1, microseconds: ts.microseconds ?? -1 },
-      });
+      try {
+        this.emit('event', {
+          event: m.event,
+          data: (m.data ?? {}) as Record<string, unknown>,
+          timestamp: { seconds: ts.seconds ?? -1, microseconds: ts.microseconds ?? -1 },
+        });
+      } catch (err) {
+        // A listener that throws would otherwise throw out of the socket's 'data' handler and end the process. The
+        // connection is closed with the error instead: its owner sees 'close' and reconnects (events may be lost).
+        const why = err instanceof Error ? err.message : String(err);
+        this.#shutdown(new Error(`QMP: an 'event' listener failed on ${m.event}: ${why}`, { cause: err }));
+      }
       return;
     }
     if ('return' in m || 'error' in m) {

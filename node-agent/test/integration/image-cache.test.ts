@@ -23,6 +23,8 @@ import { createRootDisk, diskInfo } from '../../src/images/disks.ts';
 
 requireTools('qemu-img', 'qemu-io');
 const run = promisify(execFile);
+/** The test file server listens on loopback, which image URLs may not reach unless allowed. */
+const LOOPBACK = { allowCidrs: ['127.0.0.0/8'] };
 const MiB = 1024 * 1024;
 const sha = (alg: string, b: Uint8Array) => createHash(alg).update(b).digest('hex');
 
@@ -107,7 +109,7 @@ describe('ImageCache.ensure', () => {
   it('downloads a good image once for 5 concurrent ensures, then serves it from the cache', async () => {
     const dir = await newDir();
     let now = 1_000;
-    const cache = new ImageCache({ dir, now: () => now });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir, now: () => now });
     const src = source('good.qcow2', 'qcow2');
     const before = gets('good.qcow2');
     const results = await Promise.all(Array.from({ length: 5 }, () => cache.ensure(src)));
@@ -135,7 +137,7 @@ describe('ImageCache.ensure', () => {
 
     // A restarted agent (new instance) reuses it and removes a leftover temporary file.
     await writeFile(path.join(dir, `.dl-${img.key}-deadbeef`), 'partial');
-    const again = new ImageCache({ dir });
+    const again = new ImageCache({ urlPolicy: LOOPBACK, dir });
     expect(await again.ensure(src)).toEqual(img);
     expect(gets('good.qcow2') - before).toBe(1);
     expect(await readdir(dir)).not.toContain(`.dl-${img.key}-deadbeef`);
@@ -144,7 +146,7 @@ describe('ImageCache.ensure', () => {
 
   it('downloads again when the cached file was altered', async () => {
     const dir = await newDir();
-    const cache = new ImageCache({ dir });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
     const src = source('disk.raw', 'raw');
     const img = await cache.ensure(src);
     expect(img).toMatchObject({ format: 'raw', sourceFormat: 'raw', virtualSize: MiB });
@@ -155,7 +157,7 @@ describe('ImageCache.ensure', () => {
   });
 
   it('verifies sha512 and works without a checksum (key from the URL)', async () => {
-    const cache = new ImageCache({ dir: await newDir() });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir: await newDir() });
     const src512 = source('disk.raw', 'raw', {
       checksum: { algorithm: 'sha512', value: digests['disk.raw']!.sha512 },
     });
@@ -168,7 +170,7 @@ describe('ImageCache.ensure', () => {
 
   it('refuses a checksum mismatch and shows expected vs actual', async () => {
     const dir = await newDir();
-    const cache = new ImageCache({ dir });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
     srv.setFault('good.qcow2', 'corrupt');
     const src = source('good.qcow2', 'qcow2');
     const { reason, message } = await refusal(cache.ensure(src));
@@ -182,7 +184,7 @@ describe('ImageCache.ensure', () => {
 
   it('refuses a text file declared qcow2 and an HTML page declared raw as NotADiskImage', async () => {
     const dir = await newDir();
-    const cache = new ImageCache({ dir });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
     const text = await refusal(cache.ensure(source('notes.txt', 'qcow2')));
     expect(text).toEqual({
       reason: 'NotADiskImage',
@@ -200,7 +202,7 @@ describe('ImageCache.ensure', () => {
 
   it('refuses format mismatches both ways, and ISO unless declared iso', async () => {
     const dir = await newDir();
-    const cache = new ImageCache({ dir });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
     expect(await refusal(cache.ensure(source('disk.raw', 'qcow2')))).toEqual({
       reason: 'FormatMismatch',
       message:
@@ -221,7 +223,7 @@ describe('ImageCache.ensure', () => {
 
   it('refuses an image with a backing file, and aki before downloading', async () => {
     const dir = await newDir();
-    const cache = new ImageCache({ dir });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
     const { reason, message } = await refusal(cache.ensure(source('overlay.qcow2', 'qcow2')));
     expect(reason).toBe('NotADiskImage');
     expect(message).toMatch(/has a backing file \(".*good\.qcow2"\); images must be self-contained/);
@@ -233,7 +235,7 @@ describe('ImageCache.ensure', () => {
 
   it('fails 404, 500 and unreachable servers with DownloadFailed', async () => {
     const dir = await newDir();
-    const cache = new ImageCache({ dir });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
     srv.setFault('good.qcow2', 'notfound');
     expect(await refusal(cache.ensure(source('good.qcow2', 'qcow2')))).toEqual({
       reason: 'DownloadFailed',
@@ -249,14 +251,14 @@ describe('ImageCache.ensure', () => {
     await new Promise((r) => closed.close(r));
     const dead = source('good.qcow2', 'qcow2', { url: `http://127.0.0.1:${port}/good.qcow2` });
     expect((await refusal(cache.ensure(dead))).message).toBe(
-      `image tenant-a/good-qcow2: GET http://127.0.0.1:${port}/good.qcow2 failed: fetch failed (connect ECONNREFUSED 127.0.0.1:${port})`,
+      `image tenant-a/good-qcow2: GET http://127.0.0.1:${port}/good.qcow2 failed: connect ECONNREFUSED 127.0.0.1:${port}`,
     );
     expect(await readdir(dir)).toEqual([]);
   });
 
   it('fails a truncated download (Content-Length larger than the body) and leaves no partial file', async () => {
     const dir = await newDir();
-    const cache = new ImageCache({ dir });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
     srv.setFault('good.qcow2', 'truncate');
     const { reason, message } = await refusal(cache.ensure(source('good.qcow2', 'qcow2')));
     expect(reason).toBe('DownloadFailed');
@@ -271,7 +273,7 @@ describe('ImageCache.ensure', () => {
     await new Promise<void>((r) => redirector.listen(0, '127.0.0.1', r));
     try {
       const port = (redirector.address() as AddressInfo).port;
-      const cache = new ImageCache({ dir: await newDir() });
+      const cache = new ImageCache({ urlPolicy: LOOPBACK, dir: await newDir() });
       const img = await cache.ensure(source('disk.raw', 'raw', { url: `http://127.0.0.1:${port}/disk.raw` }));
       expect(img.sha256).toBe(digests['disk.raw']!.sha256);
       srv.setFault('disk.raw', 'notfound');
@@ -285,11 +287,11 @@ describe('ImageCache.ensure', () => {
 
   it('refuses to download without space: minFreeBytes, and Content-Length against statfs', async () => {
     const dir = await newDir();
-    const huge = new ImageCache({ dir, minFreeBytes: Number.MAX_SAFE_INTEGER });
+    const huge = new ImageCache({ urlPolicy: LOOPBACK, dir, minFreeBytes: Number.MAX_SAFE_INTEGER });
     const a = await refusal(huge.ensure(source('good.qcow2', 'qcow2')));
     expect(a.reason).toBe('NoSpace');
     expect(a.message).toMatch(/not enough disk space in .* kept free \(minFreeBytes\)/);
-    const small = new ImageCache({ dir, minFreeBytes: 1000, freeBytes: async () => 100 * 1024 });
+    const small = new ImageCache({ urlPolicy: LOOPBACK, dir, minFreeBytes: 1000, freeBytes: async () => 100 * 1024 });
     const b = await refusal(small.ensure(source('good.qcow2', 'qcow2')));
     expect(b.reason).toBe('NoSpace');
     expect(b.message).toContain(`for the ${digests['good.qcow2']!.size} bytes of`);
@@ -299,7 +301,7 @@ describe('ImageCache.ensure', () => {
 
   it('converts vmdk and vdi to qcow2, with the same disk contents', async () => {
     const dir = await newDir();
-    const cache = new ImageCache({ dir });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
     for (const [file, fmt, detected] of [
       ['good.vmdk', 'vmdk', 'vmdk'],
       ['good.vdi', 'vdi', 'vdi'],
@@ -315,22 +317,22 @@ describe('ImageCache.ensure', () => {
   });
 
   it('honours abort: a shared download survives one caller aborting, stops when all have', async () => {
-    let requests = 0;
-    // A server that sends 64 KiB and then stalls until the request is aborted.
-    const stalling: typeof fetch = async (_url, init) => {
-      requests++;
-      const signal = init?.signal ?? undefined;
-      const body = new ReadableStream<Uint8Array>({
-        start(c) {
-          c.enqueue(new Uint8Array(64 * 1024));
-          signal?.addEventListener('abort', () => c.error(signal.reason));
-        },
-      });
-      return new Response(body, { status: 200, headers: { 'content-length': String(MiB) } });
-    };
+    // A server that sends 64 KiB of a 1 MiB body and then stalls (or, for /short, ends the connection).
+    const stalled: http.ServerResponse[] = [];
+    const stalling = http.createServer((req, res) => {
+      res.writeHead(200, { 'content-length': String(MiB) });
+      if (req.url === '/short') {
+        res.write(new Uint8Array(64 * 1024), () => res.socket?.end());
+        return;
+      }
+      stalled.push(res);
+      res.write(new Uint8Array(64 * 1024));
+    });
+    await new Promise<void>((r) => stalling.listen(0, '127.0.0.1', r));
+    const base = `http://127.0.0.1:${(stalling.address() as AddressInfo).port}`;
     const dir = await newDir();
-    const cache = new ImageCache({ dir, fetch: stalling });
-    const src = source('disk.raw', 'raw');
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
+    const src = source('disk.raw', 'raw', { url: `${base}/disk.raw` });
     const a = new AbortController();
     const b = new AbortController();
     const pa = cache.ensure(src, { signal: a.signal });
@@ -342,19 +344,23 @@ describe('ImageCache.ensure', () => {
     b.abort(new Error('b gave up'));
     await expect(pb).rejects.toThrow('b gave up');
     await vi.waitFor(async () => expect(await readdir(dir)).toEqual([]));
-    expect(requests).toBe(1);
-    // A body that ends early without an error is caught by the Content-Length check.
-    const short: typeof fetch = async () =>
-      new Response(new Uint8Array(64 * 1024), { status: 200, headers: { 'content-length': String(MiB) } });
-    const err = await refusal(new ImageCache({ dir, fetch: short }).ensure(src));
+    expect(stalled).toHaveLength(1);
+    // A body that ends early (the connection closed cleanly) is a failed download.
+    const err = await refusal(
+      new ImageCache({ urlPolicy: LOOPBACK, dir }).ensure(source('disk.raw', 'raw', { url: `${base}/short` })),
+    );
     expect(err).toMatchObject({
       reason: 'DownloadFailed',
-      message: expect.stringMatching(/ended after 65536 bytes, but Content-Length is 1048576$/),
+      message: expect.stringMatching(
+        /(ended after 65536 bytes, but Content-Length is 1048576|failed after \d+ of 1048576 bytes: aborted)$/,
+      ),
     });
     expect(await readdir(dir)).toEqual([]);
-    // The next ensure starts afresh.
-    const real = new ImageCache({ dir });
-    expect((await real.ensure(src)).format).toBe('raw');
+    stalling.closeAllConnections();
+    await new Promise((r) => stalling.close(r));
+    // The next ensure of the same image (same key) starts afresh.
+    const real = new ImageCache({ urlPolicy: LOOPBACK, dir });
+    expect((await real.ensure({ ...src, url: `${srv.url}/disk.raw` })).format).toBe('raw');
   });
 });
 
@@ -363,7 +369,7 @@ describe('ImageCache.evict', () => {
     const dir = await newDir();
     let now = 1_000;
     let free = 1e12;
-    const cache = new ImageCache({ dir, now: () => now, freeBytes: async () => free });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir, now: () => now, freeBytes: async () => free });
     const imgs: CachedImage[] = [];
     for (const t of [3_000, 1_000, 2_000, 4_000]) {
       now = t;
@@ -388,6 +394,7 @@ describe('ImageCache.evict', () => {
       more.push(await cache.ensure(source('disk.raw', 'raw')));
     }
     const counting = new ImageCache({
+      urlPolicy: LOOPBACK,
       dir,
       now: () => now,
       freeBytes: async () => (4 - (await readdir(dir)).filter((n) => n.endsWith('.raw')).length) * MiB,
@@ -400,7 +407,7 @@ describe('ImageCache.evict', () => {
 describe('cache + root disk', () => {
   it('an overlay on a converted image reads the image', async () => {
     const dir = await newDir();
-    const cache = new ImageCache({ dir });
+    const cache = new ImageCache({ urlPolicy: LOOPBACK, dir });
     const img = await cache.ensure(source('good.vdi', 'vdi'));
     const disk = path.join(await newDir(), 'vm', 'root.qcow2');
     await createRootDisk({ base: img, path: disk, sizeBytes: 0 });

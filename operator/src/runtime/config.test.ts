@@ -45,6 +45,15 @@ describe('loadConfig', () => {
     expect(cfg.metricsPort).toBe(1);
   });
 
+  it('adds up a list flag given more than once (over the environment); other flags: the last wins', () => {
+    const cfg = loadConfig(schema, {
+      argv: ['--namespaces=a', '--lease-name=x', '--namespaces', 'b,c', '--lease-name=y'],
+      env: { STRATUS_NAMESPACES: 'fromenv' },
+    });
+    expect(cfg.namespaces).toEqual(['a', 'b', 'c']);
+    expect(cfg.leaseName).toBe('y');
+  });
+
   it('names the offending flag or env var and the value in errors', () => {
     const err = (() => {
       try {

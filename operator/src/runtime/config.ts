@@ -1,7 +1,8 @@
 // Configuration from command-line flags and environment variables, validated by a zod object schema.
 // Each top-level key `fooBar` is read from `--foo-bar=value` (or `--foo-bar value`) and from `<PREFIX>FOO_BAR`;
 // a flag wins over the environment, which wins over the schema default. Values are strings, coerced by the
-// field's base type: number, boolean (true/false/1/0/yes/no/on/off), array (comma separated), object/record (JSON).
+// field's base type: number, boolean (true/false/1/0/yes/no/on/off), array (comma separated; a repeated flag adds
+// to the list), object/record (JSON).
 // Boolean flags also accept `--foo-bar` and `--no-foo-bar`.
 
 import type * as z from 'zod';
@@ -148,6 +149,9 @@ export function loadConfig<S extends z.ZodObject>(schema: S, opts: LoadConfigOpt
         continue;
       }
     }
+    // A list flag given more than once adds up (--x=a --x=b is --x=a,b); any other flag: the last one wins.
+    const prev = sources.get(key);
+    if (prev?.kind === 'flag' && baseType(shape[key]!).type === 'array') raw = `${prev.raw},${raw}`;
     sources.set(key, { kind: 'flag', name: flag, raw });
   }
 
