@@ -10,7 +10,7 @@
 // Median of --runs each; prints both and the overhead. --record appends them to BENCHMARKS.md. Needs root and QEMU.
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { appendFileSync, readFileSync } from 'node:fs';
-import { copyFile, mkdir, mkdtemp, readFile, rm, symlink } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, mkdtemp, readFile, rm, symlink } from 'node:fs/promises';
 import { cpus, loadavg, totalmem } from 'node:os';
 import path from 'node:path';
 import { KubeConfig } from '@kubernetes/client-node';
@@ -82,6 +82,7 @@ const kc = new KubeConfig();
 kc.loadFromFile(cluster.kubeconfig);
 const client = new KubeClient(kc);
 const work = await mkdtemp('/tmp/stratus-bench-boot-');
+await chmod(work, 0o711); // QEMU drops to --qemu-user and must still reach its guest directory
 const stateDir = path.join(work, 'state');
 const www = path.join(work, 'www');
 await mkdir(www);

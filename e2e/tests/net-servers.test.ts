@@ -22,7 +22,7 @@
 // missingOvsPrerequisite); skipped with the reason otherwise.
 import { execFileSync } from 'node:child_process';
 import { accessSync, constants, existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
@@ -302,6 +302,7 @@ describe.skipIf(skipReason !== undefined)('QEMU guest NICs in a node network nam
   beforeAll(async () => {
     img = await ensureTestImage({ log });
     work = await mkdtemp('/tmp/stratus-e2e-netdrv-');
+    await chmod(work, 0o711); // QEMU drops to --qemu-user and must still reach its guest directory
     stateDir = path.join(work, 'state');
     const www = path.join(work, 'www');
     await mkdir(www);
@@ -547,6 +548,7 @@ for (const { backend, skip, lab: labPrefix } of CASES)
     beforeAll(async () => {
       const img = await ensureTestImage({ log });
       work = await mkdtemp(`/tmp/stratus-net-${backend === 'ovs' ? 'o' : 'l'}-`);
+      await chmod(work, 0o711); // QEMU drops to --qemu-user and must still reach its guest directory
       const www = path.join(work, 'www');
       await mkdir(www);
       await symlink(img.path, path.join(www, 'test.qcow2'));

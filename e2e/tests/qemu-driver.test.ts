@@ -12,12 +12,13 @@
 // Needs root, qemu-system-x86_64, qemu-img and genisoimage; skipped (with a message) otherwise.
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rm, symlink } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, stat, symlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Accelerator, GuestExit, GuestSpec } from '../../node-agent/src/driver.ts';
+import { resolveQemuUser } from '../../node-agent/src/drivers/qemu/user.ts';
 import { QemuDriver } from '../../node-agent/src/drivers/qemu.ts';
 import { ImageError } from '../../node-agent/src/images/cache.ts';
 import { detectAccelerator, probeKvmKernel } from '../../node-agent/src/qemu/accel.ts';
@@ -37,6 +38,8 @@ const UID_BAD_SUM = '4a7b2d3f-9c5e-4f80-8b2c-3d4e5f6a7b8c';
 const UID_TOO_BIG = '5b8c3e4a-ad6f-4091-9c3d-4e5f6a7b8c9d';
 const HOSTNAME = 'qd-guest';
 const BOOT_TIMEOUT = 150_000;
+/** Created by npm run setup; QEMU drops to it (-runas). */
+const QEMU_USER = 'stratus-qemu';
 
 const cmdline = async (pid: number) => (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
 /** The pid is a live QEMU of our guest (a zombie has an empty command line). */
@@ -92,6 +95,7 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU)', () => {
     powerOffTimeoutMs: 60_000,
     startTimeoutMs: BOOT_TIMEOUT,
     imageUrlPolicy: { allowCidrs: ['127.0.0.0/8'] }, // the image server is on loopback
+    qemuUser: QEMU_USER,
   });
   const newDriver = () => {
     const d = new QemuDriver(driverOptions(), { logger });
@@ -140,6 +144,7 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU)', () => {
     image = await ensureTestImage({ log });
     log(`test image ready in ${Date.now() - t0} ms`);
     work = await mkdtemp('/tmp/stratus-qd-');
+    await chmod(work, 0o711); // QEMU drops to --qemu-user and must still reach its guest directory
     stateDir = path.join(work, 'state');
     imageCacheDir = path.join(work, 'cache');
     const serveDir = path.join(work, 'www');
@@ -221,6 +226,17 @@ describe.skipIf(missing !== undefined)('QEMU driver (real QEMU)', () => {
     log(`spawn (download, disks, seeds, QEMU up) took ${Date.now() - t0} ms`);
     expect(state).toMatchObject({ powerState: 'RUNNING', accelerator: accel });
     pid = state.pid;
+    // QEMU dropped to the QEMU user (real, effective, saved and filesystem ids), and its files are that user's alone.
+    const user = await resolveQemuUser(QEMU_USER);
+    const status = await readFile(`/proc/${pid}/status`, 'utf8');
+    expect(/^Uid:\s+(.*)$/m.exec(status)?.[1]?.split(/\s+/)).toEqual(Array(4).fill(String(user!.uid)));
+    expect(/^Gid:\s+(.*)$/m.exec(status)?.[1]?.split(/\s+/)).toEqual(Array(4).fill(String(user!.gid)));
+    for (const f of ['root.qcow2', 'ephemeral.qcow2', 'seed.iso', 'console.log']) {
+      const st = await stat(path.join(guestDir(), f));
+      expect({ f, uid: st.uid, mode: st.mode & 0o777 }).toEqual({ f, uid: user!.uid, mode: 0o600 });
+    }
+    expect((await stat(guestDir())).mode & 0o777).toBe(0o700);
+    expect((await stat(path.join(guestDir(), 'guest.json'))).uid).toBe(0);
     const text = await waitConsole('STRATUS-GUEST-READY', 1);
     log(`spawn -> READY: ${Date.now() - t0} ms`);
     expect(text).toContain(ready);

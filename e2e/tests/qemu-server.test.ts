@@ -10,7 +10,7 @@
 // Needs root, qemu-system-x86_64, qemu-img and genisoimage; skipped (with a message) otherwise.
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { type AddressInfo, createServer as createNetServer } from 'node:net';
 import path from 'node:path';
 import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
@@ -130,6 +130,7 @@ describe.skipIf(missing !== undefined)('Servers on QEMU through operator and nod
     img = await ensureTestImage({ log });
     log(`test image ready in ${Date.now() - t0} ms`);
     work = await mkdtemp('/tmp/stratus-e2e-qemu-');
+    await chmod(work, 0o711); // QEMU drops to --qemu-user and must still reach its guest directory
     stateDir = path.join(work, 'state');
     const www = path.join(work, 'www');
     await mkdir(www);

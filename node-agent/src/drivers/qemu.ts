@@ -78,7 +78,7 @@ import {
   readRecord,
   writeRecord,
 } from './qemu/record.ts';
-import { type QemuUser, resolveQemuUser } from './qemu/user.ts';
+import { type QemuUser, resolveQemuUser, untraversable } from './qemu/user.ts';
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
@@ -287,6 +287,19 @@ export class QemuDriver implements HypervisorDriver {
     }
     this.#runAs = this.#o.qemuUser ? await resolveQemuUser(this.#o.qemuUser) : undefined;
     if (!this.#runAs) this.#log.warn('QEMU runs as root (--qemu-user=root): guests are not confined to a user');
+    else {
+      // QEMU, once it is the user, still enters its guest directory (suspend/resume streams, pid file), and qemu-img
+      // the image cache's work directories: both may be entered (0711), not listed.
+      await chmod(guestsDir, 0o711);
+      for (const dir of [guestsDir, this.imageCacheDir]) {
+        const blocked = await untraversable(dir, this.#runAs);
+        if (blocked) {
+          throw new Error(
+            `QEMU user ${this.#runAs.name} (uid ${this.#runAs.uid}) cannot reach ${dir}: ${blocked.path} is mode 0${blocked.mode.toString(8)}; let it in (chmod o+x ${blocked.path}), choose another --state-dir, or --qemu-user=root`,
+          );
+        }
+      }
+    }
     this.#version = await (this.#deps.qemuVersion ?? (() => qemuVersion(this.#qemu)))();
     const detect = this.#deps.detectAccelerator ?? detectAccelerator;
     this.#accel = await detect({
@@ -301,6 +314,8 @@ export class QemuDriver implements HypervisorDriver {
       this.#imageCache = new ImageCache({
         dir: this.imageCacheDir,
         logger: this.#log,
+        // Downloaded (untrusted) data is inspected and converted by qemu-img running as the QEMU user, not root.
+        ...(this.#runAs ? { user: { uid: this.#runAs.uid, gid: this.#runAs.gid } } : {}),
         ...(this.#o.imageUrlPolicy ? { urlPolicy: this.#o.imageUrlPolicy } : {}),
       });
     }

@@ -4,11 +4,12 @@
 // Layout of `dir` (one ImageCache per directory; nothing else writes there):
 //   <key>.qcow2 | <key>.raw      the image (committed by an atomic rename: never a partial file under this name)
 //   <key>.json                   its metadata (source, sha256, sizes, lastUsed); written before the image's rename
-//   .dl-<key>-<rand>[.qcow2]     a download or conversion in progress (removed on failure, and at startup)
+//   .dl-<key>-<rand>/            a download or conversion in progress (removed on failure, and at startup); with a
+//                                `user`, owned by it: untrusted data is inspected and converted as that user
 //   .meta-<key>-<rand>.json      a metadata update in progress
 import { createHash, randomBytes } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, stat, statfs } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, readdir, readFile, rename, rm, stat, statfs } from 'node:fs/promises';
 import type { IncomingMessage } from 'node:http';
 import { join, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -63,6 +64,12 @@ export interface ImageCacheOptions {
   urlPolicy?: UrlPolicyOptions;
   /** A download fails when the server sends nothing for this long (default 300 s). */
   idleTimeoutMs?: number;
+  /**
+   * The unprivileged user (the QEMU user) that runs qemu-img on downloaded data; undefined: the agent's own user.
+   * The cache directory is then 0711 (the user may enter it, not list it) and each download gets a work directory
+   * of the user's; the cached files are root's again.
+   */
+  user?: { uid: number; gid: number };
   now?: () => number;
   /** Free bytes of the filesystem holding `dir`; default statfs (bavail × bsize). For tests. */
   freeBytes?: (dir: string) => Promise<number>;
@@ -183,6 +190,7 @@ export class ImageCache {
   private readonly minFreeBytes: number;
   private readonly guard: UrlGuard;
   private readonly idleTimeoutMs: number | undefined;
+  private readonly user: { uid: number; gid: number } | undefined;
   private readonly now: () => number;
   private readonly freeBytesFn: (dir: string) => Promise<number>;
   private readonly flights = new Map<string, Flight>();
@@ -194,6 +202,7 @@ export class ImageCache {
     this.minFreeBytes = opts.minFreeBytes ?? 0;
     this.guard = new UrlGuard(opts.urlPolicy);
     this.idleTimeoutMs = opts.idleTimeoutMs;
+    this.user = opts.user;
     this.now = opts.now ?? Date.now;
     this.freeBytesFn =
       opts.freeBytes ??
@@ -291,6 +300,7 @@ export class ImageCache {
   private init(): Promise<void> {
     this.ready ??= (async () => {
       await mkdir(this.dir, { recursive: true });
+      if (this.user) await chmod(this.dir, 0o711);
       for (const name of await readdir(this.dir)) {
         if (TEMP_PREFIXES.some((p) => name.startsWith(p))) {
           await rm(join(this.dir, name), { force: true, recursive: true });
@@ -410,13 +420,18 @@ export class ImageCache {
     if (url.protocol !== 'http:' && url.protocol !== 'https:') {
       throw new ImageError('DownloadFailed', `${what}: unsupported URL scheme ${url.protocol} (http and https only)`);
     }
-    const tmp = join(this.dir, `.dl-${key}-${randomBytes(4).toString('hex')}`);
-    const converted = `${tmp}.qcow2`;
+    const work = join(this.dir, `.dl-${key}-${randomBytes(4).toString('hex')}`);
+    const tmp = join(work, 'data');
+    const converted = join(work, 'data.qcow2');
+    const user = this.user;
     const started = this.now();
     let metaWritten = false;
     this.log?.info({ key, url: src.url, diskFormat: src.diskFormat }, 'downloading image');
     try {
+      await mkdir(work, { mode: 0o700 });
+      if (user) await chown(work, user.uid, user.gid);
       const dl = await this.download(src, url, tmp, signal, what);
+      if (user) await chown(tmp, user.uid, user.gid);
       if (src.checksum) {
         const expected = src.checksum.value.toLowerCase();
         if (dl.declared !== expected) {
@@ -429,7 +444,7 @@ export class ImageCache {
       const head = await readHead(tmp);
       let info: Awaited<ReturnType<typeof qemuImgInfo>>;
       try {
-        info = await qemuImgInfo(tmp, { untrusted: true, signal });
+        info = await qemuImgInfo(tmp, { untrusted: true, signal, ...(user ? { user } : {}) });
       } catch (err) {
         if (signal.aborted || !(err instanceof QemuImgError)) throw err;
         throw new ImageError(
@@ -446,7 +461,10 @@ export class ImageCache {
         // The converted file is about as big as the allocated data; the download's size is the estimate.
         await this.checkSpace(dl.bytes, `to convert it from ${judged.format} to qcow2`, what);
         try {
-          await qemuImg(['convert', '-q', '-f', judged.format, '-O', 'qcow2', tmp, converted], { signal });
+          await qemuImg(['convert', '-q', '-f', judged.format, '-O', 'qcow2', tmp, converted], {
+            signal,
+            ...(user ? { user } : {}),
+          });
         } catch (err) {
           if (signal.aborted || isNoSpace(err) || !(err instanceof QemuImgError)) throw err;
           throw new ImageError(
@@ -459,6 +477,10 @@ export class ImageCache {
         file = converted;
         format = 'qcow2';
         virtualSize = (await qemuImgInfo(converted, { format: 'qcow2', signal }))['virtual-size'];
+      }
+      if (user) {
+        await chown(file, 0, 0);
+        await chmod(file, 0o644);
       }
       await fsyncPath(file);
       const fileSize = (await stat(file)).size;
@@ -490,6 +512,7 @@ export class ImageCache {
       const finalPath = join(this.dir, meta.file);
       await rename(file, finalPath);
       await fsyncPath(this.dir);
+      await rm(work, { recursive: true, force: true });
       this.log?.info(
         {
           key,
@@ -504,8 +527,7 @@ export class ImageCache {
       );
       return this.toImage({ meta, path: finalPath });
     } catch (err) {
-      await rm(tmp, { force: true });
-      await rm(converted, { force: true });
+      await rm(work, { recursive: true, force: true });
       if (metaWritten) await rm(this.metaPath(key), { force: true });
       if (signal.aborted) throw signal.reason;
       if (err instanceof ImageError) {

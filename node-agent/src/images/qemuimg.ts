@@ -1,7 +1,8 @@
 // qemu-img, run with execFile and argument arrays (never a shell), its JSON parsed with zod.
 //
 // Untrusted images (fresh downloads) are inspected under prlimit (1 GiB address space, 30 s CPU), as Nova and
-// Glance do: a crafted header must not make `qemu-img info` eat the node's memory or spin forever.
+// Glance do: a crafted header must not make `qemu-img info` eat the node's memory or spin forever; and, given a
+// user (the agent's --qemu-user), not as root, so a parser bug in qemu-img does not hand a crafted image the node.
 import { execFile } from 'node:child_process';
 import { access, constants } from 'node:fs/promises';
 import { promisify } from 'node:util';
@@ -71,6 +72,8 @@ export interface RunOptions {
   signal?: AbortSignal;
   /** Run under prlimit (untrusted input). */
   untrusted?: boolean;
+  /** Run as this user (untrusted input: the QEMU user, never root). */
+  user?: { uid: number; gid: number };
   timeoutMs?: number;
 }
 
@@ -89,6 +92,7 @@ export async function qemuImg(args: readonly string[], opts: RunOptions = {}): P
       maxBuffer: 16 * 1024 * 1024,
       encoding: 'utf8',
       env: { ...process.env, LC_ALL: 'C' },
+      ...(opts.user ? { uid: opts.user.uid, gid: opts.user.gid } : {}),
     });
     return stdout;
   } catch (err) {

@@ -2,7 +2,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { resolveQemuUser } from './user.ts';
+import { resolveQemuUser, untraversable } from './user.ts';
 
 describe('resolveQemuUser', () => {
   let dir: string;
@@ -41,5 +41,38 @@ describe('resolveQemuUser', () => {
       /QEMU user libvirt-qemu does not exist in .*: create it \(useradd --system .*stratus-qemu\), give --qemu-user=<uid>:<gid>, or --qemu-user=root/,
     );
     await expect(resolveQemuUser('a b', passwd)).rejects.toThrow(/a user name or uid:gid/);
+  });
+});
+
+describe('untraversable', () => {
+  const tree: Record<string, { mode: number; uid: number; gid: number }> = {
+    '/': { mode: 0o755, uid: 0, gid: 0 },
+    '/tmp': { mode: 0o1777, uid: 0, gid: 0 },
+    '/tmp/stratus-qd-x': { mode: 0o700, uid: 0, gid: 0 },
+    '/tmp/stratus-qd-x/state': { mode: 0o755, uid: 0, gid: 0 },
+    '/tmp/open': { mode: 0o711, uid: 0, gid: 0 },
+    '/tmp/open/grp': { mode: 0o710, uid: 0, gid: 997 },
+    '/tmp/open/grp/mine': { mode: 0o700, uid: 998, gid: 0 },
+  };
+  const statFn = async (p: string) => {
+    const s = tree[p];
+    if (!s) throw new Error(`no ${p}`);
+    return s;
+  };
+  const user = { uid: 998, gid: 997 };
+
+  it('names the first directory the user may not enter (mkdtemp makes 0700 directories)', async () => {
+    expect(await untraversable('/tmp/stratus-qd-x/state', user, statFn)).toEqual({
+      path: '/tmp/stratus-qd-x',
+      mode: 0o700,
+    });
+  });
+
+  it('follows owner, group and other bits as the kernel does', async () => {
+    expect(await untraversable('/tmp/open/grp/mine', user, statFn)).toBeUndefined();
+    expect(await untraversable('/tmp/open/grp', { uid: 5, gid: 5 }, statFn)).toEqual({
+      path: '/tmp/open/grp',
+      mode: 0o710,
+    });
   });
 });
