@@ -15,6 +15,7 @@ import {
   removeFinalizer,
   resourcePath,
   retryAfterSeconds,
+  runWithSignal,
 } from './client.ts';
 
 interface Seen {
@@ -87,6 +88,27 @@ describe('resourcePath', () => {
 });
 
 describe('KubeClient helpers against a scripted API server', () => {
+  it('every request made under runWithSignal honours that signal: none is sent once it has aborted', async () => {
+    const ac = new AbortController();
+    responders.push(() => [200, thing('1')]);
+    const first = await runWithSignal(ac.signal, async () => {
+      const got = await client.get(gvr, 'a', 'ns');
+      ac.abort(new Error('leadership lost'));
+      // A reconcile going on after the abort: its next writes fail before reaching the server.
+      await expect(patchStatus(client, gvr, thing('1'), { phase: 'Late' }, { fieldManager: 'm' })).rejects.toThrow(
+        'leadership lost',
+      );
+      await expect(addFinalizer(client, gvr, 'a', 'ns', 'f')).rejects.toThrow('leadership lost');
+      return got;
+    });
+    expect(first.metadata?.resourceVersion).toBe('1');
+    expect(seen.map((r) => r.method)).toEqual(['GET']);
+    // Outside it, requests are unaffected.
+    responders.push(() => [200, thing('2')]);
+    await client.get(gvr, 'a', 'ns');
+    expect(seen).toHaveLength(2);
+  });
+
   it('patchStatus: server-side apply on /status with field manager and force, only status in the body', async () => {
     responders.push(() => [200, thing('2')]);
     await patchStatus(

@@ -2,6 +2,7 @@
 // authentication and HTTP library, plus the helpers controllers need: server-side apply (object and /status),
 // finalizers guarded by resourceVersion, owner references, and error classification from ApiException.code.
 
+import { AsyncLocalStorage } from 'node:async_hooks';
 import {
   ApiException,
   HttpMethod,
@@ -14,6 +15,23 @@ import {
   type V1OwnerReference,
   type V1Status,
 } from '@kubernetes/client-node';
+
+/**
+ * The abort signal of the work the current async context belongs to (a reconcile): every request made in it
+ * honours the signal, so a reconcile abandoned on leadership loss, timeout or stop makes no further API call
+ * although controllers need not pass the signal by hand. Set by runWithSignal (the controller does it).
+ */
+const ambientSignal = new AsyncLocalStorage<AbortSignal | undefined>();
+
+/** Runs fn with signal as the ambient signal of every KubeClient request made in it (and in what it awaits). */
+export function runWithSignal<R>(signal: AbortSignal | undefined, fn: () => R): R {
+  return ambientSignal.run(signal, fn);
+}
+
+/** The ambient signal of the current async context, if any. */
+export function currentSignal(): AbortSignal | undefined {
+  return ambientSignal.getStore();
+}
 
 export interface GVR {
   /** '' for the core group. */
@@ -94,8 +112,13 @@ export class KubeClient {
     }
     // No request may hang a worker forever (a half-open connection answers nothing): default 60 s.
     const timeout = AbortSignal.timeout(opts.timeoutMs ?? this.timeoutMs);
-    ctx.setSignal(opts.signal ? AbortSignal.any([opts.signal, timeout]) : timeout);
+    const signals = [opts.signal, currentSignal()].filter((s): s is AbortSignal => s !== undefined);
+    for (const s of signals) s.throwIfAborted();
+    const signal = signals.length > 0 ? AbortSignal.any([...signals, timeout]) : timeout;
+    ctx.setSignal(signal);
     await this.kubeConfig.applySecurityAuthentication(ctx);
+    // Aborted while authenticating: the request is never sent.
+    for (const s of signals) s.throwIfAborted();
     const res = await this.#http.send(ctx).toPromise();
     const text = await res.body.text();
     let parsed: unknown = text;

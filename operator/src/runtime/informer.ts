@@ -15,7 +15,7 @@ import {
   Watch,
 } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
-import { type GVR, type KubeClient, resourcePath } from './client.ts';
+import { type GVR, type KubeClient, resourcePath, runWithSignal } from './client.ts';
 import { type Clock, sleep, systemClock, type TimerHandle } from './clock.ts';
 import { silentLogger } from './log.ts';
 
@@ -155,9 +155,13 @@ export class Informer<T extends KubernetesObject> implements EventSource<T> {
     if (this.#started) return;
     this.#started = true;
     this.#lastEventAt = this.#clock.now();
-    this.#runGeneration();
-    this.#armWatchdog();
-    this.#armResync();
+    // Started from inside a reconcile (a lazily created informer), its requests must not inherit that reconcile's
+    // abort signal: they outlive it.
+    runWithSignal(undefined, () => {
+      this.#runGeneration();
+      this.#armWatchdog();
+      this.#armResync();
+    });
   }
 
   async stop(): Promise<void> {
