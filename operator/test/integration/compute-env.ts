@@ -24,6 +24,8 @@ import {
   type Hypervisor,
   HypervisorKind,
   ImageKind,
+  NODE_LEASE_NAMESPACE,
+  nodeLeaseName,
   ServerGroupKind,
   ServerKind,
   type ServerSpec,
@@ -43,6 +45,7 @@ import {
   isNotFound,
   KubeClient,
   type Logger,
+  leaseGVR,
   Manager,
   type ManagerOptions,
   silentLogger,
@@ -512,7 +515,10 @@ export class ComputeEnv {
         .patch(SERVERS, s.metadata!.name!, this.ns, { metadata: { finalizers: null } }, PatchStrategy.MergePatch)
         .catch(() => {});
     }
-    for (const nd of this.nodes) await this.client.delete(HYPERVISORS, nd.name).catch(() => {});
+    for (const nd of this.nodes) {
+      await this.client.delete(HYPERVISORS, nd.name).catch(() => {});
+      await this.client.delete(leaseGVR, nodeLeaseName(nd.name), NODE_LEASE_NAMESPACE).catch(() => {});
+    }
     for (const f of this.#flavors) await this.client.delete(FLAVORS, f).catch(() => {});
     await this.client.delete(NAMESPACES, this.ns).catch(() => {});
   }
