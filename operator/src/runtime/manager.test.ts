@@ -202,10 +202,19 @@ describe('Manager', () => {
     const { m } = setup({ http: false });
     await m.start();
     const codes: number[] = [];
-    const dispose = handleSignals(m, { exit: (c) => codes.push(c), signals: ['SIGUSR2'] });
+    let bothExited: (() => void) | undefined;
+    const exited = new Promise<void>((r) => {
+      bothExited = r;
+    });
+    const dispose = handleSignals(m, {
+      exit: (c) => {
+        if (codes.push(c) === 2) bothExited?.();
+      },
+      signals: ['SIGUSR2'],
+    });
     process.emit('SIGUSR2', 'SIGUSR2');
     process.emit('SIGUSR2', 'SIGUSR2');
-    await new Promise((r) => setTimeout(r, 10));
+    await exited;
     expect(codes).toEqual([1, 0]);
     dispose();
     expect(process.listenerCount('SIGUSR2')).toBe(0);

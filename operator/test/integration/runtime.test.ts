@@ -205,16 +205,18 @@ describe('server-side apply of status and finalizers', () => {
         ],
       },
     } as KubernetesObject);
-    const end = Date.now() + 20_000;
-    for (;;) {
-      try {
-        await client.list(widgetGVR, { namespace: NS });
-        break;
-      } catch (err) {
-        if (!(isNotFound(err) || isTooManyRequests(err)) || Date.now() > end) throw err;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
+    await waitFor(
+      'the Widget CRD served',
+      () =>
+        client.list(widgetGVR, { namespace: NS }).then(
+          () => true,
+          (err: unknown) => {
+            if (isNotFound(err) || isTooManyRequests(err)) return false;
+            throw err;
+          },
+        ),
+      20_000,
+    );
   });
 
   it('patchStatus applies only status through /status, owned by a stable field manager', async () => {
