@@ -5,6 +5,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import {
   addFinalizer,
   applyObject,
+  currentSignal,
   isAlreadyExists,
   isConflict,
   isGone,
@@ -17,6 +18,7 @@ import {
   retryAfterSeconds,
   runWithSignal,
 } from './client.ts';
+import { systemClock } from './clock.ts';
 
 interface Seen {
   method: string;
@@ -84,6 +86,24 @@ describe('resourcePath', () => {
     );
     expect(resourcePath(gvr, { name: 'x', subresource: 'status' })).toBe('/apis/example.com/v1/things/x/status');
     expect(resourcePath(gvr)).toBe('/apis/example.com/v1/things');
+  });
+});
+
+describe('ambient reconcile signal', () => {
+  it('follows the reconcile through awaits; timer callbacks (work it schedules) run outside it', async () => {
+    const ac = new AbortController();
+    let inTimer: AbortSignal | undefined | null = null;
+    await runWithSignal(ac.signal, async () => {
+      await new Promise<void>((resolve) => {
+        systemClock.setTimer(() => {
+          inTimer = currentSignal();
+          resolve();
+        }, 0);
+      });
+      expect(currentSignal()).toBe(ac.signal);
+    });
+    expect(inTimer).toBeUndefined();
+    expect(currentSignal()).toBeUndefined();
   });
 });
 

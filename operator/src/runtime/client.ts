@@ -2,7 +2,6 @@
 // authentication and HTTP library, plus the helpers controllers need: server-side apply (object and /status),
 // finalizers guarded by resourceVersion, owner references, and error classification from ApiException.code.
 
-import { AsyncLocalStorage } from 'node:async_hooks';
 import {
   ApiException,
   HttpMethod,
@@ -15,23 +14,10 @@ import {
   type V1OwnerReference,
   type V1Status,
 } from '@kubernetes/client-node';
+import { currentSignal } from './signal.ts';
 
-/**
- * The abort signal of the work the current async context belongs to (a reconcile): every request made in it
- * honours the signal, so a reconcile abandoned on leadership loss, timeout or stop makes no further API call
- * although controllers need not pass the signal by hand. Set by runWithSignal (the controller does it).
- */
-const ambientSignal = new AsyncLocalStorage<AbortSignal | undefined>();
-
-/** Runs fn with signal as the ambient signal of every KubeClient request made in it (and in what it awaits). */
-export function runWithSignal<R>(signal: AbortSignal | undefined, fn: () => R): R {
-  return ambientSignal.run(signal, fn);
-}
-
-/** The ambient signal of the current async context, if any. */
-export function currentSignal(): AbortSignal | undefined {
-  return ambientSignal.getStore();
-}
+// Every request also honours the ambient signal of its async context (a reconcile's: see signal.ts).
+export { currentSignal, runWithSignal } from './signal.ts';
 
 export interface GVR {
   /** '' for the core group. */
