@@ -150,6 +150,8 @@ export interface AgentProcOptions {
   networkBackend?: 'noop' | 'linuxbridge' | 'ovs';
   /** Prefix of the per-network DHCP namespaces (--dhcp-netns-prefix). */
   dhcpNetnsPrefix?: string;
+  /** Namespace of the node Lease: the operator's lease namespace (default that of startOperatorProc). */
+  leaseNamespace?: string;
   extraArgs?: string[];
 }
 
@@ -166,6 +168,7 @@ export function agentArgs(o: AgentProcOptions): string[] {
     '--metrics-host=127.0.0.1',
     '--metrics-port=0',
     '--heartbeat-seconds=2',
+    `--lease-namespace=${o.leaseNamespace ?? 'stratus-operator-test'}`,
     '--power-off-timeout-seconds=30',
     ...(o.netns !== undefined ? [`--netns=${o.netns}`] : []),
     ...(o.hostIP !== undefined ? [`--host-ip=${o.hostIP}`] : []),
