@@ -137,6 +137,7 @@ export class HypervisorReporter {
   #host: HostInfo | undefined;
   #usage: (Amounts & { servers: number }) | undefined;
   #timer: TimerHandle | undefined;
+  #leaseTimer: TimerHandle | undefined;
   #pokeTimer: TimerHandle | undefined;
   #running: Promise<void> | undefined;
   #again = false;
@@ -200,16 +201,33 @@ export class HypervisorReporter {
     this.#observe(obj);
   }
 
-  /** Renews the node Lease and reports (when something changed) now and then every heartbeatSeconds. */
+  /**
+   * Renews the node Lease and reports (when something changed) now and then every heartbeatSeconds, on separate
+   * timers: a slow status report (driver, a burst of usage changes) never delays a renewal.
+   */
   start(): void {
     if (this.#timer || this.#stopped) return;
-    const tick = () => {
-      if (this.#stopped) return;
-      void Promise.all([this.renewLease(), this.report()]).finally(() => {
-        if (!this.#stopped) this.#timer = this.#clock.setTimer(tick, this.#o.heartbeatSeconds * 1000);
-      });
+    const every = (run: () => Promise<void>, set: (t: TimerHandle) => void) => {
+      const tick = () => {
+        if (this.#stopped) return;
+        void run().finally(() => {
+          if (!this.#stopped) set(this.#clock.setTimer(tick, this.#o.heartbeatSeconds * 1000));
+        });
+      };
+      tick();
     };
-    tick();
+    every(
+      () => this.renewLease(),
+      (t) => {
+        this.#leaseTimer = t;
+      },
+    );
+    every(
+      () => this.report(),
+      (t) => {
+        this.#timer = t;
+      },
+    );
   }
 
   /** Asks for an early report (usage changed); the pokes of POKE_DELAY_MS make one write. */
@@ -224,6 +242,7 @@ export class HypervisorReporter {
   async stop(): Promise<void> {
     this.#stopped = true;
     this.#timer?.cancel();
+    this.#leaseTimer?.cancel();
     this.#pokeTimer?.cancel();
     await this.#running;
   }
