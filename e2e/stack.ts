@@ -152,6 +152,8 @@ export interface AgentProcOptions {
   networkBackend?: 'noop' | 'linuxbridge' | 'ovs';
   /** Prefix of the per-network DHCP namespaces (--dhcp-netns-prefix). */
   dhcpNetnsPrefix?: string;
+  /** Namespace of the node Lease: the operator's lease namespace (default that of startOperatorProc). */
+  leaseNamespace?: string;
   extraArgs?: string[];
 }
 
@@ -169,6 +171,7 @@ export function agentArgs(o: AgentProcOptions): string[] {
     '--metrics-host=127.0.0.1',
     '--metrics-port=0',
     '--heartbeat-seconds=2',
+    `--lease-namespace=${o.leaseNamespace ?? 'stratus-operator-test'}`,
     '--power-off-timeout-seconds=30',
     // The tests' image server (e2e/images/serve.ts) listens on loopback, which image URLs may not reach by default.
     '--image-url-allow-cidr=127.0.0.0/8',

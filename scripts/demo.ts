@@ -347,6 +347,7 @@ async function up(): Promise<void> {
     hostIP: UNDERLAY_IP,
     networkBackend: 'linuxbridge',
     dhcpNetnsPrefix: DHCP.netnsPrefix,
+    leaseNamespace: LEASE_NS,
   });
   state.agentPid = agent.pid;
   await save();

@@ -5,7 +5,13 @@ import { readFileSync } from 'node:fs';
 import { hostname, networkInterfaces } from 'node:os';
 import type { KubeConfig } from '@kubernetes/client-node';
 import * as z from 'zod';
-import { byteQuantity, decimalRatio, type HypervisorSpec, ipAddress } from '../../operator/src/api/index.ts';
+import {
+  byteQuantity,
+  decimalRatio,
+  type HypervisorSpec,
+  ipAddress,
+  NODE_LEASE_NAMESPACE,
+} from '../../operator/src/api/index.ts';
 import {
   type Clock,
   type EventRecorder,
@@ -112,7 +118,18 @@ export const AgentConfig = z.object({
   hostIP: ipAddress('Underlay address of the node.')
     .optional()
     .describe('Underlay address of the node; default: the first non-loopback IPv4 address.'),
-  heartbeatSeconds: z.number().positive().max(300).default(10).describe('Hypervisor status heartbeat period.'),
+  heartbeatSeconds: z
+    .number()
+    .positive()
+    .max(300)
+    .default(10)
+    .describe('Node Lease renewal period (and how often host facts and usage are checked for a status write).'),
+  leaseNamespace: z
+    .string()
+    .min(1)
+    .max(63)
+    .default(NODE_LEASE_NAMESPACE)
+    .describe("Namespace of the node Lease: the operator's lease namespace."),
   concurrency: z
     .int()
     .min(1)
@@ -244,6 +261,8 @@ export interface NodeAgentOptions {
   /** Spec of a Hypervisor the agent creates (API defaults fill the rest). */
   hypervisorSpec?: Partial<HypervisorSpec>;
   heartbeatSeconds?: number;
+  /** Namespace of the node Lease (default NODE_LEASE_NAMESPACE). */
+  leaseNamespace?: string;
   concurrency?: number;
   powerOffTimeoutSeconds?: number;
   orphanGraceSeconds?: number;
@@ -283,6 +302,7 @@ export class NodeAgent {
       labels: o.labels ?? {},
       ...(o.hostIP ? { hostIP: o.hostIP } : {}),
       heartbeatSeconds: o.heartbeatSeconds ?? 10,
+      ...(o.leaseNamespace ? { leaseNamespace: o.leaseNamespace } : {}),
       agentVersion: AGENT_VERSION,
       readiness: () =>
         compute?.servers.hasSynced() && network?.ports.hasSynced()
@@ -449,6 +469,7 @@ export function nodeOptionsFrom(cfg: AgentConfig): Omit<NodeAgentOptions, 'drive
       reserved: { vcpus: cfg.reservedVcpus, ram: cfg.reservedRam, disk: cfg.reservedDisk },
     },
     heartbeatSeconds: cfg.heartbeatSeconds,
+    leaseNamespace: cfg.leaseNamespace,
     concurrency: cfg.concurrency,
     powerOffTimeoutSeconds: cfg.powerOffTimeoutSeconds,
     orphanGraceSeconds: cfg.orphanGraceSeconds,

@@ -1,12 +1,19 @@
 // The node's Hypervisor object (Nova's compute service record + resource provider). The agent creates it once with
 // spec defaults from its configuration, then keeps status current by server-side apply (field manager
 // stratus-agent): host facts from the driver, allocatable after reservations and allocation ratios, usage of the
-// guests it runs, and lastHeartbeatTime every heartbeatSeconds. status.state and status.status are the operator's.
-import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
+// guests it runs — written only when they change. Liveness is the node Lease (as kubelets do): every
+// heartbeatSeconds the agent renews the coordination.k8s.io/v1 Lease nodeLeaseName(node) in the lease namespace;
+// the operator judges up/down by when IT observed renewals, never by the time written in them. status.state and
+// status.status are the operator's. RBAC the agent needs on leases (in that namespace): create, patch (and create
+// on namespaces only if it may start before the operator has created the lease namespace).
+import { type KubernetesObject, PatchStrategy, type V1Lease, V1MicroTime } from '@kubernetes/client-node';
 import {
   type Hypervisor,
   HypervisorKind,
   HypervisorSpec,
+  NODE_LEASE_LABEL,
+  NODE_LEASE_NAMESPACE,
+  nodeLeaseName,
   parseBytes,
   parseMilli,
   toGiB,
@@ -17,8 +24,10 @@ import {
   type Condition,
   type GVR,
   isAlreadyExists,
+  isNotFound,
   type KubeClient,
   type Logger,
+  leaseGVR,
   patchStatus,
   setCondition,
   silentLogger,
@@ -36,6 +45,8 @@ export const HYPERVISORS: GVR = {
   version: HypervisorKind.version,
   plural: HypervisorKind.plural,
 };
+
+const NAMESPACES: GVR = { group: '', version: 'v1', plural: 'namespaces' };
 
 const MiB = 1024n ** 2n;
 const GiB = 1024n ** 3n;
@@ -102,6 +113,8 @@ export interface HypervisorReporterOptions {
   labels: Readonly<Record<string, string>>;
   hostIP?: string;
   heartbeatSeconds: number;
+  /** Namespace of the node Lease (default NODE_LEASE_NAMESPACE, the operator's). */
+  leaseNamespace?: string;
   agentVersion: string;
   /** Whether the agent is ready to run servers (caches synced), with a message when not. */
   readiness: () => { ready: boolean; message: string };
@@ -124,12 +137,17 @@ export class HypervisorReporter {
   #host: HostInfo | undefined;
   #usage: (Amounts & { servers: number }) | undefined;
   #timer: TimerHandle | undefined;
+  #leaseTimer: TimerHandle | undefined;
   #pokeTimer: TimerHandle | undefined;
   #running: Promise<void> | undefined;
   #again = false;
   #stopped = false;
+  /** The status last written (JSON): an identical one is not written again. */
+  #written: string | undefined;
   /** Successful status writes (for tests and metrics). */
   heartbeats = 0;
+  /** Successful renewals of the node Lease. */
+  leaseRenewals = 0;
 
   constructor(o: HypervisorReporterOptions) {
     this.#o = o;
@@ -183,16 +201,33 @@ export class HypervisorReporter {
     this.#observe(obj);
   }
 
-  /** Reports now and then every heartbeatSeconds. */
+  /**
+   * Renews the node Lease and reports (when something changed) now and then every heartbeatSeconds, on separate
+   * timers: a slow status report (driver, a burst of usage changes) never delays a renewal.
+   */
   start(): void {
     if (this.#timer || this.#stopped) return;
-    const tick = () => {
-      if (this.#stopped) return;
-      void this.report().finally(() => {
-        if (!this.#stopped) this.#timer = this.#clock.setTimer(tick, this.#o.heartbeatSeconds * 1000);
-      });
+    const every = (run: () => Promise<void>, set: (t: TimerHandle) => void) => {
+      const tick = () => {
+        if (this.#stopped) return;
+        void run().finally(() => {
+          if (!this.#stopped) set(this.#clock.setTimer(tick, this.#o.heartbeatSeconds * 1000));
+        });
+      };
+      tick();
     };
-    tick();
+    every(
+      () => this.renewLease(),
+      (t) => {
+        this.#leaseTimer = t;
+      },
+    );
+    every(
+      () => this.report(),
+      (t) => {
+        this.#timer = t;
+      },
+    );
   }
 
   /** Asks for an early report (usage changed); the pokes of POKE_DELAY_MS make one write. */
@@ -207,8 +242,56 @@ export class HypervisorReporter {
   async stop(): Promise<void> {
     this.#stopped = true;
     this.#timer?.cancel();
+    this.#leaseTimer?.cancel();
     this.#pokeTimer?.cancel();
     await this.#running;
+  }
+
+  /** Renews (or creates) the node Lease; never throws (failures are logged). */
+  async renewLease(): Promise<void> {
+    const { client, nodeName } = this.#o;
+    const namespace = this.#o.leaseNamespace ?? NODE_LEASE_NAMESPACE;
+    const name = nodeLeaseName(nodeName);
+    // renewTime is informational (this host's clock): the operator only notices that it changed.
+    const spec = { holderIdentity: nodeName, renewTime: new V1MicroTime(this.#clock.now()) };
+    const labels = { ...this.#o.labels, [NODE_LEASE_LABEL]: nodeName };
+    try {
+      try {
+        await client.patch<V1Lease>(
+          leaseGVR,
+          name,
+          namespace,
+          { metadata: { labels }, spec },
+          PatchStrategy.MergePatch,
+          {
+            fieldManager: AGENT_FIELD_MANAGER,
+          },
+        );
+      } catch (err) {
+        if (!isNotFound(err)) throw err;
+        const lease: V1Lease = {
+          apiVersion: 'coordination.k8s.io/v1',
+          kind: 'Lease',
+          metadata: { name, namespace, labels },
+          spec,
+        };
+        try {
+          await client.create<V1Lease>(leaseGVR, lease, { fieldManager: AGENT_FIELD_MANAGER });
+        } catch (createErr) {
+          // The operator creates its namespace at start; an agent that comes first creates it (or waits for it).
+          if (!isNotFound(createErr)) throw createErr;
+          await client
+            .create(NAMESPACES, { apiVersion: 'v1', kind: 'Namespace', metadata: { name: namespace } })
+            .catch((nsErr: unknown) => {
+              if (!isAlreadyExists(nsErr)) throw nsErr;
+            });
+          await client.create<V1Lease>(leaseGVR, lease, { fieldManager: AGENT_FIELD_MANAGER });
+        }
+      }
+      this.leaseRenewals++;
+    } catch (err) {
+      this.#log.warn({ err, lease: `${namespace}/${name}` }, 'node lease renewal failed');
+    }
   }
 
   /** One status write (never throws; failures are logged). Concurrent calls coalesce into one more write. */
@@ -250,7 +333,6 @@ export class HypervisorReporter {
       ...(this.#o.networkBackend ? { networkBackend: this.#o.networkBackend } : {}),
       agentVersion: this.#o.agentVersion,
       driver: this.#o.driver.name,
-      lastHeartbeatTime: now.toISOString().replace(/\.\d+Z$/, 'Z'),
       ...(this.#generation !== undefined ? { observedGeneration: this.#generation } : {}),
       conditions: setCondition(this.#conditions, { type: 'Ready', ...ready }, this.#generation, now).filter(
         (c) => c.type === 'Ready',
@@ -269,6 +351,9 @@ export class HypervisorReporter {
       });
     }
     if (this.#usage) status.usage = this.#usage;
+    // Nothing new to say: no write (liveness is the Lease, not a rewrite of the status).
+    const json = JSON.stringify(status);
+    if (json === this.#written) return;
     try {
       const obj = await patchStatus<Hypervisor & KubernetesObject>(
         this.#o.client,
@@ -278,6 +363,7 @@ export class HypervisorReporter {
         { fieldManager: AGENT_FIELD_MANAGER },
       );
       this.heartbeats++;
+      this.#written = json;
       const generationBefore = this.#generation;
       this.#observe(obj);
       // The spec changed since the values were computed (ratios, reservations): report again at once.

@@ -40,7 +40,8 @@ async function main(): Promise<void> {
     await installCRDs(kc);
     log.info('CRDs installed');
   }
-  if (cfg.leaderElect) await ensureNamespace(new KubeClient(kc), cfg.leaseNamespace);
+  // The leader Lease and the node agents' Leases live there.
+  await ensureNamespace(new KubeClient(kc), cfg.leaseNamespace);
 
   const mgr = new Manager({
     kubeConfig: kc,
@@ -66,6 +67,7 @@ async function main(): Promise<void> {
     projectConcurrency: cfg.projectConcurrency,
     serverConcurrency: cfg.serverConcurrency,
     heartbeatGraceSeconds: cfg.heartbeatGraceSeconds,
+    nodeLeaseNamespace: cfg.leaseNamespace,
     scheduler: { strategy: cfg.schedulerStrategy },
     portConcurrency: cfg.portConcurrency,
     networkConcurrency: cfg.networkConcurrency,

@@ -2,7 +2,7 @@
 // Servers and binds them (label, then status as the scheduler would), and checks that the agent drives each guest
 // through the lifecycle contract, keeps its Hypervisor current, and cleans up after deletion, rebinding and orphans.
 import { randomBytes } from 'node:crypto';
-import type { EventsV1Event, KubernetesObject } from '@kubernetes/client-node';
+import type { EventsV1Event, KubernetesObject, V1Lease } from '@kubernetes/client-node';
 import { PatchStrategy } from '@kubernetes/client-node';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -11,6 +11,9 @@ import { waitFor as poll } from '../../../e2e/testing/wait.ts';
 import {
   GUEST_FINALIZER,
   type Hypervisor,
+  NODE_LEASE_LABEL,
+  NODE_LEASE_NAMESPACE,
+  nodeLeaseName,
   SERVER_FINALIZER,
   SERVER_NODE_LABEL,
   type ServerStatus,
@@ -22,6 +25,7 @@ import {
   type GVR,
   isNotFound,
   KubeClient,
+  leaseGVR,
   updateStatus,
 } from '../../../operator/src/runtime/index.ts';
 import { type RunningAgent, startAgent, startFakeNodes } from '../../src/agent.ts';
@@ -39,7 +43,6 @@ type Srv = ServerObject & { status?: ServerStatus & Record<string, unknown> };
 let client: KubeClient;
 let driver: FakeDriver;
 let agent: RunningAgent;
-let agentStartedAt = 0;
 const hypervisors: string[] = [NODE];
 
 const waitFor = <T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> =>
@@ -142,7 +145,6 @@ beforeAll(async () => {
   client = new KubeClient(kc);
   await client.create(nsGVR, { apiVersion: 'v1', kind: 'Namespace', metadata: { name: NS } });
   driver = new FakeDriver({ vcpus: 8, ram: '16Gi', disk: '100Gi' });
-  agentStartedAt = Date.now();
   agent = await start(driver);
 });
 
@@ -156,14 +158,17 @@ afterAll(async () => {
         .catch(() => {});
     }
     await client.delete(nsGVR, NS).catch(() => {});
-    for (const h of hypervisors) await client.delete(HYPERVISORS, h).catch(() => {});
+    for (const h of hypervisors) {
+      await client.delete(HYPERVISORS, h).catch(() => {});
+      await client.delete(leaseGVR, nodeLeaseName(h), NODE_LEASE_NAMESPACE).catch(() => {});
+    }
   }
 });
 
 describe('node agent (fake driver) against kube-apiserver', () => {
   let uid = '';
 
-  it('creates its Hypervisor with labels, capacity, allocatable and a fresh heartbeat', async () => {
+  it('creates its Hypervisor with labels, capacity and allocatable, and renews its node Lease', async () => {
     const hv = await waitFor('hypervisor status', async () => {
       const h = await client.get<Hypervisor & KubernetesObject>(HYPERVISORS, NODE);
       return h.status?.capacity && h.status.conditions?.some((c) => c.status === 'True') ? h : undefined;
@@ -179,20 +184,23 @@ describe('node agent (fake driver) against kube-apiserver', () => {
       allocatable: { vcpus: 32, ram: '15872Mi', disk: '100Gi' },
       usage: { vcpus: 0, servers: 0 },
     });
-    const first = Date.parse(hv.status!.lastHeartbeatTime!);
-    expect(first).toBeGreaterThanOrEqual(Math.floor(agentStartedAt / 1000) * 1000); // written by this agent (RFC 3339 s)
-    await waitFor('a later heartbeat', async () => {
-      const h = await client.get<Hypervisor & KubernetesObject>(HYPERVISORS, NODE);
-      return Date.parse(h.status!.lastHeartbeatTime!) > first;
+    // Liveness is the node Lease, renewed every heartbeat; the status is written only when something changed.
+    const lease = await waitFor('the node lease', () =>
+      client.get<V1Lease>(leaseGVR, nodeLeaseName(NODE), NODE_LEASE_NAMESPACE).catch(() => undefined),
+    );
+    expect(lease.spec?.holderIdentity).toBe(NODE);
+    expect(lease.metadata?.labels?.[NODE_LEASE_LABEL]).toBe(NODE);
+    await waitFor('a later renewal', async () => {
+      const l = await client.get<V1Lease>(leaseGVR, nodeLeaseName(NODE), NODE_LEASE_NAMESPACE);
+      return String(l.spec?.renewTime) !== String(lease.spec?.renewTime);
     });
+    expect(hv.status?.lastHeartbeatTime).toBeUndefined();
     // status.state and status.status are the operator's: the agent's field manager never owns them
     type MF = { manager: string; subresource?: string; fieldsV1?: { 'f:status'?: Record<string, unknown> } };
     const mine = (hv.metadata as { managedFields?: MF[] }).managedFields?.find(
       (m) => m.manager === 'stratus-agent' && m.subresource === 'status',
     );
-    expect(Object.keys(mine?.fieldsV1?.['f:status'] ?? {})).toEqual(
-      expect.arrayContaining(['f:capacity', 'f:lastHeartbeatTime', 'f:usage']),
-    );
+    expect(Object.keys(mine?.fieldsV1?.['f:status'] ?? {})).toEqual(expect.arrayContaining(['f:capacity', 'f:usage']));
     expect(mine?.fieldsV1?.['f:status']).not.toHaveProperty('f:state');
     expect(mine?.fieldsV1?.['f:status']).not.toHaveProperty('f:status');
   });
@@ -396,7 +404,7 @@ describe('simulated nodes', () => {
       for (const a of sim.agents) {
         await waitFor(`hypervisor ${a.nodeName}`, async () => {
           const h = await client.get<Hypervisor & KubernetesObject>(HYPERVISORS, a.nodeName);
-          return h.status?.capacity?.vcpus === 4 && h.status.lastHeartbeatTime !== undefined;
+          return h.status?.capacity?.vcpus === 4 && h.status.conditions !== undefined;
         });
       }
       await createAndBind('sim-server', `${prefix}-1`);

@@ -24,6 +24,13 @@ export const SERVER_NODE_LABEL = 'compute.stratus.io/node';
 export const SERVER_FINALIZER = 'compute.stratus.io/server';
 /** The node agent's finalizer on Servers: the guest and its files are gone. */
 export const GUEST_FINALIZER = 'compute.stratus.io/guest';
+/**
+ * Node liveness (as kubelets do): each node agent renews a coordination.k8s.io/v1 Lease named nodeLeaseName(node),
+ * labelled NODE_LEASE_LABEL=<node>, in the operator's namespace (default NODE_LEASE_NAMESPACE).
+ */
+export const NODE_LEASE_LABEL = 'compute.stratus.io/node-lease';
+export const NODE_LEASE_NAMESPACE = 'stratus-system';
+export const nodeLeaseName = (node: string): string => `stratus-agent-${node}`;
 
 const NON_ZERO = "!self.matches('^0+(\\\\.0+)?[A-Za-z]*$')";
 

@@ -14,8 +14,10 @@ export interface ControllersConfig {
   identity: string;
   projectConcurrency: number;
   serverConcurrency: number;
-  /** A hypervisor whose heartbeat is older than this is down (Nova's service_down_time). */
+  /** A hypervisor whose node Lease was not seen renewed for this long is down (Nova's service_down_time). */
   heartbeatGraceSeconds: number;
+  /** Namespace of the node agents' Leases (default NODE_LEASE_NAMESPACE, stratus-system). */
+  nodeLeaseNamespace?: string;
   scheduler: SchedulerConfig;
   /** Parallel Port reconciles (default 8). */
   portConcurrency?: number;
@@ -34,7 +36,10 @@ export interface ControllersConfig {
 export function registerControllers(mgr: Manager, cfg: ControllersConfig) {
   const heartbeatGraceMs = cfg.heartbeatGraceSeconds * 1000;
   const project = registerProjectController(mgr, { instance: cfg.identity, concurrency: cfg.projectConcurrency });
-  const hypervisor = registerHypervisorController(mgr, { heartbeatGraceMs });
+  const hypervisor = registerHypervisorController(mgr, {
+    heartbeatGraceMs,
+    ...(cfg.nodeLeaseNamespace ? { leaseNamespace: cfg.nodeLeaseNamespace } : {}),
+  });
   const keypair = registerKeyPairController(mgr);
   const server = registerServerController(mgr, {
     instance: cfg.identity,

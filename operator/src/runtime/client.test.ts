@@ -5,6 +5,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import {
   addFinalizer,
   applyObject,
+  currentSignal,
   isAlreadyExists,
   isConflict,
   isGone,
@@ -15,7 +16,9 @@ import {
   removeFinalizer,
   resourcePath,
   retryAfterSeconds,
+  runWithSignal,
 } from './client.ts';
+import { systemClock } from './clock.ts';
 
 interface Seen {
   method: string;
@@ -86,7 +89,46 @@ describe('resourcePath', () => {
   });
 });
 
+describe('ambient reconcile signal', () => {
+  it('follows the reconcile through awaits; timer callbacks (work it schedules) run outside it', async () => {
+    const ac = new AbortController();
+    let inTimer: AbortSignal | undefined | null = null;
+    await runWithSignal(ac.signal, async () => {
+      await new Promise<void>((resolve) => {
+        systemClock.setTimer(() => {
+          inTimer = currentSignal();
+          resolve();
+        }, 0);
+      });
+      expect(currentSignal()).toBe(ac.signal);
+    });
+    expect(inTimer).toBeUndefined();
+    expect(currentSignal()).toBeUndefined();
+  });
+});
+
 describe('KubeClient helpers against a scripted API server', () => {
+  it('every request made under runWithSignal honours that signal: none is sent once it has aborted', async () => {
+    const ac = new AbortController();
+    responders.push(() => [200, thing('1')]);
+    const first = await runWithSignal(ac.signal, async () => {
+      const got = await client.get(gvr, 'a', 'ns');
+      ac.abort(new Error('leadership lost'));
+      // A reconcile going on after the abort: its next writes fail before reaching the server.
+      await expect(patchStatus(client, gvr, thing('1'), { phase: 'Late' }, { fieldManager: 'm' })).rejects.toThrow(
+        'leadership lost',
+      );
+      await expect(addFinalizer(client, gvr, 'a', 'ns', 'f')).rejects.toThrow('leadership lost');
+      return got;
+    });
+    expect(first.metadata?.resourceVersion).toBe('1');
+    expect(seen.map((r) => r.method)).toEqual(['GET']);
+    // Outside it, requests are unaffected.
+    responders.push(() => [200, thing('2')]);
+    await client.get(gvr, 'a', 'ns');
+    expect(seen).toHaveLength(2);
+  });
+
   it('patchStatus: server-side apply on /status with field manager and force, only status in the body', async () => {
     responders.push(() => [200, thing('2')]);
     await patchStatus(

@@ -14,6 +14,10 @@ import {
   type V1OwnerReference,
   type V1Status,
 } from '@kubernetes/client-node';
+import { currentSignal } from './signal.ts';
+
+// Every request also honours the ambient signal of its async context (a reconcile's: see signal.ts).
+export { currentSignal, runWithSignal } from './signal.ts';
 
 export interface GVR {
   /** '' for the core group. */
@@ -94,8 +98,13 @@ export class KubeClient {
     }
     // No request may hang a worker forever (a half-open connection answers nothing): default 60 s.
     const timeout = AbortSignal.timeout(opts.timeoutMs ?? this.timeoutMs);
-    ctx.setSignal(opts.signal ? AbortSignal.any([opts.signal, timeout]) : timeout);
+    const signals = [opts.signal, currentSignal()].filter((s): s is AbortSignal => s !== undefined);
+    for (const s of signals) s.throwIfAborted();
+    const signal = signals.length > 0 ? AbortSignal.any([...signals, timeout]) : timeout;
+    ctx.setSignal(signal);
     await this.kubeConfig.applySecurityAuthentication(ctx);
+    // Aborted while authenticating: the request is never sent.
+    for (const s of signals) s.throwIfAborted();
     const res = await this.#http.send(ctx).toPromise();
     const text = await res.body.text();
     let parsed: unknown = text;

@@ -1,4 +1,6 @@
 // Injectable time source so queues, informers and the leader elector can be tested deterministically.
+// Timer callbacks run outside any ambient reconcile signal (see signal.ts): what a reconcile schedules outlives it.
+import { runWithSignal } from './signal.ts';
 
 export interface TimerHandle {
   cancel(): void;
@@ -14,7 +16,7 @@ export interface Clock {
 export const systemClock: Clock = {
   now: () => Date.now(),
   setTimer(fn, ms) {
-    const t = setTimeout(fn, Math.max(0, ms));
+    const t = setTimeout(() => runWithSignal(undefined, fn), Math.max(0, ms));
     t.unref();
     return { cancel: () => clearTimeout(t) };
   },
@@ -93,7 +95,7 @@ export class FakeClock implements Clock {
       if (!next) break;
       this.#timers.splice(this.#timers.indexOf(next), 1);
       this.#now = Math.max(this.#now, next.at);
-      next.fn();
+      runWithSignal(undefined, next.fn);
       await flushMicrotasks();
     }
     this.#now = target;

@@ -223,15 +223,21 @@ describe('Controller', () => {
     expect(c.queue.len()).toBe(0);
 
     let finished = false;
+    let release: (() => void) | undefined;
     const g = setup(async () => {
-      await new Promise((r) => setTimeout(r, 5));
+      await new Promise<void>((r) => {
+        release = r;
+      });
       finished = true;
       return undefined;
     });
     g.c.start();
     g.source.add(obj('a'));
     await flushMicrotasks();
-    expect(await g.c.stop(1000)).toBe(true);
+    const stopping = g.c.stop(1000);
+    expect(finished).toBe(false);
+    release?.(); // the in-flight reconcile finishes after the stop began
+    expect(await stopping).toBe(true);
     expect(finished).toBe(true);
   });
 

@@ -10,7 +10,7 @@
 import { randomUUID } from 'node:crypto';
 import type { KubernetesObject } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
-import { controllerOf } from './client.ts';
+import { controllerOf, runWithSignal } from './client.ts';
 import { type Clock, systemClock, type TimerHandle } from './clock.ts';
 import { type EventSource, objectKey, splitKey } from './informer.ts';
 import { silentLogger } from './log.ts';
@@ -104,6 +104,8 @@ export class Controller {
   readonly #clock: Clock;
   readonly #unregister: Array<() => void> = [];
   readonly #inflight = new Set<AbortController>();
+  /** Every reconcile that has not settled yet, including ones abandoned after a timeout or an abort. */
+  readonly #unsettled = new Set<Promise<unknown>>();
   #workers: Promise<void>[] = [];
   #started = false;
   #stopping = false;
@@ -231,6 +233,30 @@ export class Controller {
     return this.#inflight.size;
   }
 
+  /** Reconciles that have not settled, counting those abandoned after a timeout or an abort. */
+  unsettledReconciles(): number {
+    return this.#unsettled.size;
+  }
+
+  /**
+   * Resolves true once no reconcile of this controller is running any more (abandoned ones included), false if
+   * some are still running after timeoutMs. Until then an aborted reconcile may still have a write in flight.
+   */
+  async settled(timeoutMs: number): Promise<boolean> {
+    if (this.#unsettled.size === 0) return true;
+    let timer: TimerHandle | undefined;
+    const timedOut = new Promise<false>((resolve) => {
+      timer = this.#clock.setTimer(() => resolve(false), timeoutMs);
+    });
+    const all = (async () => {
+      while (this.#unsettled.size > 0) await Promise.all([...this.#unsettled]);
+      return true as const;
+    })();
+    const ok = await Promise.race([all, timedOut]);
+    timer?.cancel();
+    return ok;
+  }
+
   isStarted(): boolean {
     return this.#started && !this.#stopping;
   }
@@ -273,10 +299,13 @@ export class Controller {
     const ctx: ReconcileContext = { controller: this.name, key, reconcileID, log, signal: ac.signal };
 
     type Outcome = { kind: 'ok'; result: ReconcileResult } | { kind: 'err'; err: unknown } | { kind: 'timeout' };
-    const settled: Promise<Outcome> = (async () => this.#reconcile(req, ctx))().then(
+    // Every API call the reconcile makes through KubeClient honours its signal (see runWithSignal).
+    const settled: Promise<Outcome> = runWithSignal(ac.signal, async () => this.#reconcile(req, ctx)).then(
       (result) => ({ kind: 'ok', result: result ?? undefined }),
       (err: unknown) => ({ kind: 'err', err }),
     );
+    this.#unsettled.add(settled);
+    void settled.then(() => this.#unsettled.delete(settled));
     let timer: TimerHandle | undefined;
     const racers: Promise<Outcome>[] = [settled];
     if (this.#timeoutMs > 0) {

@@ -98,6 +98,58 @@ describe('Informer', () => {
     await inf.stop();
   });
 
+  it('keeps a watch open through a quiet period: each ended watch is resumed at once from the last resourceVersion', async () => {
+    const { clock, watch, inf, state, events } = setup([mk('a', '1')]);
+    inf.start();
+    await inf.waitForSync(1000);
+    expect(watch.calls).toHaveLength(1);
+    expect(watch.last.query).toMatchObject({ resourceVersion: '10', allowWatchBookmarks: true });
+    watch.emit('MODIFIED', mk('a', '11'));
+    // 90 s of quiet: the server (or a proxy) ends each watch after 30 s without an error. At no moment may the
+    // resource go unwatched, and nothing is relisted.
+    for (let i = 0; i < 3; i++) {
+      await clock.advance(30_000);
+      const ended = watch.last;
+      watch.end(ended);
+      await flushMicrotasks(); // no clock advance: a re-watch that waits for a timer fails here
+      expect(watch.calls).toHaveLength(2 + i);
+      expect(watch.last).not.toBe(ended);
+      expect(watch.last.ended).toBe(false);
+      expect(watch.last.query).toMatchObject({ resourceVersion: '11', allowWatchBookmarks: true });
+    }
+    // A bookmark moves the resourceVersion the next watch resumes from (and counts as activity).
+    await clock.advance(20_000);
+    watch.last.cb('BOOKMARK', { metadata: { resourceVersion: '15' } });
+    expect(inf.lastEventAt).toBe(clock.now());
+    await clock.advance(10_000);
+    watch.end(watch.last);
+    await flushMicrotasks();
+    expect(watch.last.query).toMatchObject({ resourceVersion: '15' });
+    // An event 60 s into a quiet period reaches the handlers on the watch that is open at that moment.
+    watch.emit('MODIFIED', mk('a', '16'));
+    expect(events.at(-1)).toBe('update ns/a@11->16');
+    expect(state.lists).toBe(1);
+    await inf.stop();
+  });
+
+  it('backs off re-watching only when watches end as soon as they begin', async () => {
+    const { clock, watch, inf, state } = setup([mk('a', '1')], { minWatchLifetimeMs: 1000 });
+    inf.start();
+    await inf.waitForSync(1000);
+    await clock.advance(30_000);
+    watch.end(watch.last); // a long-lived watch ended: resumed at once
+    await flushMicrotasks();
+    expect(watch.calls).toHaveLength(2);
+    watch.end(watch.last); // this one ended immediately: client-node's delay applies
+    await flushMicrotasks();
+    expect(watch.calls).toHaveLength(2);
+    await clock.advance(2000);
+    expect(watch.calls).toHaveLength(3);
+    expect(watch.last.query).toMatchObject({ resourceVersion: '10' });
+    expect(state.lists).toBe(1);
+    await inf.stop();
+  });
+
   it('relists on an HTTP 410 from the watch request', async () => {
     const { watch, inf, state } = setup([mk('a', '1')]);
     inf.start();

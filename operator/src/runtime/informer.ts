@@ -6,6 +6,15 @@
 // its own store: a new generation's initial LIST is diffed against it, so handlers see `update` only for objects
 // whose resourceVersion changed and `delete` for objects that vanished while the watch was down. 410 Gone (HTTP or
 // in-stream) is handled inside a generation by ListWatch itself: it clears the resourceVersion and relists.
+//
+// A watch is kept open continuously (reference §2.3): client-node 2.0.1 aborts a quiet watch after 30 s (its
+// inactivity timeout, re-watched at once), but when the server or a proxy ends a watch cleanly ListWatch waits
+// 1 s, 2 s, ... up to 30 s before re-watching a resource that had no event since, so an event landing in that
+// gap would wait for it. Here every watch asks for
+// bookmarks (allowWatchBookmarks, which also advance the resourceVersion) and a watch that ended after running
+// for a while is resumed at once from the last resourceVersion, without a relist; only watches that end right
+// after they began (minWatchLifetimeMs) get client-node's growing delay, so a server that refuses watches is
+// not hammered.
 
 import {
   type KubernetesListObject,
@@ -15,7 +24,7 @@ import {
   Watch,
 } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
-import { type GVR, type KubeClient, resourcePath } from './client.ts';
+import { type GVR, type KubeClient, resourcePath, runWithSignal } from './client.ts';
 import { type Clock, sleep, systemClock, type TimerHandle } from './clock.ts';
 import { silentLogger } from './log.ts';
 
@@ -63,6 +72,8 @@ export interface InformerOptions {
   unhealthyAfterMs?: number;
   /** Restart delay after an error: base doubling up to max (default 1 s .. 30 s). */
   restartBackoff?: { baseMs?: number; maxMs?: number };
+  /** A watch that ended after at least this long (or after an event) is resumed at once (default 1 s). */
+  minWatchLifetimeMs?: number;
   clock?: Clock;
   logger?: Logger;
 }
@@ -100,6 +111,7 @@ export class Informer<T extends KubernetesObject> implements EventSource<T> {
   readonly #unhealthyMs: number;
   readonly #backoffBase: number;
   readonly #backoffMax: number;
+  readonly #minWatchLifetimeMs: number;
   /** namespace ('' for cluster-scoped) -> name -> object */
   readonly #store = new Map<string, Map<string, T>>();
   readonly #handlers = new Set<EventHandler<T>>();
@@ -132,6 +144,7 @@ export class Informer<T extends KubernetesObject> implements EventSource<T> {
     this.#unhealthyMs = opts.unhealthyAfterMs ?? 3 * this.#watchdogMs;
     this.#backoffBase = opts.restartBackoff?.baseMs ?? 1000;
     this.#backoffMax = opts.restartBackoff?.maxMs ?? 30_000;
+    this.#minWatchLifetimeMs = opts.minWatchLifetimeMs ?? 1000;
   }
 
   /** An informer for a resource by group/version/plural through client's KubeConfig. */
@@ -155,9 +168,13 @@ export class Informer<T extends KubernetesObject> implements EventSource<T> {
     if (this.#started) return;
     this.#started = true;
     this.#lastEventAt = this.#clock.now();
-    this.#runGeneration();
-    this.#armWatchdog();
-    this.#armResync();
+    // Started from inside a reconcile (a lazily created informer), its requests must not inherit that reconcile's
+    // abort signal: they outlive it.
+    runWithSignal(undefined, () => {
+      this.#runGeneration();
+      this.#armWatchdog();
+      this.#armResync();
+    });
   }
 
   async stop(): Promise<void> {
@@ -261,18 +278,35 @@ export class Informer<T extends KubernetesObject> implements EventSource<T> {
       return result;
     };
     // A watch request that got its response (not an error) counts as activity: a quiet but healthy watch is
-    // re-established by client-node about every 30 s.
+    // re-established about every 30 s (client-node's inactivity timeout), and bookmarks count too.
+    // lastWatch: when the latest watch request was sent and whether it ended after a useful life (see delay).
+    let lastWatch = { sentAt: 0, useful: false };
     const watch: WatchLike = {
       watch: async (path, query, cb, done) => {
         let failed = false;
-        const ac = await this.#lw.watch.watch(path, query, cb, (err) => {
-          if (err) failed = true;
-          done(err);
-        });
+        const w = { sentAt: this.#clock.now(), useful: false };
+        lastWatch = w;
+        const ac = await this.#lw.watch.watch(
+          path,
+          { ...query, allowWatchBookmarks: true },
+          (phase, obj, watchObj) => {
+            if (phase !== 'ERROR') w.useful = true;
+            if (phase === 'BOOKMARK' && gen === this.#gen) this.#touch();
+            cb(phase, obj, watchObj);
+          },
+          (err) => {
+            if (err) failed = true;
+            if (this.#clock.now() - w.sentAt >= this.#minWatchLifetimeMs) w.useful = true;
+            done(err);
+          },
+        );
         if (!failed && gen === this.#gen) this.#touch();
         return ac;
       },
     };
+    // ListWatch calls delayFn only before re-watching after a watch ended without an error (it backs off while
+    // watches bring no event). Resume at once unless the last watch ended as soon as it began.
+    const delay = (ms: number): Promise<void> => (lastWatch.useful ? Promise.resolve() : sleep(this.#clock, ms));
     const lw = new ListWatch<T>(
       this.#lw.path,
       watch as unknown as Watch,
@@ -280,7 +314,7 @@ export class Informer<T extends KubernetesObject> implements EventSource<T> {
       false,
       this.#lw.labelSelector,
       this.#lw.fieldSelector,
-      { delayFn: (ms) => sleep(this.#clock, ms) },
+      { delayFn: delay },
     );
     // A stale generation's callbacks are ignored; they also stop it again, in case its watch connected after stop().
     const live = (): boolean => {

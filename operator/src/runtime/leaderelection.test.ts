@@ -1,7 +1,7 @@
 import { ApiException } from '@kubernetes/client-node';
 import { Registry } from 'prom-client';
 import { describe, expect, it } from 'vitest';
-import { FakeClock } from './clock.ts';
+import { FakeClock, sleep } from './clock.ts';
 import { LeaderElector, type LeaderElectorOptions, type LeaseStore } from './leaderelection.ts';
 import { runtimeMetrics } from './metrics.ts';
 import { FakeLeaseStore, metricValue } from './testing.ts';
@@ -156,6 +156,50 @@ describe('LeaderElector', () => {
       expect(events).toEqual(['started', 'stopped']);
       expect(await run).toBe('renew-deadline');
     }
+  });
+
+  it('the renew deadline runs from when the last renewal was sent, not from its (late) answer', async () => {
+    const clock = new FakeClock();
+    const store = new FakeLeaseStore();
+    const { e, events, signal } = elector(store, clock, 'me');
+    const run = e.run();
+    await clock.advance(0);
+    expect(e.isLeader()).toBe(true);
+    // The next renewal is sent at t=2 s and answered only at t=9 s; later renewals hang.
+    const realReplace = store.replace.bind(store);
+    let sentAt: number | undefined;
+    store.replace = async (l) => {
+      if (sentAt !== undefined) return new Promise(() => {});
+      sentAt = clock.now();
+      await sleep(clock, 7000);
+      return realReplace(l);
+    };
+    await clock.advance(9000);
+    expect(sentAt).toBe(Date.UTC(2026, 0, 1) + 2000);
+    expect(e.isLeader()).toBe(true);
+    // Others count the lease duration from when they saw that renewal, which may be as early as its sending.
+    await clock.advance(sentAt! + e.renewDeadlineMs - 1 - clock.now());
+    expect(e.isLeader()).toBe(true);
+    await clock.advance(1);
+    expect(e.isLeader()).toBe(false);
+    expect(signal()?.aborted).toBe(true);
+    expect(events).toEqual(['started', 'stopped']);
+    expect(await run).toBe('renew-deadline');
+  });
+
+  it('stop({ release: false }) ends leadership but leaves the Lease to expire', async () => {
+    const clock = new FakeClock();
+    const store = new FakeLeaseStore();
+    const { e, events, signal } = elector(store, clock, 'me');
+    const run = e.run();
+    await clock.advance(0);
+    const writes = store.writes.length;
+    await e.stop({ release: false });
+    expect(await run).toBe('stopped');
+    expect(events).toEqual(['started', 'stopped']);
+    expect(signal()?.aborted).toBe(true);
+    expect(store.writes).toHaveLength(writes);
+    expect(store.lease?.spec?.holderIdentity).toBe('me');
   });
 
   it('releases the Lease on stop so a successor acquires it without waiting for expiry', async () => {

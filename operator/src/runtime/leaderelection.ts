@@ -5,8 +5,12 @@
 //    leaseDuration as measured on the LOCAL clock (no comparison with the holder's timestamps: clocks may skew);
 //  - acquire and renew by replacing the Lease carrying the resourceVersion read (409 = someone else wrote it);
 //    a takeover sets acquireTime and bumps leaseTransitions; renewTime/acquireTime are MicroTime (6 digits);
-//  - a leader that cannot renew for renewDeadline, or sees another holder, stops leading at once;
-//  - stop() releases the Lease (holderIdentity '', leaseDurationSeconds 1) so a successor need not wait.
+//  - a leader that cannot renew for renewDeadline, or sees another holder, stops leading at once. The deadline runs
+//    from when the last successful renewal was SENT (the API server may have stored it at once and others count
+//    leaseDuration from their observation of it), so a slow response never stretches leadership: with
+//    renewDeadline < leaseDuration the old leader has stopped before anyone may take over;
+//  - stop() releases the Lease (holderIdentity '', leaseDurationSeconds 1) so a successor need not wait, unless
+//    told not to (stop({ release: false }): work begun as leader may still be writing, so the Lease must expire).
 
 import { randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
@@ -114,6 +118,9 @@ export class LeaderElector {
   #observedHolder: string | undefined;
   #lease: V1Lease | undefined;
   #running: Promise<LeadershipEnd> | undefined;
+  #release = true;
+  /** Local time at which the request of the last successful acquire/renewal was sent. */
+  #lastRenewSentAt = 0;
 
   constructor(opts: LeaderElectorOptions) {
     this.#opts = opts;
@@ -153,8 +160,12 @@ export class LeaderElector {
     return this.#running;
   }
 
-  /** Stops campaigning/leading; releases the Lease if held. Resolves when run() has finished. */
-  async stop(): Promise<void> {
+  /**
+   * Stops campaigning/leading and resolves when run() has finished. A held Lease is released unless release is
+   * false (then it simply expires, leaseDuration after the last renewal).
+   */
+  async stop(opts: { release?: boolean } = {}): Promise<void> {
+    if (opts.release === false) this.#release = false;
     this.#stopAc.abort(new Error('leader elector stopped'));
     await this.#running;
   }
@@ -163,7 +174,8 @@ export class LeaderElector {
     const stop = this.#stopAc.signal;
     this.#log.info({ identity: this.identity }, 'attempting to acquire leader lease');
     while (!stop.aborted) {
-      if (await this.#tryAcquireOrRenew()) break;
+      // An acquisition answered only after the renew deadline has passed is no leadership: renew first.
+      if ((await this.#tryAcquireOrRenew()) && this.#clock.now() - this.#lastRenewSentAt < this.renewDeadlineMs) break;
       if (!(await this.#sleep(this.retryPeriodMs))) break;
     }
     if (stop.aborted) return 'never-acquired';
@@ -175,9 +187,11 @@ export class LeaderElector {
       if (await this.#tryAcquireOrRenew()) this.#armRenewDeadline();
     }
     if (this.#leading) {
-      // stop() while leading: release, then report.
-      await this.#release();
+      // stop() while leading: stop leading first (abort the leader's work), then release if allowed.
+      const release = this.#release;
       this.#endLeadership('stopped');
+      if (release) await this.#releaseLease();
+      else this.#log.info('not releasing the lease: it expires on its own');
     }
     return this.#endReason ?? 'stopped';
   }
@@ -212,12 +226,19 @@ export class LeaderElector {
     }
   }
 
+  /** Leadership ends renewDeadline after the last successful renewal was sent (not answered). */
   #armRenewDeadline(): void {
     this.#renewDeadlineTimer?.cancel();
-    this.#renewDeadlineTimer = this.#clock.setTimer(() => {
+    const remaining = this.#lastRenewSentAt + this.renewDeadlineMs - this.#clock.now();
+    const expire = () => {
       this.#log.error({ renewDeadlineMs: this.renewDeadlineMs }, 'failed to renew lease within the renew deadline');
       this.#endLeadership('renew-deadline');
-    }, this.renewDeadlineMs);
+    };
+    if (remaining <= 0) {
+      expire();
+      return;
+    }
+    this.#renewDeadlineTimer = this.#clock.setTimer(expire, remaining);
   }
 
   /** Sleeps; false if stop() or loss of leadership interrupted. */
@@ -286,8 +307,10 @@ export class LeaderElector {
         metadata: { name: this.leaseName, namespace: this.#opts.leaseNamespace },
         spec: this.#spec(now, undefined),
       };
+      const sentAt = this.#clock.now();
       try {
         this.#observe(await abortable(this.#store.create(body, signal), signal));
+        this.#lastRenewSentAt = sentAt;
         return true;
       } catch (err) {
         if (isAlreadyExists(err) || isConflict(err)) this.#log.info('lost the race to create the lease');
@@ -308,8 +331,10 @@ export class LeaderElector {
     }
 
     const body: V1Lease = { ...lease, spec: this.#spec(now, lease) };
+    const sentAt = this.#clock.now();
     try {
       this.#observe(await abortable(this.#store.replace(body, signal), signal));
+      this.#lastRenewSentAt = sentAt;
       return true;
     } catch (err) {
       if (!isConflict(err)) {
@@ -332,7 +357,7 @@ export class LeaderElector {
     }
   }
 
-  async #release(): Promise<void> {
+  async #releaseLease(): Promise<void> {
     // Bounded: a hung API call must not block shutdown.
     const ac = new AbortController();
     const timer = this.#clock.setTimer(() => ac.abort(new Error('lease release timed out')), this.renewDeadlineMs);

@@ -28,7 +28,7 @@ function setup(opts: Partial<ManagerOptions> = {}, listHangs = false) {
   );
   const seen: string[] = [];
   const signals: AbortSignal[] = [];
-  const ctl = { block: false, slowMs: 0 };
+  const ctl: { block: boolean; slowMs: number; hold?: Promise<void> } = { block: false, slowMs: 0 };
   const controller = m
     .addController({
       name: 'cms',
@@ -36,6 +36,7 @@ function setup(opts: Partial<ManagerOptions> = {}, listHangs = false) {
         seen.push(req.name);
         signals.push(ctx.signal);
         if (ctl.slowMs) await sleep(clock, ctl.slowMs);
+        if (ctl.hold) await ctl.hold;
         if (ctl.block) {
           await new Promise((_r, reject) => ctx.signal.addEventListener('abort', () => reject(ctx.signal.reason)));
         }
@@ -117,6 +118,48 @@ describe('Manager', () => {
     expect(m.address()).toBeUndefined();
   });
 
+  it('stop() does not release the lease while an aborted reconcile may still write', async () => {
+    const store = new FakeLeaseStore();
+    const { clock, m, seen, ctl, controller } = setup({
+      leaderElection: { leaseName: 'op', leaseNamespace: 'sys', identity: 'me', store },
+    });
+    // A reconcile that ignores its abort signal: it is still running when the deadline passes.
+    let finish: (() => void) | undefined;
+    ctl.hold = new Promise<void>((resolve) => {
+      finish = resolve;
+    });
+    await m.start();
+    await m.elected();
+    await flushMicrotasks();
+    expect(seen).toEqual(['a']);
+    let stopped = false;
+    const stopping = m.stop(1000).then(() => {
+      stopped = true;
+    });
+    await clock.advance(5000);
+    await stopping;
+    expect(stopped).toBe(true);
+    expect(controller.unsettledReconciles()).toBe(1);
+    expect(store.lease?.spec?.holderIdentity).toBe('me'); // not released: it expires on its own
+    finish?.();
+  });
+
+  it('stop() releases the lease once the aborted reconciles have settled', async () => {
+    const store = new FakeLeaseStore();
+    const { clock, m, ctl, controller } = setup({
+      leaderElection: { leaseName: 'op', leaseNamespace: 'sys', identity: 'me', store },
+    });
+    ctl.block = true; // honours its signal: ends when aborted at the deadline
+    await m.start();
+    await m.elected();
+    await flushMicrotasks();
+    const stopping = m.stop(1000);
+    await clock.advance(1000);
+    await stopping;
+    expect(controller.unsettledReconciles()).toBe(0);
+    expect(store.lease?.spec?.holderIdentity).toBe('');
+  });
+
   it('stop() waits for pending Event writes only until the deadline (API server unreachable)', async () => {
     const { clock, m } = setup({ http: false });
     const hang = () => new Promise<never>(() => {});
@@ -159,10 +202,19 @@ describe('Manager', () => {
     const { m } = setup({ http: false });
     await m.start();
     const codes: number[] = [];
-    const dispose = handleSignals(m, { exit: (c) => codes.push(c), signals: ['SIGUSR2'] });
+    let bothExited: (() => void) | undefined;
+    const exited = new Promise<void>((r) => {
+      bothExited = r;
+    });
+    const dispose = handleSignals(m, {
+      exit: (c) => {
+        if (codes.push(c) === 2) bothExited?.();
+      },
+      signals: ['SIGUSR2'],
+    });
     process.emit('SIGUSR2', 'SIGUSR2');
     process.emit('SIGUSR2', 'SIGUSR2');
-    await new Promise((r) => setTimeout(r, 10));
+    await exited;
     expect(codes).toEqual([1, 0]);
     dispose();
     expect(process.listenerCount('SIGUSR2')).toBe(0);

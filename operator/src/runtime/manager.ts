@@ -4,9 +4,12 @@
 //
 // start(): HTTP server, informers, wait for every cache to sync, then, with leader election, campaign and start
 // the controllers only once leading (standbys keep warm caches). Losing leadership aborts every in-flight
-// reconcile and stops all workers at once, then calls onLeadershipLost (main() should exit, as client-go does).
-// stop(): controllers stop taking work and get the deadline to finish, then informers stop and the lease is
-// released. Signals are handled only through handleSignals(manager).
+// reconcile (their API calls honour the abort: see runWithSignal) and stops all workers at once, then, once the
+// reconciles have settled or (leaseDuration - renewDeadline) / 2 has passed, calls onLeadershipLost (main() should
+// exit, as client-go does: the exit fences whatever still runs, before another replica may lead).
+// stop(): controllers stop taking work and get the deadline to finish (then are aborted), then informers stop and
+// the lease is released — only if every reconcile, abandoned ones included, has settled: otherwise one may still
+// write, and the lease is left to expire. Signals are handled only through handleSignals(manager).
 
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -231,8 +234,12 @@ export class Manager {
       },
     });
     this.#elector = elector;
-    void elector.run().then((reason) => {
+    void elector.run().then(async (reason) => {
       if (this.#stopping || reason === 'stopped' || reason === 'never-acquired') return;
+      // Aborted reconciles finish their last awaited call; wait for them (bounded well before anyone may lead).
+      const boundMs = Math.max(0, (elector.leaseDurationMs - elector.renewDeadlineMs) / 2);
+      const settled = await this.#settled(boundMs);
+      if (!settled) this.logger.error({ boundMs }, 'aborted reconciles still running after leadership loss');
       this.logger.error({ reason }, 'leadership lost; reconciling stopped');
       try {
         this.#opts.onLeadershipLost?.(reason);
@@ -253,8 +260,12 @@ export class Manager {
     const deadline = this.#clock.now() + deadlineMs;
     const drained = await Promise.all(this.#controllers.map((c) => c.stop(deadlineMs)));
     if (drained.includes(false)) this.logger.warn('some reconciles did not finish before the shutdown deadline');
+    // Aborted (or earlier abandoned) reconciles may still have a write in flight: the lease is released only once
+    // they all have settled (at least 1 s after the abort, at most until the deadline), else it must expire.
+    const settled = await this.#settled(Math.max(1000, deadline - this.#clock.now()));
     await Promise.all([...this.#informers.values()].map((i) => i.stop()));
-    await this.#elector?.stop();
+    if (!settled) this.logger.warn('reconciles still running at the shutdown deadline: the lease is not released');
+    await this.#elector?.stop({ release: settled });
     this.#leading = false;
     // Pending Event writes get what is left of the deadline: an unreachable API server must not hold up the exit.
     let timer: TimerHandle | undefined;
@@ -272,6 +283,12 @@ export class Manager {
       this.#server.closeAllConnections();
     });
     this.logger.info('stopped');
+  }
+
+  /** True once no reconcile of any controller is running (abandoned ones included), false after timeoutMs. */
+  async #settled(timeoutMs: number): Promise<boolean> {
+    const results = await Promise.all(this.#controllers.map((c) => c.settled(timeoutMs)));
+    return results.every(Boolean);
   }
 
   #startControllers(): void {

@@ -20,15 +20,15 @@ const cpus = (vcpus: number) => request({ resources: { vcpus, ramMiB: 1, diskGiB
 const disk = (diskGiB: number) => request({ resources: { vcpus: 1, ramMiB: 1, diskGiB } });
 
 describe('ComputeFilter', () => {
-  it('passes an enabled, heartbeating host', () => {
+  it('passes an enabled host the operator judged up', () => {
     expect(ComputeFilter(host('a'), request())).toBe(true);
   });
   it('refuses a disabled host', () => {
     expect(ComputeFilter(host('a', { enabled: false }), request())).toBe(false);
   });
-  it('refuses a host whose heartbeat is stale or missing', () => {
-    expect(ComputeFilter(host('a', { heartbeatAgo: 61 }), request())).toBe(false);
-    expect(ComputeFilter(host('a', { heartbeatAgo: null }), request())).toBe(false);
+  it('refuses a host that is down or not judged yet', () => {
+    expect(ComputeFilter(host('a', { state: 'down' }), request())).toBe(false);
+    expect(ComputeFilter(host('a', { state: null }), request())).toBe(false);
   });
 });
 

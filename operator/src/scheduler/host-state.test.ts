@@ -46,15 +46,18 @@ describe('hostStateFrom', () => {
     expect(limitsOf(h).vcpus).toBe(0);
   });
 
-  it('is alive only with a heartbeat within the grace period', () => {
-    expect(host('hv', { heartbeatAgo: 0 }).alive).toBe(true);
-    expect(host('hv', { heartbeatAgo: 60 }).alive).toBe(true);
-    expect(host('hv', { heartbeatAgo: 61 }).alive).toBe(false);
-    expect(host('hv', { heartbeatAgo: null }).alive).toBe(false);
-    expect(hostStateFrom(hypervisor('hv', { heartbeatAgo: 100 }), [], NOW, { heartbeatGraceSeconds: 120 }).alive).toBe(
-      true,
-    );
-    expect(hostStateFrom(hypervisor('hv', { heartbeatAgo: 30 }), [], new Date(NOW)).alive).toBe(true);
+  it('is alive only when the operator judged it up (status.state), whatever time its status carries', () => {
+    expect(host('hv').alive).toBe(true);
+    expect(host('hv', { state: 'down' }).alive).toBe(false);
+    expect(host('hv', { state: null }).alive).toBe(false);
+    // A timestamp written from the node's clock (far past or future) plays no part.
+    for (const t of ['2000-01-01T00:00:00Z', '2100-01-01T00:00:00Z']) {
+      const hv = hypervisor('hv');
+      hv.status = { ...hv.status, lastHeartbeatTime: t };
+      expect(hostStateFrom(hv, [], NOW).alive).toBe(true);
+      hv.status = { ...hv.status, state: 'down' };
+      expect(hostStateFrom(hv, [], NOW).alive).toBe(false);
+    }
   });
 
   it('sums the claims on the node (ignoring other nodes) and counts group members', () => {

@@ -10,7 +10,10 @@ import { parseBytes, parseMilli, toGiB, toMiB } from '../api/meta.ts';
 export const ZONE_LABEL = 'topology.kubernetes.io/zone';
 /** Zone of a hypervisor without the zone label (Nova's default_availability_zone). */
 export const DEFAULT_AVAILABILITY_ZONE = 'nova';
-/** A hypervisor whose last heartbeat is older than this is down (Nova service_down_time is 60 s). */
+/**
+ * A hypervisor whose node Lease the operator has not seen renewed for this long is down (Nova service_down_time is
+ * 60 s). The verdict is the Hypervisor controller's status.state; the scheduler only reads it.
+ */
 export const DEFAULT_HEARTBEAT_GRACE_SECONDS = 60;
 
 /** The three resource classes placement tracks (VCPU, MEMORY_MB, DISK_GB). */
@@ -47,7 +50,7 @@ export interface HostState {
   labels: Readonly<Record<string, string>>;
   /** spec.enabled. */
   enabled: boolean;
-  /** Heartbeat within the grace period. */
+  /** status.state is up: the operator observed its node Lease renewed within the grace period. */
   alive: boolean;
   /** Set when the hypervisor's spec or status could not be read; such a host gets no servers. */
   problem?: string;
@@ -64,7 +67,7 @@ export interface HostState {
 }
 
 export interface HostStateOptions {
-  /** Default 60. */
+  /** Unused: liveness is the operator's status.state (kept so callers need not change). */
   heartbeatGraceSeconds?: number;
 }
 
@@ -86,10 +89,6 @@ export function canonicalArch(arch: string): string {
   if (a === 'amd64') return 'x86_64';
   if (a === 'arm64') return 'aarch64';
   return a;
-}
-
-function epochMs(t: number | Date): number {
-  return typeof t === 'number' ? t : t.getTime();
 }
 
 export function emptyUsage(): Usage {
@@ -120,20 +119,19 @@ export function sumClaims(node: string, claims: Iterable<Claim>): { usage: Usage
 export function hostStateFrom(
   hypervisor: Hypervisor,
   placed: Iterable<Claim>,
-  now: number | Date,
-  opts: HostStateOptions = {},
+  _now?: number | Date,
+  _opts: HostStateOptions = {},
 ): HostState {
   const name = hypervisor.metadata.name ?? '';
   const status = hypervisor.status;
   const { usage, groupMembers } = sumClaims(name, placed);
-  const graceMs = (opts.heartbeatGraceSeconds ?? DEFAULT_HEARTBEAT_GRACE_SECONDS) * 1000;
-  const heartbeat = status?.lastHeartbeatTime === undefined ? Number.NaN : Date.parse(status.lastHeartbeatTime);
   const arch = status?.cpu?.architecture;
   const base: HostState = {
     name,
     labels: { ...(hypervisor.metadata.labels ?? {}) },
     enabled: false,
-    alive: Number.isFinite(heartbeat) && epochMs(now) - heartbeat <= graceMs,
+    // The operator's verdict from its own observations of the node Lease: no comparison of two hosts' clocks.
+    alive: status?.state === 'up',
     ...(arch ? { architecture: canonicalArch(arch) } : {}),
     ...(status?.accelerator ? { accelerator: status.accelerator } : {}),
     capacity: { vcpus: 0, ramMiB: 0, diskGiB: 0 },

@@ -41,7 +41,7 @@ describe('schedule: NoValidHost', () => {
     const r = schedule(request({ availabilityZone: 'az1', nodeSelector: { ssd: 'yes' } }), [
       host('a', { labels: { 'topology.kubernetes.io/zone': 'az1' } }),
       host('b', { labels: { 'topology.kubernetes.io/zone': 'az2' } }),
-      host('c', { heartbeatAgo: 600 }),
+      host('c', { state: 'down' }),
     ]);
     expect(!r.ok && r.message).toBe(
       'No valid host was found: 3 hosts; ComputeFilter removed 1 (2 left), AvailabilityZoneFilter removed 1 (1 left), NodeSelectorFilter removed 1 (0 left)',

@@ -11,8 +11,8 @@ export interface HvOptions {
   disk?: string;
   labels?: Record<string, string>;
   enabled?: boolean;
-  /** Seconds since the last heartbeat; null: never reported. Default 5. */
-  heartbeatAgo?: number | null;
+  /** status.state as the operator's Hypervisor controller wrote it; null: not judged yet. Default up. */
+  state?: 'up' | 'down' | null;
   arch?: string;
   accelerator?: 'kvm' | 'tcg';
   spec?: Record<string, unknown>;
@@ -20,13 +20,13 @@ export interface HvOptions {
 
 /** A Hypervisor as the API server returns it (defaults applied), 8 vCPUs / 16Gi / 100Gi, alive. */
 export function hypervisor(name: string, o: HvOptions = {}): Hypervisor {
-  const beat = o.heartbeatAgo === undefined ? 5 : o.heartbeatAgo;
+  const state = o.state === undefined ? 'up' : o.state;
   return HypervisorKind.schema.parse({
     metadata: { name, ...(o.labels ? { labels: o.labels } : {}) },
     spec: { enabled: o.enabled ?? true, ...o.spec },
     status: {
       capacity: { vcpus: o.vcpus ?? 8, ram: o.ram ?? '16Gi', disk: o.disk ?? '100Gi' },
-      ...(beat === null ? {} : { lastHeartbeatTime: new Date(NOW - beat * 1000).toISOString() }),
+      ...(state === null ? {} : { state }),
       ...(o.arch ? { cpu: { architecture: o.arch } } : {}),
       ...(o.accelerator ? { accelerator: o.accelerator } : {}),
     },

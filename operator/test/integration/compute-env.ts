@@ -24,6 +24,8 @@ import {
   type Hypervisor,
   HypervisorKind,
   ImageKind,
+  NODE_LEASE_NAMESPACE,
+  nodeLeaseName,
   ServerGroupKind,
   ServerKind,
   type ServerSpec,
@@ -43,6 +45,7 @@ import {
   isNotFound,
   KubeClient,
   type Logger,
+  leaseGVR,
   Manager,
   type ManagerOptions,
   silentLogger,
@@ -61,8 +64,12 @@ export const SCOPE_LABEL = 'test.stratus.io/cmp';
 export const POOL_LABEL = 'test.stratus.io/cmp-pool';
 /** Hypervisor label carrying the node's own name (to pin a server to one node). */
 export const NODE_LABEL = 'test.stratus.io/cmp-node';
-/** Heartbeat grace of the operator under test (the agents heartbeat every second). */
-export const GRACE_SECONDS = 5;
+/**
+ * Heartbeat grace of the operator under test (the agents renew their Lease every second). Liveness is judged by
+ * when the operator observes renewals, so the margin (grace - heartbeat) must absorb the delivery delays of a
+ * loaded test process (operator and every agent in one event loop).
+ */
+export const GRACE_SECONDS = 10;
 /** Memory every fake hypervisor keeps for itself (spec.reserved.ram). */
 export const RESERVED_RAM_MIB = 512;
 
@@ -512,7 +519,10 @@ export class ComputeEnv {
         .patch(SERVERS, s.metadata!.name!, this.ns, { metadata: { finalizers: null } }, PatchStrategy.MergePatch)
         .catch(() => {});
     }
-    for (const nd of this.nodes) await this.client.delete(HYPERVISORS, nd.name).catch(() => {});
+    for (const nd of this.nodes) {
+      await this.client.delete(HYPERVISORS, nd.name).catch(() => {});
+      await this.client.delete(leaseGVR, nodeLeaseName(nd.name), NODE_LEASE_NAMESPACE).catch(() => {});
+    }
     for (const f of this.#flavors) await this.client.delete(FLAVORS, f).catch(() => {});
     await this.client.delete(NAMESPACES, this.ns).catch(() => {});
   }

@@ -101,12 +101,12 @@ describe('operator processes: leader election', () => {
     expect(standby.logs(isReconcileLine)).toEqual([]);
     expect(await status(standby)).toBe(0);
 
-    // SIGKILL the leader: the standby takes over within leaseDuration + retryPeriod (+ slack).
+    // SIGKILL the leader: the standby takes over once the lease has expired (how soon is a fake-clock unit test of
+    // the LeaderElector; here only the order of things is asserted).
     const killedAt = await leader.kill();
     const leading = await standby.waitForLog('leading: controllers started', 30_000);
-    const takeoverMs = leading.t - killedAt;
-    console.log(`takeover after SIGKILL: ${takeoverMs} ms (lease 4 s, retry 1 s)`);
-    expect(takeoverMs).toBeLessThanOrEqual((4 + 1) * 1000 + 1500);
+    console.log(`takeover after SIGKILL: ${leading.t - killedAt} ms (lease 4 s, retry 1 s)`);
+    expect(standby.logs('lease expired; taking over').length).toBeGreaterThan(0);
     expect(await status(standby)).toBe(1);
 
     // The new leader serves a new Project.
@@ -232,8 +232,8 @@ describe('operator processes: leader election', () => {
     const exit = await op1.exited;
     const readyAtExit = (await listProjects(client, RUN)).filter(isReady).length;
     console.log(`SIGTERM → exit ${exit.code} after ${exit.at - termAt} ms; ${readyAtExit}/200 Ready at exit`);
+    // (That stop() keeps its deadline is a fake-clock unit test of the Manager.)
     expect(exit.code).toBe(0);
-    expect(exit.at - termAt).toBeLessThanOrEqual(graceS * 1000 + 2000);
     expect(readyAtExit).toBeLessThan(200); // it really was mid-burst
     for (const msg of ['signal received; shutting down', 'stopping', 'leadership released', 'stopped']) {
       expect(op1.logs(msg), msg).toHaveLength(1);
@@ -259,8 +259,9 @@ describe('operator processes: leader election', () => {
 
     await creating;
     const op2 = await startOperator({ leaseName: RUN, gracefulShutdownSeconds: graceS });
-    const led = await op2.waitForLog('leading: controllers started', 60_000);
-    expect(led.t - op2.startedAt).toBeLessThan(15_000);
+    await op2.waitForLog('leading: controllers started', 60_000);
+    // The released Lease is taken at once: no waiting for a foreign holder's lease to expire.
+    expect(op2.logs('lease expired; taking over')).toEqual([]);
     const projects = await waitProjectsReady(client, RUN, names, 120_000);
     await op2.settle();
 

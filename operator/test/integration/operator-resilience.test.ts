@@ -227,8 +227,9 @@ describe('operator process: SIGTERM while the API server is unreachable', () => 
     const termAt = op.signal('SIGTERM');
     const exit = await op.exited;
     console.log(`SIGTERM while cut off: exit ${exit.code} after ${exit.at - termAt} ms (deadline ${graceS} s)`);
+    // That it returns at its deadline is the Manager's fake-clock unit test (stop() waits for pending Event writes
+    // only until the deadline); here: it exits cleanly although nothing could be written.
     expect(exit.code).toBe(0);
-    expect(exit.at - termAt).toBeLessThanOrEqual(graceS * 1000 + 2000);
     expect(op.logs('stopped')).toHaveLength(1);
   });
 });

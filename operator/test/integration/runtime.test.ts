@@ -2,7 +2,8 @@
 // watch error with the store reconciled against the new LIST), server-side apply of /status and finalizer patches,
 // and Lease leader election between two electors (one leader; a dead leader is replaced after expiry; release).
 import { randomBytes } from 'node:crypto';
-import { type KubernetesObject, PatchStrategy, type V1Lease, Watch } from '@kubernetes/client-node';
+import { HttpMethod, type KubernetesObject, PatchStrategy, type V1Lease, Watch } from '@kubernetes/client-node';
+import { Registry } from 'prom-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminKubeConfig, compactEtcd } from '../../../e2e/controlplane/testenv.ts';
 import { waitFor as poll } from '../../../e2e/testing/wait.ts';
@@ -19,6 +20,7 @@ import {
   LeaderElector,
   type LeaseStore,
   leaseGVR,
+  Manager,
   patchStatus,
   removeFinalizer,
   type WatchLike,
@@ -34,8 +36,11 @@ const widgetGVR: GVR = { group: GROUP, version: 'v1', plural: 'widgets' };
 
 let client: KubeClient;
 
-const waitFor = <T>(what: string, fn: () => T | undefined | false, timeoutMs = 15_000): Promise<T> =>
-  poll(what, fn, timeoutMs, 50);
+const waitFor = <T>(
+  what: string,
+  fn: () => T | undefined | false | Promise<T | undefined | false>,
+  timeoutMs = 15_000,
+): Promise<T> => poll(what, fn, timeoutMs, 50);
 
 const cm = (name: string, data: Record<string, string> = {}): KubernetesObject & { data: Record<string, string> } => ({
   apiVersion: 'v1',
@@ -200,16 +205,18 @@ describe('server-side apply of status and finalizers', () => {
         ],
       },
     } as KubernetesObject);
-    const end = Date.now() + 20_000;
-    for (;;) {
-      try {
-        await client.list(widgetGVR, { namespace: NS });
-        break;
-      } catch (err) {
-        if (!(isNotFound(err) || isTooManyRequests(err)) || Date.now() > end) throw err;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
+    await waitFor(
+      'the Widget CRD served',
+      () =>
+        client.list(widgetGVR, { namespace: NS }).then(
+          () => true,
+          (err: unknown) => {
+            if (isNotFound(err) || isTooManyRequests(err)) return false;
+            throw err;
+          },
+        ),
+      20_000,
+    );
   });
 
   it('patchStatus applies only status through /status, owned by a stable field manager', async () => {
@@ -308,12 +315,37 @@ describe('leader election against a real Lease', () => {
   it('two electors: exactly one leads; the other takes over after the dead leader lease expires; release', async () => {
     const leaseName = `runtime-${suffix}`;
     const stores = [killable(kubeLeaseStore(client, NS, leaseName)), killable(kubeLeaseStore(client, NS, leaseName))];
+    // Leadership transitions in order: never two leaders at once.
+    const transitions: string[] = [];
+    let leaders = 0;
+    let maxLeaders = 0;
     const electors = stores.map(
-      (store, i) => new LeaderElector({ leaseName, leaseNamespace: NS, identity: `cand-${i}`, store, ...timing }),
+      (store, i) =>
+        new LeaderElector({
+          leaseName,
+          leaseNamespace: NS,
+          identity: `cand-${i}`,
+          store,
+          ...timing,
+          onStartedLeading: () => {
+            transitions.push(`start ${i}`);
+            maxLeaders = Math.max(maxLeaders, ++leaders);
+          },
+          onStoppedLeading: () => {
+            transitions.push(`stop ${i}`);
+            leaders--;
+          },
+        }),
     );
     const runs = electors.map((e) => e.run());
     await waitFor('a leader', () => electors.some((e) => e.isLeader()));
-    await new Promise((r) => setTimeout(r, 2000));
+    // Several renewals by the leader while the other candidate keeps trying: still exactly one leader.
+    const firstRV = (await client.get<V1Lease>(leaseGVR, leaseName, NS)).metadata?.resourceVersion;
+    const rvs = new Set([firstRV]);
+    await waitFor('three renewals', async () => {
+      rvs.add((await client.get<V1Lease>(leaseGVR, leaseName, NS)).metadata?.resourceVersion);
+      return rvs.size >= 4;
+    });
     expect(electors.filter((e) => e.isLeader())).toHaveLength(1);
     const li = electors[0]!.isLeader() ? 0 : 1;
     const leader = electors[li]!;
@@ -323,10 +355,10 @@ describe('leader election against a real Lease', () => {
     expect(String(before.spec?.renewTime)).toMatch(/\.\d{6}Z$/);
 
     stores[li]!.kill();
-    const killedAt = Date.now();
     await waitFor('takeover', () => follower.isLeader(), 15_000);
-    const took = Date.now() - killedAt;
-    expect(took).toBeGreaterThanOrEqual(timing.leaseDurationMs - 200);
+    // The dead leader gave up (renew deadline) before the other could lead; timings: the fake-clock unit tests.
+    expect(transitions).toEqual([`start ${li}`, `stop ${li}`, `start ${1 - li}`]);
+    expect(maxLeaders).toBe(1);
     expect(leader.isLeader()).toBe(false);
     expect(await runs[li]).toBe('renew-deadline');
     const after = await client.get<V1Lease>(leaseGVR, leaseName, NS);
@@ -337,5 +369,56 @@ describe('leader election against a real Lease', () => {
     expect(await runs[1 - li]).toBe('stopped');
     const released = await client.get<V1Lease>(leaseGVR, leaseName, NS);
     expect(released.spec?.holderIdentity ?? '').toBe('');
+  });
+
+  it('losing leadership aborts a reconcile blocked in an API call, and its later writes never reach the server', async () => {
+    const leaseName = `runtime-abort-${suffix}`;
+    const store = killable(kubeLeaseStore(client, NS, leaseName));
+    const lost: string[] = [];
+    const mgr = new Manager({
+      kubeConfig: adminKubeConfig(),
+      http: false,
+      registry: new Registry(),
+      leaderElection: { leaseName, leaseNamespace: NS, identity: 'abort-test', store, ...timing },
+      onLeadershipLost: (r) => lost.push(r),
+    });
+    const inf = mgr.informer(cmGVR, { namespace: NS, labelSelector: `abort-test=${suffix}` });
+    let blocked = false;
+    let outcome: unknown;
+    let settled = false;
+    mgr
+      .addController({
+        name: 'blocker',
+        reconcile: async (req) => {
+          blocked = true;
+          try {
+            // The API server answers this only after 5 minutes: a watch of something that never changes.
+            await mgr.client.request(HttpMethod.GET, `/api/v1/namespaces/${NS}/configmaps`, {
+              query: { watch: 'true', timeoutSeconds: 300, fieldSelector: 'metadata.name=never-there' },
+            });
+            outcome = 'answered';
+          } catch (err) {
+            outcome = err;
+          }
+          // A careless reconcile that goes on writing after its call failed.
+          await mgr.client.create(cmGVR, cm(`late-${req.name}`)).catch(() => {});
+          settled = true;
+          return undefined;
+        },
+      })
+      .for(inf);
+    await mgr.start();
+    await mgr.elected();
+    await client.create(cmGVR, {
+      ...cm('trigger'),
+      metadata: { name: 'trigger', namespace: NS, labels: { 'abort-test': suffix } },
+    });
+    await waitFor('the reconcile blocked in its API call', () => blocked);
+    store.kill(); // renewals hang from now on: the renew deadline ends leadership
+    await waitFor('leadership lost and the reconcile settled', () => lost.length > 0 && settled);
+    expect(lost).toEqual(['renew-deadline']);
+    expect(String(outcome)).toContain('leadership lost');
+    expect(isNotFound(await client.get(cmGVR, 'late-trigger', NS).catch((e: unknown) => e))).toBe(true);
+    await mgr.stop(1000);
   });
 });
