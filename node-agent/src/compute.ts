@@ -53,6 +53,7 @@ import {
   updateStatus,
 } from '../../operator/src/runtime/index.ts';
 import type { GuestExit, GuestNetworkInterface, GuestSpec, GuestState, HypervisorDriver } from './driver.ts';
+import { agentFieldManager } from './fieldmanager.ts';
 import { ImageError, type ImageErrorReason } from './images/cache.ts';
 import {
   AGENT_TASKS,
@@ -996,11 +997,12 @@ export class ComputeService {
       return st;
     };
     const passed = server as unknown as ServerObject;
-    let raw = await updateStatus(this.#client, SERVERS, passed, fn);
+    const opts = { fieldManager: agentFieldManager(this.nodeName) };
+    let raw = await updateStatus(this.#client, SERVERS, passed, fn, opts);
     if (confirm && applied && raw === passed) {
       const live = await this.#client.get<ServerObject>(SERVERS, server.metadata.name!, server.metadata.namespace);
       if (live.metadata?.resourceVersion !== passed.metadata?.resourceVersion) {
-        raw = await updateStatus(this.#client, SERVERS, live, fn);
+        raw = await updateStatus(this.#client, SERVERS, live, fn, opts);
       }
     }
     return { server: parseServer(raw) ?? server, applied };
