@@ -9,7 +9,9 @@ import {
   isConflict,
   type KubeClient,
   patchStatus,
+  type ReconcileContext,
   type ReconcileResult,
+  type Request,
   setCondition,
 } from '../runtime/index.ts';
 
@@ -108,17 +110,19 @@ export async function applyStatusIfChanged(
 
 /**
  * A reconcile whose status write met a conflict (the object changed since it was read, or another manager owns a
- * field) is requeued with backoff and recomputed from fresh data, without an error in the log.
+ * field) is requeued with backoff and recomputed from fresh data; logged at info, with the API server's message (an
+ * ownership conflict names the field and its manager).
  */
-export function requeueOnConflict<A extends unknown[]>(
-  reconcile: (...args: A) => Promise<ReconcileResult>,
-): (...args: A) => Promise<ReconcileResult> {
-  return async (...args: A) => {
+export function requeueOnConflict(
+  reconcile: (req: Request, ctx: ReconcileContext) => Promise<ReconcileResult>,
+): (req: Request, ctx: ReconcileContext) => Promise<ReconcileResult> {
+  return async (req, ctx) => {
     try {
-      return await reconcile(...args);
+      return await reconcile(req, ctx);
     } catch (e) {
-      if (isConflict(e)) return { requeue: true };
-      throw e;
+      if (!isConflict(e)) throw e;
+      ctx.log.info({ err: e }, 'write conflict: requeued to recompute from fresh data');
+      return { requeue: true };
     }
   };
 }
