@@ -425,6 +425,7 @@ export function registerPortController(mgr: Manager, opts: PortControllerOptions
         const before = readyReason(port);
         await writePortStatus(port, (raw) => {
           const st = raw as PortStatus;
+          if (st.macAddress !== undefined) st.status = allocatedPortStatus(st); // follows the binding meanwhile
           st.conditions = withConditions(
             st.conditions,
             [{ type: PORT_READY, status: 'False', reason: 'PortInUse', message }],

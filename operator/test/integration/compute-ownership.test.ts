@@ -1,4 +1,4 @@
-// Status ownership of Ports and Servers (docs/design/status-ownership.md) through the operator and a fake node agent
+// Status ownership of Ports, Servers and Hypervisors (docs/design/status-ownership.md) through the operator and a fake node agent
 // against a real API server: each writer writes under its own field manager (`stratus-operator`,
 // `stratus-agent/<node>`; the API server accepts the '/'), and Port.status.status has one writer, the operator,
 // which derives ACTIVE from the binding the agent reports.
@@ -67,6 +67,14 @@ describe('a server with a port on one node', () => {
       expect.arrayContaining(['fixedIPs', 'macAddress', 'securityGroups', 'status']),
     );
     expect([...portOwners.keys()].sort()).toEqual([agent, 'stratus-operator'].sort());
+
+    const hv = await env.hypervisor(node);
+    const hvOwners = owners(hv);
+    expect(hvOwners.get('stratus-operator')).toEqual(['state', 'status']);
+    expect(hvOwners.get(agent)).toEqual(
+      expect.arrayContaining(['allocatable', 'capacity', 'conditions', 'lastHeartbeatTime', 'usage']),
+    );
+    expect(hvOwners.get(agent)).not.toContain('state');
 
     const serverOwners = owners(s);
     expect(serverOwners.get('stratus-operator')).toEqual(expect.arrayContaining(['allocation', 'node']));
