@@ -4,7 +4,8 @@
 // the guest's state always comes from the driver, so an agent restart adopts running guests, and a Server never
 // gets a second guest (spawn happens only when the driver has none for its uid).
 //
-// Every status write is updateStatus (resourceVersion-guarded merge patch of the agent's own fields). A write that
+// Every status write is updateStatus (resourceVersion-guarded merge patch of the agent's own fields, field manager
+// stratus-agent/<node>; who owns which field: docs/design/status-ownership.md). A write that
 // starts a step re-checks the decision against the object it is about to patch, so a stale cache or a concurrent
 // writer makes the step re-decide instead of acting twice. The agent's own status writes do not requeue the
 // Server (see serverChanged); operator writes that matter (binding, NOSTATE on node loss) do.
