@@ -4,7 +4,8 @@
 // the guest's state always comes from the driver, so an agent restart adopts running guests, and a Server never
 // gets a second guest (spawn happens only when the driver has none for its uid).
 //
-// Every status write is updateStatus (resourceVersion-guarded merge patch of the agent's own fields). A write that
+// Every status write is updateStatus (resourceVersion-guarded merge patch of the agent's own fields, field manager
+// stratus-agent/<node>; who owns which field: docs/design/status-ownership.md). A write that
 // starts a step re-checks the decision against the object it is about to patch, so a stale cache or a concurrent
 // writer makes the step re-decide instead of acting twice. The agent's own status writes do not requeue the
 // Server (see serverChanged); operator writes that matter (binding, NOSTATE on node loss) do.
@@ -53,6 +54,7 @@ import {
   updateStatus,
 } from '../../operator/src/runtime/index.ts';
 import type { GuestExit, GuestNetworkInterface, GuestSpec, GuestState, HypervisorDriver } from './driver.ts';
+import { agentFieldManager } from './fieldmanager.ts';
 import { ImageError, type ImageErrorReason } from './images/cache.ts';
 import {
   AGENT_TASKS,
@@ -1002,11 +1004,12 @@ export class ComputeService {
       return st;
     };
     const passed = server as unknown as ServerObject;
-    let raw = await updateStatus(this.#client, SERVERS, passed, fn);
+    const opts = { fieldManager: agentFieldManager(this.nodeName) };
+    let raw = await updateStatus(this.#client, SERVERS, passed, fn, opts);
     if (confirm && applied && raw === passed) {
       const live = await this.#client.get<ServerObject>(SERVERS, server.metadata.name!, server.metadata.namespace);
       if (live.metadata?.resourceVersion !== passed.metadata?.resourceVersion) {
-        raw = await updateStatus(this.#client, SERVERS, live, fn);
+        raw = await updateStatus(this.#client, SERVERS, live, fn, opts);
       }
     }
     return { server: parseServer(raw) ?? server, applied };

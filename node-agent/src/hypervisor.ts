@@ -35,9 +35,8 @@ import {
   type TimerHandle,
 } from '../../operator/src/runtime/index.ts';
 import type { Accelerator, GuestInfo, HostInfo, HypervisorDriver } from './driver.ts';
+import { agentFieldManager } from './fieldmanager.ts';
 
-/** Field manager of every status write of the agent on its Hypervisor. */
-export const AGENT_FIELD_MANAGER = 'stratus-agent';
 /** Field manager of the one-time create (so the heartbeat manager owns no spec field). */
 const CREATE_FIELD_MANAGER = 'stratus-agent-create';
 export const HYPERVISORS: GVR = {
@@ -194,7 +193,7 @@ export class HypervisorReporter {
           undefined,
           { metadata: { labels: missing } },
           PatchStrategy.MergePatch,
-          { fieldManager: AGENT_FIELD_MANAGER },
+          { fieldManager: agentFieldManager(nodeName) },
         );
       }
     }
@@ -360,7 +359,7 @@ export class HypervisorReporter {
         HYPERVISORS,
         { apiVersion: HypervisorKind.apiVersion, kind: HypervisorKind.kind, metadata: { name: this.#o.nodeName } },
         status,
-        { fieldManager: AGENT_FIELD_MANAGER },
+        { fieldManager: agentFieldManager(this.#o.nodeName) },
       );
       this.heartbeats++;
       this.#written = json;

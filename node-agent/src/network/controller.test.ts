@@ -130,6 +130,10 @@ function port(name: string, server: string, o: { host?: string; ip?: string } = 
   };
 }
 
+/** The Bound condition the agent wrote (status.status is the operator's, derived from it). */
+const boundOf = (p: PortObj) =>
+  p.status?.conditions?.find((c) => c.type === 'Bound') as { status: string; reason: string } | undefined;
+
 function server(name: string): ServerObj {
   return {
     metadata: { name, namespace: NS, uid: `srv-${name}`, labels: { [SERVER_NODE_LABEL]: NODE } },
@@ -157,7 +161,8 @@ describe('NetworkController', () => {
       expect.objectContaining({ device: 'stt-uidweb0', mac: 'fa:16:3e:00:00:01', addresses: ['10.0.0.5/24'] }),
     ]);
     const p = t.ports.objects.get(`${NS}/web-0`)!;
-    expect(p.status).toMatchObject({ bindingHost: NODE, vifType: 'noop', status: 'ACTIVE' });
+    expect(p.status).toMatchObject({ bindingHost: NODE, vifType: 'noop' });
+    expect(boundOf(p)).toMatchObject({ status: 'True', reason: 'Wired' });
     expect(await metricValue(t.registry, 'stratus_agent_network_apply_duration_seconds')).toBeGreaterThan(0);
     await t.ctl.stop();
   });
@@ -192,7 +197,7 @@ describe('NetworkController', () => {
     expect(t.backend.plans.at(-1)!.ports.map((p) => p.name)).toEqual(['s3-0', 's4-0']);
     // the ports of deleted servers were bound here: unbound now
     for (const n of ['s0-0', 's1-0', 's2-0']) {
-      expect(t.ports.objects.get(`${NS}/${n}`)!.status).toMatchObject({ status: 'DOWN' });
+      expect(boundOf(t.ports.objects.get(`${NS}/${n}`)!)).toMatchObject({ status: 'False', reason: 'Unbound' });
       expect(t.ports.objects.get(`${NS}/${n}`)!.status?.bindingHost).toBeUndefined();
     }
     await t.ctl.stop();
@@ -226,7 +231,7 @@ describe('NetworkController', () => {
     expect(t.ctl.rebuilds).toBe(n);
     t.ports.add(port('stale-0', 'gone', { host: NODE }));
     await t.clock.advance(100);
-    expect(t.ports.objects.get(`${NS}/stale-0`)!.status?.status).toBe('DOWN');
+    expect(boundOf(t.ports.objects.get(`${NS}/stale-0`)!)).toMatchObject({ status: 'False', reason: 'Unbound' });
     expect(t.ports.objects.get(`${NS}/far-0`)!.status?.bindingHost).toBe('n2');
     await t.ctl.stop();
   });
@@ -242,14 +247,14 @@ describe('NetworkController', () => {
     t.servers.add(server('b'));
     t.ports.add(port('b-0', 'b', { ip: '10.0.0.6' }));
     await t.clock.advance(100);
-    expect(t.ports.objects.get(`${NS}/a-0`)!.status?.status).toBe('ACTIVE');
+    expect(boundOf(t.ports.objects.get(`${NS}/a-0`)!)).toMatchObject({ status: 'True', reason: 'Wired' });
     expect(t.ports.objects.get(`${NS}/b-0`)!.status?.bindingHost).toBeUndefined();
     await expect(t.ctl.plug(server('b'))).rejects.toThrow(/not wired on this node yet: apply failed: bridge exploded/);
     expect(await t.ctl.plug(server('a'))).toHaveLength(1);
     expect(await metricValue(t.registry, 'stratus_agent_network_apply_errors_total', { backend: 'noop' })).toBe(1);
     t.backend.fail = undefined;
     await t.clock.advance(5000);
-    expect(t.ports.objects.get(`${NS}/b-0`)!.status?.status).toBe('ACTIVE');
+    expect(boundOf(t.ports.objects.get(`${NS}/b-0`)!)).toMatchObject({ status: 'True', reason: 'Wired' });
     expect(t.woken).toContain(`${NS}/b`);
     await t.ctl.stop();
   });
@@ -265,9 +270,11 @@ describe('NetworkController', () => {
     t.ctl.start();
     await t.clock.advance(100);
     expect(t.ports.objects.get(`${NS}/a-0`)!.status).toMatchObject({ status: 'ACTIVE', bindingHost: NODE });
+    expect(boundOf(t.ports.objects.get(`${NS}/a-0`)!)).toBeUndefined(); // no Bound False (the operator's BUILD)
     t.backend.fail = undefined;
     await t.clock.advance(5000);
     expect(t.ports.objects.get(`${NS}/a-0`)!.status).toMatchObject({ status: 'ACTIVE', bindingHost: NODE });
+    expect(boundOf(t.ports.objects.get(`${NS}/a-0`)!)).toMatchObject({ status: 'True', reason: 'Wired' });
     expect(await t.ctl.plug(server('a'))).toHaveLength(1);
     await t.ctl.stop();
   });
@@ -281,7 +288,7 @@ describe('NetworkController', () => {
     t.ctl.start();
     await t.clock.advance(100);
     const p = t.ports.objects.get(`${NS}/web-0`)!;
-    expect(p.status?.status).toBe('BUILD');
+    expect(p.status?.status).toBeUndefined(); // the operator's field: it shows BUILD, derived from Bound False
     expect(p.status?.conditions?.find((c) => c.type === 'Bound')).toMatchObject({
       status: 'False',
       reason: 'WiringFailed',

@@ -33,6 +33,7 @@ import {
   updateStatus,
 } from '../../../operator/src/runtime/index.ts';
 import type { GuestNetworkInterface } from '../driver.ts';
+import { agentFieldManager } from '../fieldmanager.ts';
 import type { NetworkBackend, NodeNetworkPlan, PortResult } from './backend.ts';
 import {
   type BindingChange,
@@ -420,10 +421,15 @@ export class NetworkController implements ServerNetworkService {
   async #writeBinding(c: BindingChange): Promise<boolean> {
     const name = `${c.port.metadata?.namespace}/${c.port.metadata?.name}`;
     try {
-      await updateStatus(this.#client, PORTS, c.port, (st, obj) =>
-        bindingStatus(c, st, this.nodeName, this.backend.vifType, (conds, cond) =>
-          setCondition(conds as never, cond, obj.metadata?.generation, new Date(this.#clock.now())),
-        ),
+      await updateStatus(
+        this.#client,
+        PORTS,
+        c.port,
+        (st, obj) =>
+          bindingStatus(c, st, this.nodeName, this.backend.vifType, (conds, cond) =>
+            setCondition(conds as never, cond, obj.metadata?.generation, new Date(this.#clock.now())),
+          ),
+        { fieldManager: agentFieldManager(this.nodeName) },
       );
       if (c.kind === 'unbind') this.#log.info({ port: name }, 'port unbound');
       else if (c.ready) this.#log.info({ port: name, vifType: this.backend.vifType }, 'port bound');

@@ -494,9 +494,10 @@ const UNBOUND = (nodeName: string) => ({
 });
 
 /**
- * Port status changes after an apply: local ports of the plan are bound here (ACTIVE once wired, BUILD while the
+ * Port status changes after an apply: local ports of the plan are bound here (Bound True once wired, False while the
  * backend reports them not ready); ports still bound to this node that the plan no longer has are unbound.
- * Only ports whose status differs are returned.
+ * Only ports whose status differs are returned. The agent writes only the binding (bindingHost, vifType, Bound):
+ * status.status (ACTIVE/BUILD/DOWN) is the operator's, derived from it (docs/design/status-ownership.md).
  */
 export function bindingChanges(
   nodeName: string,
@@ -517,7 +518,6 @@ export function bindingChanges(
       const same =
         st.bindingHost === nodeName &&
         st.vifType === vifType &&
-        st.status === (r.ready ? 'ACTIVE' : 'BUILD') &&
         bound?.status === want.status &&
         bound.reason === want.reason &&
         bound.message === want.message;
@@ -545,13 +545,11 @@ export function bindingStatus(
     if (st.bindingHost !== nodeName) return undefined;
     delete st.bindingHost;
     delete st.vifType;
-    st.status = 'DOWN';
     st.conditions = setCond(st.conditions, UNBOUND(nodeName));
     return st;
   }
   st.bindingHost = nodeName;
   st.vifType = vifType;
-  st.status = change.ready ? 'ACTIVE' : 'BUILD';
   st.conditions = setCond(st.conditions, boundCondition(nodeName, change));
   return st;
 }

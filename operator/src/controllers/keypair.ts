@@ -3,7 +3,7 @@
 import { createHash } from 'node:crypto';
 import { type KeyPair, KeyPairKind } from '../api/index.ts';
 import type { Manager, ReconcileContext, Request } from '../runtime/index.ts';
-import { applyStatusIfChanged, gvrOf, specOrMetaChanged, withConditions } from './common.ts';
+import { applyStatusIfChanged, gvrOf, requeueOnConflict, specOrMetaChanged, withConditions } from './common.ts';
 
 /** OpenSSH's SHA256 fingerprint of a public key line, or undefined when the key blob is malformed. */
 export function sshFingerprint(publicKey: string): string | undefined {
@@ -39,14 +39,18 @@ export function registerKeyPairController(mgr: Manager) {
             message: 'the key data is not a valid base64 SSH key blob of its type',
           };
     await applyStatusIfChanged(mgr.client, KeyPairKind, kp, {
-      ...(fp ? { fingerprint: fp } : {}),
+      fingerprint: fp, // describes the current key: cleared (meant to) when the key does not decode
       observedGeneration: gen,
       conditions: withConditions(kp.status?.conditions, [ready], gen),
     });
     return undefined;
   }
 
-  const controller = mgr.addController({ name: 'keypair', reconcile, maxConcurrentReconciles: 2 });
+  const controller = mgr.addController({
+    name: 'keypair',
+    reconcile: requeueOnConflict(reconcile),
+    maxConcurrentReconciles: 2,
+  });
   controller.for(keypairs, { updatePredicate: specOrMetaChanged });
   return { controller };
 }

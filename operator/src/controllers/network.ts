@@ -49,7 +49,7 @@ import {
   type Request,
   removeFinalizer,
 } from '../runtime/index.ts';
-import { applyStatusIfChanged, gvrOf, specOrMetaChanged, withConditions } from './common.ts';
+import { applyStatusIfChanged, gvrOf, requeueOnConflict, specOrMetaChanged, withConditions } from './common.ts';
 
 export const NETWORKS = gvrOf(NetworkKind);
 export const PORTS = gvrOf(PortKind);
@@ -264,11 +264,21 @@ export function registerNetworkController(mgr: Manager, opts: NetworkControllerO
   const sweepMs = opts.orphanSweepMs ?? 60_000;
   const inUsePollMs = opts.inUsePollMs ?? 10_000;
 
-  async function writeStatus(net: Network, status: NetworkStatus['status'], ready: Ready, extra: NetworkStatus = {}) {
+  /**
+   * The one status write of the controller, which owns every Network status field. Each path passes what it
+   * observed; the rest (segment, MTU, subnets) keeps the values last written: an in-use or invalid network keeps its
+   * segmentation id, or node agents would drop its data plane under running guests.
+   */
+  async function writeStatus(
+    net: Network,
+    status: NetworkStatus['status'],
+    ready: Ready,
+    observed: NetworkStatus = {},
+  ) {
     const gen = net.metadata.generation;
     const conditions = withConditions(net.status?.conditions, [{ type: NETWORK_READY, ...ready }], gen);
     await applyStatusIfChanged(client, NetworkKind, net as KubernetesObject & Network, {
-      ...extra,
+      ...observed,
       status,
       observedGeneration: gen,
       conditions,
@@ -443,11 +453,12 @@ export function registerNetworkController(mgr: Manager, opts: NetworkControllerO
   }
 
   async function reconcileNetwork(req: Request, ctx: ReconcileContext) {
-    const net = networks.get(req.name, req.namespace);
+    let net = networks.get(req.name, req.namespace);
     if (!net) return undefined;
     if (net.metadata.deletionTimestamp) return finalize(net, ctx);
     if (!hasFinalizer(net, NETWORK_FINALIZER)) {
-      await addFinalizer(client, NETWORKS, req.name, req.namespace, NETWORK_FINALIZER, { current: net });
+      // The status write below is guarded by the resourceVersion of the object it was computed from: this one.
+      net = await addFinalizer<Network>(client, NETWORKS, req.name, req.namespace, NETWORK_FINALIZER, { current: net });
     }
     const parsed = NetworkKind.spec.safeParse(net.spec);
     if (!parsed.success) {
@@ -557,10 +568,10 @@ export function registerNetworkController(mgr: Manager, opts: NetworkControllerO
     }
   }
 
-  async function reconcile(req: Request, ctx: ReconcileContext) {
+  const reconcile = requeueOnConflict(async (req: Request, ctx: ReconcileContext) => {
     if (req.name === SWEEP_KEY && !req.namespace) return sweep(ctx);
     return reconcileNetwork(req, ctx);
-  }
+  });
 
   const controller = mgr.addController({ name: 'network', reconcile, maxConcurrentReconciles: opts.concurrency ?? 4 });
   controller.for(networks, { updatePredicate: specOrMetaChanged });

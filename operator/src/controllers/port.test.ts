@@ -1,28 +1,37 @@
+// Unit tests: the port status the operator derives from the binding its node agent reports.
 import { describe, expect, it } from 'vitest';
-import { PORT_BOUND } from '../api/index.ts';
-import { allocatedPortStatus } from './port.ts';
+import { PORT_BOUND, type Port } from '../api/index.ts';
+import { allocatedPortStatus, bindingChanged } from './port.ts';
 
 const bound = (reason: string) => [{ type: PORT_BOUND, status: reason === 'Wired' ? 'True' : 'False', reason }];
 
 describe('allocatedPortStatus', () => {
-  it('is DOWN for a port no agent ever bound, whatever the operator wrote while it waited or failed', () => {
+  it('is DOWN for a port no agent binds, whatever the operator wrote while it waited or failed', () => {
     expect(allocatedPortStatus({})).toBe('DOWN');
-    expect(allocatedPortStatus({ status: 'BUILD' })).toBe('DOWN');
-    expect(allocatedPortStatus({ status: 'ERROR' })).toBe('DOWN');
+    expect(allocatedPortStatus({ conditions: bound('Wired') as never })).toBe('DOWN');
+    expect(allocatedPortStatus({ bindingHost: 'n1' })).toBe('DOWN');
   });
 
-  it("keeps the agent's status while a node binds the port (BUILD: bound but not wired is not flapped to DOWN)", () => {
-    const conditions = bound('WiringFailed') as never;
-    expect(allocatedPortStatus({ status: 'BUILD', bindingHost: 'n1', conditions })).toBe('BUILD');
-    expect(allocatedPortStatus({ status: 'ACTIVE', bindingHost: 'n1', conditions: bound('Wired') as never })).toBe(
-      'ACTIVE',
+  it('is ACTIVE when the agent reports it wired, BUILD while bound but not wired', () => {
+    expect(allocatedPortStatus({ bindingHost: 'n1', conditions: bound('Wired') as never })).toBe('ACTIVE');
+    expect(allocatedPortStatus({ bindingHost: 'n1', conditions: bound('WiringFailed') as never })).toBe('BUILD');
+  });
+
+  it('is DOWN once the agent unbinds it', () => {
+    expect(allocatedPortStatus({ conditions: bound('Unbound') as never })).toBe('DOWN');
+    expect(allocatedPortStatus({ bindingHost: 'n1', conditions: bound('Unbound') as never })).toBe('DOWN');
+  });
+});
+
+describe('bindingChanged', () => {
+  const port = (status: Port['status']) => ({ metadata: {}, spec: { network: 'n' }, status }) as unknown as Port;
+  it('passes the agent binding changes the port status follows, not other status writes', () => {
+    const a = port({ bindingHost: 'n1', conditions: bound('Wired') as never });
+    expect(bindingChanged(a, port({ bindingHost: 'n1', conditions: bound('Wired') as never }))).toBe(false);
+    expect(bindingChanged(a, port({ bindingHost: 'n1', conditions: bound('WiringFailed') as never }))).toBe(true);
+    expect(bindingChanged(a, port({ conditions: bound('Unbound') as never }))).toBe(true);
+    expect(bindingChanged(a, port({ bindingHost: 'n1', conditions: bound('Wired') as never, macAddress: 'x' }))).toBe(
+      false,
     );
-  });
-
-  it('replaces a BUILD or ERROR of a port that is no longer bound', () => {
-    const conditions = bound('Unbound') as never;
-    expect(allocatedPortStatus({ status: 'BUILD', conditions })).toBe('DOWN');
-    expect(allocatedPortStatus({ status: 'ERROR', bindingHost: 'n1', conditions })).toBe('DOWN');
-    expect(allocatedPortStatus({ status: 'DOWN', conditions })).toBe('DOWN');
   });
 });

@@ -5,7 +5,11 @@
 // Crash safety: claims are made first and carry the port as controller owner plus the labels NETWORK_LABEL and
 // PORT_LABEL, so a reconcile that died anywhere finds and adopts them (cache, or a live List before allocating);
 // status is written after, with the RV-guarded updateStatus, so fields the node agent writes (bindingHost, vifType,
-// status ACTIVE/DOWN, the Bound condition) are never lost.
+// the Bound condition) are never lost.
+//
+// Status ownership (docs/design/status-ownership.md): this controller is the only writer of status.status, as
+// neutron-server is of a port's status; it derives ACTIVE/BUILD/DOWN of an allocated port from the binding the node
+// agent reports (bindingHost and the Bound condition, which only the agent writes), and reconciles when they change.
 import { randomBytes } from 'node:crypto';
 import { isIP } from 'node:net';
 import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
@@ -44,7 +48,7 @@ import {
   removeFinalizer,
   updateStatus,
 } from '../runtime/index.ts';
-import { gvrOf, specOrMetaChanged, withConditions } from './common.ts';
+import { FIELD_MANAGER, gvrOf, specOrMetaChanged, withConditions } from './common.ts';
 import {
   claimFreeAddress,
   claimLabels,
@@ -99,17 +103,24 @@ export function effectiveSecurityGroups(port: Pick<Port, 'spec'>, network?: Pick
 }
 
 /**
- * The status of an allocated port: the agent's ACTIVE, BUILD (bound but not wired) or DOWN while a node binds it;
- * otherwise DOWN, which also replaces the BUILD or ERROR this controller wrote while the port waited or failed.
- * (Overwriting the agent's BUILD would flap it on every reconcile: the agent writes it back.)
+ * The status of an allocated port, from the binding its node agent reports: ACTIVE when bound and wired, BUILD when
+ * bound but not wired (yet), DOWN when no node binds it. It also replaces the BUILD or ERROR this controller wrote
+ * while the port waited or failed.
  */
-export function allocatedPortStatus(
-  st: Pick<PortStatus, 'status' | 'bindingHost' | 'conditions'>,
-): PortStatus['status'] {
-  const bound = st.conditions?.some((c) => c.type === PORT_BOUND);
-  if (!bound || st.status === undefined || st.status === 'ERROR') return 'DOWN';
-  if (st.status === 'BUILD' && !st.bindingHost) return 'DOWN';
-  return st.status;
+export function allocatedPortStatus(st: Pick<PortStatus, 'bindingHost' | 'conditions'>): PortStatus['status'] {
+  const bound = st.conditions?.find((c) => c.type === PORT_BOUND);
+  if (!st.bindingHost || !bound || bound.reason === 'Unbound') return 'DOWN';
+  return bound.status === 'True' ? 'ACTIVE' : 'BUILD';
+}
+
+/** The binding the node agent reports changed (bindingHost, vifType, Bound): the port status follows it. */
+export function bindingChanged(oldObj: Port, newObj: Port): boolean {
+  const view = (p: Port) => {
+    const st = p.status ?? {};
+    const b = st.conditions?.find((c) => c.type === PORT_BOUND);
+    return JSON.stringify([st.bindingHost, st.vifType, b?.status, b?.reason]);
+  };
+  return view(oldObj) !== view(newObj);
 }
 
 export function registerPortController(mgr: Manager, opts: PortControllerOptions) {
@@ -123,6 +134,9 @@ export function registerPortController(mgr: Manager, opts: PortControllerOptions
   const retryMs = opts.allocationRetryMs ?? 30_000;
 
   const readyReason = (p: Port) => p.status?.conditions?.find((c) => c.type === PORT_READY);
+  /** Every status write of the controller: RV-guarded merge patch of its own fields, as `stratus-operator`. */
+  const writePortStatus = (port: Port, mutate: (st: Record<string, unknown>) => Record<string, unknown> | undefined) =>
+    updateStatus<Port>(client, PORTS, port, mutate, { fieldManager: FIELD_MANAGER });
   ports.addIndex('waitingOnNetwork', (p) => {
     const c = readyReason(p);
     return !c || (c.status !== 'True' && WAITING_ON_NETWORK.has(c.reason)) ? [networkKeyOf(p)] : [];
@@ -409,8 +423,9 @@ export function registerPortController(mgr: Manager, opts: PortControllerOptions
         const message = `port is in use by server ${device}; it is deleted when the server is`;
         const gen = port.metadata.generation;
         const before = readyReason(port);
-        await updateStatus<Port>(client, PORTS, port, (raw) => {
+        await writePortStatus(port, (raw) => {
           const st = raw as PortStatus;
+          if (st.macAddress !== undefined) st.status = allocatedPortStatus(st); // follows the binding meanwhile
           st.conditions = withConditions(
             st.conditions,
             [{ type: PORT_READY, status: 'False', reason: 'PortInUse', message }],
@@ -445,7 +460,7 @@ export function registerPortController(mgr: Manager, opts: PortControllerOptions
     const before = readyReason(port);
     const base = allocationOf(port.status);
     let raced = false;
-    await updateStatus<Port>(client, PORTS, port, (raw) => {
+    await writePortStatus(port, (raw) => {
       const st = raw as PortStatus;
       if (allocationOf(st) !== base) {
         raced = true; // another writer allocated meanwhile: look again rather than report a stale failure
@@ -559,7 +574,7 @@ export function registerPortController(mgr: Manager, opts: PortControllerOptions
     // port, its decisions are stale; reconcile again instead of overwriting.
     const base = allocationOf(port.status);
     let raced = false;
-    await updateStatus<Port>(client, PORTS, port, (raw) => {
+    await writePortStatus(port, (raw) => {
       const st = raw as PortStatus;
       if (allocationOf(st) !== base) {
         raced = true;
@@ -611,7 +626,7 @@ export function registerPortController(mgr: Manager, opts: PortControllerOptions
   }
 
   const controller = mgr.addController({ name: 'port', reconcile, maxConcurrentReconciles: opts.concurrency ?? 8 });
-  controller.for(ports, { updatePredicate: specOrMetaChanged });
+  controller.for(ports, { updatePredicate: (a, b) => specOrMetaChanged(a, b) || bindingChanged(a, b) });
   // A claim appearing, changing or going revisits its port: extra claims (a lost race, a stale read) are released,
   // a claim deleted by hand is made again.
   controller.owns(claims, { apiVersion: PortKind.apiVersion, kind: PortKind.kind });

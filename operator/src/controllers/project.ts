@@ -17,7 +17,7 @@ import {
   type Request,
   removeFinalizer,
 } from '../runtime/index.ts';
-import { applyStatusIfChanged, gvrOf, specOrMetaChanged, withConditions } from './common.ts';
+import { applyStatusIfChanged, gvrOf, requeueOnConflict, specOrMetaChanged, withConditions } from './common.ts';
 import { ensureDefaultSecurityGroup, SECURITY_GROUPS } from './securitygroup.ts';
 
 export const PROJECT_LABEL = 'identity.stratus.io/project';
@@ -48,18 +48,21 @@ export function registerProjectController(mgr: Manager, opts: ProjectControllerO
   const poll = opts.terminatingPollMs ?? 2000;
 
   async function reconcile(req: Request, ctx: ReconcileContext) {
-    const cached = projects.get(req.name);
+    let cached = projects.get(req.name);
     if (!cached) return undefined;
     const parsed = ProjectKind.schema.safeParse(cached);
     const generation = cached.metadata.generation;
 
+    // The controller owns every Project status field; each path sets phase and Ready, the namespace keeps the value
+    // the happy path last wrote (an invalid, conflicting or terminating project still names its namespace).
     const setStatus = async (
       phase: NonNullable<Project['status']>['phase'],
       ready: { status: 'True' | 'False' | 'Unknown'; reason: string; message: string },
       namespace?: string,
     ) => {
-      const conditions = withConditions(cached.status?.conditions, [{ type: 'Ready', ...ready }], generation);
-      await applyStatusIfChanged(client, ProjectKind, cached, {
+      const obj = cached as Project;
+      const conditions = withConditions(obj.status?.conditions, [{ type: 'Ready', ...ready }], generation);
+      await applyStatusIfChanged(client, ProjectKind, obj, {
         ...(namespace ? { namespace } : {}),
         phase,
         observedGeneration: generation,
@@ -113,7 +116,10 @@ export function registerProjectController(mgr: Manager, opts: ProjectControllerO
       return undefined;
     }
     if (!hasFinalizer(cached, PROJECT_FINALIZER)) {
-      await addFinalizer(client, PROJECTS, req.name, undefined, PROJECT_FINALIZER);
+      // Status writes are guarded by the resourceVersion of the object they were computed from: this one.
+      cached = await addFinalizer<Project>(client, PROJECTS, req.name, undefined, PROJECT_FINALIZER, {
+        current: cached,
+      });
     }
     const owner = ns?.metadata?.labels?.[PROJECT_LABEL];
     if (ns && owner !== undefined && owner !== req.name) {
@@ -183,7 +189,11 @@ export function registerProjectController(mgr: Manager, opts: ProjectControllerO
     }
   }
 
-  const controller = mgr.addController({ name: 'project', reconcile, maxConcurrentReconciles: opts.concurrency ?? 4 });
+  const controller = mgr.addController({
+    name: 'project',
+    reconcile: requeueOnConflict(reconcile),
+    maxConcurrentReconciles: opts.concurrency ?? 4,
+  });
   controller.for(projects, { updatePredicate: specOrMetaChanged });
   controller.watches(namespaces, (ns) => {
     const p = ns.metadata?.labels?.[PROJECT_LABEL];

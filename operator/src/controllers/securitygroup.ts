@@ -16,7 +16,7 @@ import {
   type ReconcileContext,
   type Request,
 } from '../runtime/index.ts';
-import { applyStatusIfChanged, gvrOf, withConditions } from './common.ts';
+import { applyStatusIfChanged, gvrOf, requeueOnConflict, withConditions } from './common.ts';
 
 export const SECURITY_GROUPS = gvrOf(SecurityGroupKind);
 
@@ -73,7 +73,7 @@ export function registerSecurityGroupController(mgr: Manager, opts: { concurrenc
 
   const controller = mgr.addController({
     name: 'securitygroup',
-    reconcile,
+    reconcile: requeueOnConflict(reconcile),
     maxConcurrentReconciles: opts.concurrency ?? 2,
   });
   controller.for(groups, { updatePredicate: generationChanged });

@@ -57,7 +57,7 @@ import {
   type SchedulerConfig,
   schedule,
 } from '../scheduler/index.ts';
-import { canonical, gvrOf, specOrMetaChanged, withConditions } from './common.ts';
+import { canonical, FIELD_MANAGER, gvrOf, specOrMetaChanged, withConditions } from './common.ts';
 import { HYPERVISORS, isUp } from './hypervisor.ts';
 
 const SERVERS = gvrOf(ServerKind);
@@ -246,12 +246,18 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
    * false to leave it alone, e.g. when the server got bound meanwhile and its status belongs to the agent.
    */
   async function writeStatus(server: Server, mutate: (st: Status) => undefined | false): Promise<Server> {
-    return updateStatus<Server>(client, SERVERS, server, (st) => {
-      if (mutate(st as Status) === false) return undefined;
-      if ((st as Status).vmState)
-        (st as Status).status = deriveServerStatus((st as Status).vmState, (st as Status).taskState);
-      return st;
-    });
+    return updateStatus<Server>(
+      client,
+      SERVERS,
+      server,
+      (st) => {
+        if (mutate(st as Status) === false) return undefined;
+        if ((st as Status).vmState)
+          (st as Status).status = deriveServerStatus((st as Status).vmState, (st as Status).taskState);
+        return st;
+      },
+      { fieldManager: FIELD_MANAGER },
+    );
   }
 
   function conditionsWith(st: Status, gen: number | undefined, ...updates: ConditionUpdate[]) {

@@ -276,21 +276,29 @@ export interface ObjectHeader {
 
 /**
  * Server-side apply of status on the /status subresource: sends only apiVersion, kind, name, namespace and status,
- * with a stable field manager and force (a controller owns its status fields).
+ * with a stable field manager. An apply sets exactly the fields it carries for its manager: a field the manager owned
+ * and this apply omits is removed, so `status` must be everything the manager owns. `force` (default true) takes
+ * fields over from other managers: only for fields no other writer has. With `resourceVersion` the apply is a
+ * precondition on that version of the object (409 when it changed since it was read), so a status computed from a
+ * stale read is never written.
  */
 export function patchStatus<T extends KubernetesObject>(
   client: KubeClient,
   gvr: GVR,
   obj: ObjectHeader,
   status: unknown,
-  opts: { fieldManager: string; force?: boolean },
+  opts: { fieldManager: string; force?: boolean; resourceVersion?: string },
 ): Promise<T> {
   const name = obj.metadata?.name;
   if (!name) throw new Error('patchStatus: object has no metadata.name');
   const body = {
     apiVersion: obj.apiVersion ?? apiVersionOf(gvr),
     kind: obj.kind,
-    metadata: { name, ...(obj.metadata?.namespace ? { namespace: obj.metadata.namespace } : {}) },
+    metadata: {
+      name,
+      ...(obj.metadata?.namespace ? { namespace: obj.metadata.namespace } : {}),
+      ...(opts.resourceVersion ? { resourceVersion: opts.resourceVersion } : {}),
+    },
     status,
   };
   if (!body.kind) throw new Error('patchStatus: object has no kind');
@@ -471,14 +479,15 @@ export function statusMergePatch(
  * node agent): `mutate` edits a copy of the current status; the difference is sent as a merge patch carrying
  * metadata.resourceVersion, so a concurrent write makes it fail with 409 instead of being lost. On conflict the
  * object is read again and `mutate` re-applied (it must be a function of the object, not of stale state).
- * Returns the updated object, or the current one when nothing changed.
+ * `fieldManager` names the writer in managedFields (each writer its own; without it the API server derives one from
+ * the user agent). Returns the updated object, or the current one when nothing changed.
  */
 export async function updateStatus<T extends KubernetesObject & { status?: unknown }>(
   client: KubeClient,
   gvr: GVR,
   obj: T,
   mutate: (status: Record<string, unknown>, obj: T) => Record<string, unknown> | undefined,
-  opts: { attempts?: number } = {},
+  opts: { attempts?: number; fieldManager?: string } = {},
 ): Promise<T> {
   let current = obj;
   const name = obj.metadata?.name;
@@ -496,7 +505,7 @@ export async function updateStatus<T extends KubernetesObject & { status?: unkno
         namespace,
         { metadata: { resourceVersion: current.metadata?.resourceVersion }, status: patch },
         PatchStrategy.MergePatch,
-        { subresource: 'status' },
+        { subresource: 'status', fieldManager: opts.fieldManager },
       );
     } catch (err) {
       if (i >= (opts.attempts ?? 5) || !isConflict(err)) throw err;
