@@ -263,7 +263,7 @@ export class HypervisorReporter {
           { metadata: { labels }, spec },
           PatchStrategy.MergePatch,
           {
-            fieldManager: AGENT_FIELD_MANAGER,
+            fieldManager: agentFieldManager(nodeName),
           },
         );
       } catch (err) {
@@ -275,7 +275,7 @@ export class HypervisorReporter {
           spec,
         };
         try {
-          await client.create<V1Lease>(leaseGVR, lease, { fieldManager: AGENT_FIELD_MANAGER });
+          await client.create<V1Lease>(leaseGVR, lease, { fieldManager: agentFieldManager(nodeName) });
         } catch (createErr) {
           // The operator creates its namespace at start; an agent that comes first creates it (or waits for it).
           if (!isNotFound(createErr)) throw createErr;
@@ -284,7 +284,7 @@ export class HypervisorReporter {
             .catch((nsErr: unknown) => {
               if (!isAlreadyExists(nsErr)) throw nsErr;
             });
-          await client.create<V1Lease>(leaseGVR, lease, { fieldManager: AGENT_FIELD_MANAGER });
+          await client.create<V1Lease>(leaseGVR, lease, { fieldManager: agentFieldManager(nodeName) });
         }
       }
       this.leaseRenewals++;
