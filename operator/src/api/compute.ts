@@ -154,7 +154,6 @@ export const HypervisorStatus = z
     agentVersion: z.string().max(64).optional().describe('Version of the node agent.'),
     qemuVersion: z.string().max(64).optional().describe('Version of QEMU on the node.'),
     driver: z.string().max(32).optional().describe('Hypervisor driver: qemu or fake.'),
-    lastHeartbeatTime: timestamp('Last time the agent reported in.').optional(),
     observedGeneration: observedGeneration(),
     conditions: conditions(),
   })
@@ -168,7 +167,7 @@ export const HypervisorKind = defineKind({
   shortNames: ['hv'],
   categories: ['stratus-compute'],
   description:
-    'A Hypervisor is one compute node, created and kept current by the node agent running there. Its labels (e.g. topology.kubernetes.io/zone) drive availability zones and node selectors.',
+    'A Hypervisor is one compute node, created and kept current by the node agent running there. Its labels (e.g. topology.kubernetes.io/zone) drive availability zones and node selectors. Liveness is the node agent renewing the Lease stratus-agent-<node> (namespace stratus-system); the operator sets status.state from when it saw renewals.',
   spec: HypervisorSpec,
   status: HypervisorStatus,
   columns: [
@@ -181,13 +180,6 @@ export const HypervisorKind = defineKind({
     { name: 'Servers', type: 'integer', jsonPath: '.status.usage.servers', description: 'Servers placed.' },
     { name: 'Host-IP', type: 'string', jsonPath: '.status.hostIP', description: 'Underlay address.', priority: 1 },
     { name: 'Arch', type: 'string', jsonPath: '.status.cpu.architecture', description: 'CPU arch.', priority: 1 },
-    {
-      name: 'Heartbeat',
-      type: 'date',
-      jsonPath: '.status.lastHeartbeatTime',
-      description: 'Last heartbeat.',
-      priority: 1,
-    },
   ],
 });
 

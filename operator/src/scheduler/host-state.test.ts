@@ -53,7 +53,10 @@ describe('hostStateFrom', () => {
     // A timestamp written from the node's clock (far past or future) plays no part.
     for (const t of ['2000-01-01T00:00:00Z', '2100-01-01T00:00:00Z']) {
       const hv = hypervisor('hv');
-      hv.status = { ...hv.status, lastHeartbeatTime: t };
+      hv.status = {
+        ...hv.status,
+        conditions: [{ type: 'Ready', status: 'True', reason: 'R', message: '', lastTransitionTime: t }],
+      };
       expect(hostStateFrom(hv, [], NOW).alive).toBe(true);
       hv.status = { ...hv.status, state: 'down' };
       expect(hostStateFrom(hv, [], NOW).alive).toBe(false);

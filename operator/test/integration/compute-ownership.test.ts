@@ -71,9 +71,7 @@ describe('a server with a port on one node', () => {
     const hv = await env.hypervisor(node);
     const hvOwners = owners(hv);
     expect(hvOwners.get('stratus-operator')).toEqual(['state', 'status']);
-    expect(hvOwners.get(agent)).toEqual(
-      expect.arrayContaining(['allocatable', 'capacity', 'conditions', 'lastHeartbeatTime', 'usage']),
-    );
+    expect(hvOwners.get(agent)).toEqual(expect.arrayContaining(['allocatable', 'capacity', 'conditions', 'usage']));
     expect(hvOwners.get(agent)).not.toContain('state');
 
     const serverOwners = owners(s);
