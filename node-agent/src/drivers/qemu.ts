@@ -289,8 +289,9 @@ export class QemuDriver implements HypervisorDriver {
     if (!this.#runAs) this.#log.warn('QEMU runs as root (--qemu-user=root): guests are not confined to a user');
     else {
       // QEMU, once it is the user, still enters its guest directory (suspend/resume streams, pid file), and qemu-img
-      // the image cache's work directories: both may be entered (0711), not listed.
-      await chmod(guestsDir, 0o711);
+      // the image cache's work directories: the agent's own directories may be entered (o+x), not listed. Directories
+      // above the state directory are the admin's: they are only checked.
+      for (const dir of [this.stateDir, guestsDir]) await chmod(dir, ((await stat(dir)).mode & 0o777) | 0o001);
       for (const dir of [guestsDir, this.imageCacheDir]) {
         const blocked = await untraversable(dir, this.#runAs);
         if (blocked) {
