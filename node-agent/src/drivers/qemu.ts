@@ -291,7 +291,9 @@ export class QemuDriver implements HypervisorDriver {
       // QEMU, once it is the user, still enters its guest directory (suspend/resume streams, pid file), and qemu-img
       // the image cache's work directories: the agent's own directories may be entered (o+x), not listed. Directories
       // above the state directory are the admin's: they are only checked.
-      for (const dir of [this.stateDir, guestsDir]) await chmod(dir, ((await stat(dir)).mode & 0o777) | 0o001);
+      for (const dir of [this.stateDir, guestsDir, this.imageCacheDir]) {
+        await chmod(dir, ((await stat(dir)).mode & 0o777) | 0o001);
+      }
       for (const dir of [guestsDir, this.imageCacheDir]) {
         const blocked = await untraversable(dir, this.#runAs);
         if (blocked) {
