@@ -158,6 +158,8 @@ export class NetworkController implements ServerNetworkService {
   /** Ports whose wiring is unknown because the apply failed before this process saw them wired. */
   #unverified = new Set<string>();
   #last: PlanResult | undefined;
+  /** What the backend found wired when this process started (until the first plan exists). */
+  #observed: Map<string, { vni: number; mtu: number }> | undefined;
   #lastPlan: string | undefined;
   #lastProblems = '';
   /** Nothing local and nothing bound here: events of other nodes' objects need no rebuild. */
@@ -278,6 +280,9 @@ export class NetworkController implements ServerNetworkService {
       ports: this.ports.list(),
       securityGroups: this.securityGroups.list(),
       hypervisors: this.hypervisors.list(),
+      // the last good network values this node wired: a transient status never unwires running guests
+      ...(this.#last ? { previous: this.#last.plan } : {}),
+      ...(this.#observed ? { observed: this.#observed } : {}),
     };
   }
 
@@ -331,6 +336,14 @@ export class NetworkController implements ServerNetworkService {
       return;
     }
     this.rebuilds++;
+    if (!this.#last && !this.#observed && this.backend.observeNetworks) {
+      try {
+        this.#observed = await this.backend.observeNetworks();
+      } catch (err) {
+        this.#log.warn({ err }, 'cannot observe the networks wired on the node');
+        this.#observed = new Map();
+      }
+    }
     const result = buildPlan(this.#input());
     const problems = json(result.problems);
     if (problems !== this.#lastProblems) {
