@@ -87,6 +87,11 @@ export interface NetworkControllerOptions {
   backend: NetworkBackend;
   /** The Servers bound to this node (the compute service's informer). */
   servers: Pick<Informer<KubernetesObject>, 'list' | 'hasSynced' | 'addEventHandler'>;
+  /**
+   * Servers no longer in that informer whose guest still runs here (a changed node label): their ports stay wired
+   * until the guest is gone (call refresh() when this set changes).
+   */
+  retained?: () => readonly KubernetesObject[];
   /** Delay between a change and the rebuild it triggers, coalescing bursts (default 50 ms). */
   debounceMs?: number;
   /** Forced apply period, repairing drift (default 30 s; 0: never). */
@@ -234,6 +239,11 @@ export class NetworkController implements ServerNetworkService {
     await this.backend.close();
   }
 
+  /** Schedules a rebuild (an input outside the informers changed, e.g. the retained servers). */
+  refresh(): void {
+    if (this.#started) this.#schedule(this.#o.debounceMs ?? 50);
+  }
+
   /** The plan last built (tests, debugging). */
   get lastPlan(): NodeNetworkPlan | undefined {
     return this.#last?.plan;
@@ -275,7 +285,7 @@ export class NetworkController implements ServerNetworkService {
     return {
       nodeName: this.nodeName,
       ...(this.#o.hostIP ? { hostIP: this.#o.hostIP } : {}),
-      servers: this.#o.servers.list() as unknown as ServerObj[],
+      servers: [...this.#o.servers.list(), ...(this.#o.retained?.() ?? [])] as unknown as ServerObj[],
       networks: this.networks.list(),
       ports: this.ports.list(),
       securityGroups: this.securityGroups.list(),
