@@ -35,6 +35,11 @@ export interface DhcpNetwork {
   subnets: SubnetPlan[];
   /** Static leases: the node's local ports on this network. */
   hosts: DhcpHost[];
+  /**
+   * MAC of every other known address of the network (remote ports): a neighbour entry of the DHCP namespace that
+   * names another MAC for one of them (or for a lease address) is stale and flushed.
+   */
+  neighbours?: { ip: string; mac: string }[];
   /** Lease time in seconds (default 86400, Neutron's). */
   leaseSeconds?: number;
   /**
@@ -164,6 +169,44 @@ export function renderDnsmasqConfig(n: DhcpNetwork, paths: DnsmasqPaths): string
   return `${lines.join('\n')}\n`;
 }
 
+/** The leases of a dhcp-hostsfile (renderHostsFile's format): MAC per IP. Pure. */
+export function parseHostsFile(text: string | undefined): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const line of (text ?? '').split('\n')) {
+    const [mac, ip] = line.split(',');
+    if (mac && ip) out.set(ip, mac.toLowerCase());
+  }
+  return out;
+}
+
+/** A neighbour entry (`ip -j neigh show`). */
+export interface NeighEntry {
+  dst: string;
+  lladdr?: string;
+  state?: string[];
+}
+
+/**
+ * The neighbour entries of the DHCP namespace to delete (by address): entries whose MAC is not the one an address
+ * has now (a lease or a remote port of the network), and entries of addresses whose lease was released or moved
+ * to another MAC (`released`). An address handed to a new port is then resolved afresh at once, instead of
+ * timing out until the kernel gives up on the old MAC (shared/reference/networking.md). Pure.
+ */
+export function staleNeighbours(
+  entries: readonly NeighEntry[],
+  known: ReadonlyMap<string, string>,
+  released: ReadonlySet<string>,
+): string[] {
+  const out: string[] = [];
+  for (const e of entries) {
+    if (!e.lladdr || e.dst.includes(':')) continue; // unresolved entries carry no MAC; IPv4 only
+    const mac = e.lladdr.toLowerCase();
+    const want = known.get(e.dst);
+    if ((want !== undefined && want !== mac) || (want === undefined && released.has(e.dst))) out.push(e.dst);
+  }
+  return [...new Set(out)].sort();
+}
+
 /** The dhcp-hostsfile: `mac,ip[,hostname]` per lease, sorted. Pure. */
 export function renderHostsFile(hosts: readonly DhcpHost[]): string {
   const valid = (h: string | undefined) => (h && /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/i.test(h) ? h : undefined);
@@ -257,6 +300,7 @@ export class DhcpManager {
       mtu: n.mtu,
       subnets: n.subnets,
       hosts: dhcpHosts(n, ports),
+      neighbours: n.remotePorts.flatMap((r) => r.ips.map((ip) => ({ ip, mac: r.mac }))),
       attach: (dev) => attach(n, dev),
     }));
     try {
@@ -410,7 +454,10 @@ export class DhcpManager {
     const conf = renderDnsmasqConfig(n, paths);
     const hosts = renderHostsFile(n.hosts);
     const confChanged = (await readText(paths.conf)) !== conf;
-    const hostsChanged = (await readText(paths.hosts)) !== hosts;
+    const oldHosts = await readText(paths.hosts);
+    const hostsChanged = oldHosts !== hosts;
+    // before the new hosts file replaces the record of the old leases (a crash in between flushes again)
+    changes.push(...(await this.#flushNeighbours(n, ns, oldHosts)));
     if (confChanged) await writeFile(paths.conf, conf, { mode: 0o644 });
     if (hostsChanged) await writeFile(paths.hosts, hosts, { mode: 0o644 });
     let pid = await runningDnsmasq(paths);
@@ -426,6 +473,23 @@ export class DhcpManager {
     } else if (hostsChanged) {
       process.kill(pid, 'SIGHUP');
       changes.push(`dhcp ${n.vni}: reloaded leases (${n.hosts.length} hosts)`);
+    }
+    return changes;
+  }
+
+  /** Deletes the DHCP namespace's neighbour entries that name an old MAC for an address (staleNeighbours). */
+  async #flushNeighbours(n: DhcpNetwork, ns: string, oldHostsText: string | undefined): Promise<string[]> {
+    const known = new Map<string, string>();
+    for (const x of n.neighbours ?? []) known.set(x.ip, x.mac.toLowerCase());
+    for (const h of n.hosts) known.set(h.ip, h.mac.toLowerCase());
+    const released = new Set<string>();
+    for (const [ip, mac] of parseHostsFile(oldHostsText)) if (known.get(ip) !== mac) released.add(ip);
+    const out = (await this.#ns.run('ip', ['-n', ns, '-j', 'neigh', 'show', 'dev', DHCP_NS_DEVICE])).stdout.trim();
+    const entries = out ? (JSON.parse(out) as NeighEntry[]) : [];
+    const changes: string[] = [];
+    for (const ip of staleNeighbours(entries, known, released)) {
+      await this.#ns.run('ip', ['-n', ns, 'neigh', 'del', ip, 'dev', DHCP_NS_DEVICE]).catch(ignoreMissing);
+      changes.push(`dhcp ${n.vni}: flushed the stale neighbour entry of ${ip}`);
     }
     return changes;
   }
