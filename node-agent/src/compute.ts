@@ -307,14 +307,17 @@ export class ComputeService {
   }
 
   /**
-   * Servers whose guest still runs here although they left this node's informer (a changed node label): the
-   * network service keeps their ports wired. Each is returned with status.node set to this node.
+   * Servers whose guest still runs here although they are not bound here (they left this node's informer after a
+   * changed node label, or their status.node names another node): the network service keeps their ports wired.
+   * Each is returned with status.node set to this node.
    */
   retainedServers(): ServerObject[] {
     const out: ServerObject[] = [];
     for (const [uid, s] of this.#hosted) {
-      if (this.servers.byIndex('uid', uid).length > 0) continue;
-      out.push({ ...s, status: { ...(s.status ?? {}), node: this.nodeName } });
+      const cached = this.servers.byIndex('uid', uid)[0];
+      if (cached?.status?.node === this.nodeName) continue;
+      const cur = cached ?? s;
+      out.push({ ...cur, status: { ...(cur.status ?? {}), node: this.nodeName } });
     }
     return out;
   }

@@ -394,6 +394,7 @@ export class NetworkController implements ServerNetworkService {
       }
       this.#lastPlan = ok ? planJson : undefined;
       if (ok) this.#unverified = new Set();
+      if (ok) this.#observed = undefined; // the plans from now on carry the values the node has
       this.#wired = new Map(
         plan.ports.map((p) => [
           p.id,
