@@ -9,6 +9,7 @@ import {
   hybridNames,
   type Observed,
   type ObservedOvsPort,
+  observedOvsNetworks,
   planApply,
   planUnderlayMove,
   tunnelName,
@@ -172,6 +173,20 @@ describe('OVS backend planning', () => {
       ],
     };
     expect(planApply(plan({ networks: [], ports: [] }), obs, cfg).steps).toEqual([]);
+  });
+
+  it('reads the networks wired on the node from the marked br-int ports (after an agent restart)', () => {
+    const ports = [
+      ovsPort({ name: 'stn-aaaaaaaaaaa', externalIds: { [EXT.kind]: 'tunnel', [EXT.net]: 'n1', [EXT.vni]: '100' } }),
+      ovsPort({ name: 'sto-aaaaaaaaaaa', externalIds: { [EXT.kind]: 'vif', [EXT.net]: 'n1' }, mtuRequest: 1450 }),
+      ovsPort({ name: 'std-200', externalIds: { [EXT.kind]: 'dhcp', [EXT.net]: 'n2' }, mtuRequest: 1400 }),
+      ovsPort({ name: 'sto-bbbbbbbbbbb', externalIds: { [EXT.kind]: 'vif', [EXT.net]: 'n3' }, mtuRequest: 1450 }), // no VNI
+      ovsPort({ name: 'sto-foreign0000', mtuRequest: 1450 }), // not ours
+    ];
+    expect([...observedOvsNetworks(ports)]).toEqual([
+      ['n1', { vni: 100, mtu: 1450 }],
+      ['n2', { vni: 200, mtu: 1400 }],
+    ]);
   });
 
   it('plans nothing when the node matches, and only the difference when one attribute drifted', () => {

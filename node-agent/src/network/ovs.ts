@@ -401,6 +401,35 @@ export function isStratusOvsPort(p: ObservedOvsPort): boolean {
   return p.externalIds[EXT.kind] !== undefined;
 }
 
+/**
+ * The networks wired on the node, by uid, from br-int's marked ports: the VNI from a tunnel port (`stratus-vni`) or
+ * the DHCP port's name (`std-<vni>`), the MTU from a VIF port's `mtu_request`. Networks whose VNI or MTU cannot be
+ * read are left out. Pure.
+ */
+export function observedOvsNetworks(ports: readonly ObservedOvsPort[]): Map<string, { vni: number; mtu: number }> {
+  const vnis = new Map<string, number>();
+  const mtus = new Map<string, number>();
+  for (const p of ports) {
+    const net = p.externalIds[EXT.net];
+    if (!net) continue;
+    const kind = p.externalIds[EXT.kind];
+    if (kind === 'tunnel' && /^\d+$/.test(p.externalIds[EXT.vni] ?? '')) vnis.set(net, Number(p.externalIds[EXT.vni]));
+    if (
+      kind === 'dhcp' &&
+      p.name.startsWith(DEVICE_PREFIX.dhcp) &&
+      /^\d+$/.test(p.name.slice(DEVICE_PREFIX.dhcp.length))
+    )
+      vnis.set(net, Number(p.name.slice(DEVICE_PREFIX.dhcp.length)));
+    if ((kind === 'vif' || kind === 'dhcp') && p.mtuRequest) mtus.set(net, p.mtuRequest);
+  }
+  const out = new Map<string, { vni: number; mtu: number }>();
+  for (const [net, vni] of vnis) {
+    const mtu = mtus.get(net);
+    if (vni > 0 && mtu) out.set(net, { vni, mtu });
+  }
+  return out;
+}
+
 /** ifalias ownership marker of the devices of a port (tap, per-port bridge, veth ends). */
 export function portDeviceAlias(portId: string): string {
   return `stratus:port=${portId}`;
@@ -961,6 +990,10 @@ export class OvsBackend implements NetworkBackend {
       }
     }
     return changes;
+  }
+
+  async observeNetworks(): Promise<Map<string, { vni: number; mtu: number }>> {
+    return observedOvsNetworks((await this.observe()).ports);
   }
 
   async close(): Promise<void> {}
