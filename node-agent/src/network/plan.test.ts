@@ -259,6 +259,17 @@ describe('buildPlan: transient states keep running guests wired', () => {
     expect(r2.plan.securityGroups[0]?.memberIPs).not.toContain('10.0.0.9');
   });
 
+  it('a port wired here whose status lost its MAC, addresses or Ready keeps what it was wired with', () => {
+    const before = buildPlan(input({ servers: [web], ports: [port('web-0', { server: 'web' })] }));
+    const lost = deleting(port('web-0', { server: 'web', ready: false }));
+    const r = buildPlan(input({ servers: [web], ports: [lost], previous: before.plan }));
+    expect(r.plan).toEqual(before.plan);
+    // never wired here: it waits
+    expect(
+      buildPlan(input({ servers: [web], ports: [port('web-0', { server: 'web', ready: false })] })).plan.ports,
+    ).toEqual([]);
+  });
+
   it('a network being deleted, or whose status lost its segmentation id, MTU and subnets, keeps its wiring', () => {
     const ports = [port('web-0', { server: 'web' })];
     const before = buildPlan(input({ servers: [web], ports }));

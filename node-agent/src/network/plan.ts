@@ -14,7 +14,8 @@
 //  - Transient states never unwire a running guest: a Port being deleted stays wired while its server still claims
 //    it (device label) and it was wired here (in the previous plan, or bound to this node); a Network whose status
 //    temporarily lacks its segmentation id, MTU or subnets (being deleted, a partial status write) keeps the last
-//    values this node wired (the previous plan, else what the backend observed on the node).
+//    values this node wired (the previous plan, else what the backend observed on the node); so does a Port wired
+//    here whose status lost its MAC, addresses or Ready condition.
 import { isIP } from 'node:net';
 import type { KubernetesObject } from '@kubernetes/client-node';
 import { parseCidr } from '../../../operator/src/api/meta.ts';
@@ -271,6 +272,26 @@ export function effectiveNetwork(
   };
 }
 
+/**
+ * The port as the plan uses it: a port wired here before (in the previous plan) whose status transiently lacks its
+ * MAC, fixed IPs or Ready condition keeps the MAC and addresses it was wired with. A complete status is used as is.
+ */
+export function effectivePort(p: PortObj, previous: NodeNetworkPlan | undefined): PortObj {
+  const st = p.status ?? {};
+  if (condTrue(st.conditions, PORT_READY) && st.macAddress && st.fixedIPs) return p;
+  const prev = previous?.ports.find((x) => x.id === p.metadata?.uid);
+  if (!prev) return p;
+  return {
+    ...p,
+    status: {
+      ...st,
+      macAddress: st.macAddress || prev.mac,
+      fixedIPs: st.fixedIPs ?? prev.fixedIPs.map((f) => ({ subnet: f.subnet, ipAddress: f.ipAddress })),
+      conditions: [...(st.conditions ?? []).filter((c) => c.type !== PORT_READY), { type: PORT_READY, status: 'True' }],
+    },
+  };
+}
+
 /** Builds the node's plan and the per-server view of its ports. */
 export function buildPlan(input: PlanInput): PlanResult {
   const problems: string[] = [];
@@ -283,7 +304,8 @@ export function buildPlan(input: PlanInput): PlanResult {
   const wiredBefore = new Set(input.previous?.ports.map((p) => p.id));
   const wiredHere = (p: PortObj | undefined) =>
     !!p && (wiredBefore.has(p.metadata?.uid ?? '') || p.status?.bindingHost === input.nodeName);
-  const ports = new Map(input.ports.map((p) => [key(p.metadata?.namespace, p.metadata?.name), p]));
+  const allPorts = input.ports.map((p) => effectivePort(p, input.previous));
+  const ports = new Map(allPorts.map((p) => [key(p.metadata?.namespace, p.metadata?.name), p]));
   const groups = new Map(input.securityGroups.map((g) => [key(g.metadata?.namespace, g.metadata?.name), g]));
   const hostIPs = new Map<string, string>();
   for (const h of input.hypervisors) {
@@ -332,7 +354,7 @@ export function buildPlan(input: PlanInput): PlanResult {
 
   // 2. security groups: members (cluster-wide, per namespace) and the groups local ports need
   const members = new Map<string, Set<string>>(); // group key -> addresses
-  for (const p of input.ports) {
+  for (const p of allPorts) {
     // a port being deleted stays a member while a server still uses it (its guest still sends from its addresses)
     if (p.metadata?.deletionTimestamp && !p.metadata.labels?.[PORT_DEVICE_LABEL]) continue;
     const addrs = portAddresses(p);
@@ -430,7 +452,7 @@ export function buildPlan(input: PlanInput): PlanResult {
     const ns = n.metadata?.namespace;
     const peers = new Set<string>();
     const remotePorts: RemotePortPlan[] = [];
-    for (const p of input.ports) {
+    for (const p of allPorts) {
       if (p.metadata?.namespace !== ns || p.spec?.network !== n.metadata?.name) continue;
       // A port wired here is local even while its binding still names its previous node (a migration or resize to
       // this node, before the old agent unbinds it): no FDB entry or flood peer sends its traffic there.
