@@ -300,6 +300,7 @@ export class ComputeService {
       this.#orphanSince.delete(g.id);
       this.#exits.delete(g.id);
       this.#released(g.id);
+      await this.#finishDeletion(live, g.id);
       destroyed++;
     }
     if (destroyed > 0) this.#o.hypervisor.poke();
@@ -1124,6 +1125,7 @@ export class ComputeService {
       await this.#driver.destroy(g.id);
       this.#exits.delete(g.id);
       this.#released(g.id);
+      await this.#finishDeletion(live, g.id);
       destroyed = true;
       const movedTo = live?.metadata?.labels?.[SERVER_NODE_LABEL];
       ctx.log.info(
@@ -1141,6 +1143,23 @@ export class ComputeService {
     }
     if (destroyed) this.#o.hypervisor.poke();
     return undefined;
+  }
+
+  /**
+   * After destroying the guest of a Server being deleted that is not bound here (its label was changed), releases
+   * the guest finalizer: no other agent may own it (a label naming a node without the guest, or no node). Safe
+   * when another node does run a guest of this uid: its orphan sweep destroys it once the Server is gone.
+   */
+  async #finishDeletion(live: ServerObject | undefined, uid: string): Promise<void> {
+    if (!live?.metadata?.deletionTimestamp || live.metadata.uid !== uid) return;
+    if (!hasFinalizer(live, GUEST_FINALIZER)) return;
+    try {
+      await removeFinalizer(this.#client, SERVERS, live.metadata.name!, live.metadata.namespace, GUEST_FINALIZER, {
+        current: live,
+      });
+    } catch (err) {
+      if (!isNotFound(err)) this.#log.warn({ err, server: objectKey(live) }, 'cannot release the guest finalizer');
+    }
   }
 
   /** A Server bound here again after a reported mismatch: the Placement condition says so. */

@@ -370,6 +370,13 @@ describe('node agent (fake driver) against kube-apiserver', () => {
     expect(await driver.state(id)).toMatchObject({ powerState: 'RUNNING' });
     await client.delete(SERVERS, 'relabel', NS);
     await waitFor('guest destroyed', async () => (await driver.state(id)) === undefined);
+    // no agent is bound to it: the one that destroyed the guest releases the guest finalizer
+    const gone = await waitServer(
+      'relabel',
+      'guest finalizer released',
+      (x) => !x.metadata?.finalizers?.includes(GUEST_FINALIZER),
+    );
+    expect(gone.metadata?.finalizers).toEqual([SERVER_FINALIZER]);
   });
 
   it('destroys orphaned guests after the grace period', async () => {
