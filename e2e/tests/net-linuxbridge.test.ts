@@ -544,9 +544,22 @@ describe.skipIf(missing !== undefined)('Linux bridge backend (3 simulated nodes,
     lab.sh(node(1).netns, 'ip', ['link', 'set', 'stt-deadbeef00', 'alias', 'stratus:port=deadbeef']);
     // the prefix alone proves nothing: a tap someone else made with our prefix survives
     lab.sh(node(1).netns, 'ip', ['tuntap', 'add', 'dev', 'stt-foreign000', 'mode', 'tap']);
-    const r = await backends[0]!.apply(plan(lab, 1));
+    // nor for a DHCP veth end or a namespace named like ours that the agent did not make
+    lab.sh(node(1).netns, 'ip', ['link', 'add', 'std-9999', 'type', 'veth', 'peer', 'name', 'std-9999p']);
+    const foreignNs = `${PREFIX}d1-9999`;
+    execFileSync('ip', ['netns', 'add', foreignNs]);
+    let r: Awaited<ReturnType<LinuxBridgeBackend['apply']>>;
+    try {
+      r = await backends[0]!.apply(plan(lab, 1));
+      expect(links(1).some((l) => l.ifname === 'std-9999')).toBe(true);
+      const all = parseNetnsList(execFileSync('ip', ['-j', 'netns', 'list'], { encoding: 'utf8' }));
+      expect(all.some((n) => n.name === foreignNs)).toBe(true);
+    } finally {
+      lab.sh(node(1).netns, 'ip', ['link', 'del', 'std-9999']);
+      execFileSync('ip', ['netns', 'del', foreignNs]);
+    }
     expect(r.changes).toContain('deleted stale stt-deadbeef00');
-    expect(r.changes.some((c) => c.includes('stt-foreign000'))).toBe(false);
+    expect(r.changes.some((c) => c.includes('stt-foreign000') || c.includes('9999'))).toBe(false);
     expect(links(1).some((l) => l.ifname === 'stt-foreign000')).toBe(true);
     lab.sh(node(1).netns, 'ip', ['link', 'del', 'stt-foreign000']);
     expect(r.changes.some((c) => c.includes('fdb del 00:00:00:00:00:00') && c.includes('10.241.0.77'))).toBe(true);
@@ -567,6 +580,13 @@ describe.skipIf(missing !== undefined)('Linux bridge backend (3 simulated nodes,
         .sort(),
     ).toEqual([bridgeName(A.vni), bridgeName(B.vni), vxlanName(A.vni), vxlanName(B.vni)]);
     for (const vm of Object.values(vms)) lab.removeVm(vm);
+    // a namespace goes asynchronously: wait until the stand-ins' node ends are gone too
+    const standIns = new Set(Object.values(vms).map((v) => v.device));
+    await waitFor(
+      'stand-ins gone',
+      () => [1, 2, 3].every((i) => !links(i).some((l) => standIns.has(l.ifname))),
+      10_000,
+    );
     for (let i = 1; i <= 3; i++) {
       const res = await backends[i - 1]!.apply(empty(i));
       expect(res.ports).toEqual({});

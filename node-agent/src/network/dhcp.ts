@@ -207,6 +207,11 @@ export function staleNeighbours(
   return [...new Set(out)].sort();
 }
 
+/** ifalias ownership marker of a DHCP veth's host end (stale removal requires it, not just the name). */
+export function dhcpAlias(n: Pick<DhcpNetwork, 'networkId' | 'vni'>): string {
+  return `stratus:dhcp=${n.networkId},vni=${n.vni}`;
+}
+
 /** The dhcp-hostsfile: `mac,ip[,hostname]` per lease, sorted. Pure. */
 export function renderHostsFile(hosts: readonly DhcpHost[]): string {
   const valid = (h: string | undefined) => (h && /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/i.test(h) ? h : undefined);
@@ -329,14 +334,15 @@ export class DhcpManager {
         .filter((n) => n.startsWith(this.#prefix) && /^\d+$/.test(n.slice(this.#prefix.length))),
     );
     const links = parseLinks((await this.#exec.run('ip', ['-j', '-d', 'link', 'show'])).stdout);
-    const linkNames = new Set(links.map((l) => l.ifname));
+    // only host ends the agent marked are its own (a device named like ours is not proof)
+    const linkNames = new Set(links.filter((l) => l.ifalias?.startsWith('stratus:dhcp=')).map((l) => l.ifname));
 
     // stale servers: namespaces, host veth ends and run directories of VNIs no longer wanted
     const staleVnis = new Set<number>();
     for (const ns of namespaces) staleVnis.add(Number(ns.slice(this.#prefix.length)));
-    for (const l of links)
-      if (l.ifname.startsWith(DEVICE_PREFIX.dhcp) && /^\d+$/.test(l.ifname.slice(DEVICE_PREFIX.dhcp.length)))
-        staleVnis.add(Number(l.ifname.slice(DEVICE_PREFIX.dhcp.length)));
+    for (const name of linkNames)
+      if (name.startsWith(DEVICE_PREFIX.dhcp) && /^\d+$/.test(name.slice(DEVICE_PREFIX.dhcp.length)))
+        staleVnis.add(Number(name.slice(DEVICE_PREFIX.dhcp.length)));
     for (const e of await readdir(this.#runDir).catch(() => [] as string[])) {
       const m = /^dhcp-(\d+)$/.exec(e);
       if (m) staleVnis.add(Number(m[1]));
@@ -344,9 +350,8 @@ export class DhcpManager {
     for (const vni of desired.keys()) staleVnis.delete(vni);
     for (const vni of [...staleVnis].sort((a, b) => a - b)) {
       try {
-        changes.push(
-          ...(await this.#remove(vni, namespaces.has(this.netnsName(vni)), linkNames.has(dhcpHostDevice(vni)))),
-        );
+        const ns = namespaces.has(this.netnsName(vni)) && (await this.#ownNamespace(vni));
+        changes.push(...(await this.#remove(vni, ns, linkNames.has(dhcpHostDevice(vni)))));
       } catch (e) {
         errors[vni] = `removing DHCP server: ${(e as Error).message}`;
       }
@@ -366,6 +371,22 @@ export class DhcpManager {
   /** Removes every server (the node leaves all networks). */
   async removeAll(): Promise<DhcpResult> {
     return this.reconcile([]);
+  }
+
+  /** Whether the namespace of `vni` is one the agent made: its dhcp0 has the network's DHCP server MAC. */
+  async #ownNamespace(vni: number): Promise<boolean> {
+    const ns = this.netnsName(vni);
+    try {
+      const inner = parseLinks((await this.#ns.run('ip', ['-n', ns, '-j', 'link', 'show'])).stdout);
+      if (inner.find((l) => l.ifname === DHCP_NS_DEVICE)?.address === dhcpMac(vni)) return true;
+    } catch {
+      // unreadable: not proven ours
+    }
+    this.#log?.warn(
+      { netns: ns },
+      'left a namespace named like a DHCP namespace that the agent cannot prove is its own',
+    );
+    return false;
   }
 
   async #remove(vni: number, hasNs: boolean, hasDev: boolean): Promise<string[]> {
@@ -423,6 +444,10 @@ export class DhcpManager {
       hostLink = undefined;
     }
     if (hostLink?.mtu !== n.mtu) await this.#exec.run('ip', ['link', 'set', host, 'mtu', String(n.mtu)]);
+    if (hostLink?.ifalias !== dhcpAlias(n)) {
+      await this.#exec.run('ip', ['link', 'set', host, 'alias', dhcpAlias(n)]);
+      if (hostLink) changes.push(`dhcp ${n.vni}: marked ${host}`);
+    }
     changes.push(...(await n.attach(host)));
     if (!hostLink?.flags.includes('UP')) await this.#exec.run('ip', ['link', 'set', host, 'up']);
     if (hostLink && (hostLink.mtu !== n.mtu || !hostLink.flags.includes('UP')))
