@@ -41,6 +41,8 @@ export interface NetLab {
     cidr: string,
     opts?: { mtu?: number; gateway?: string },
   ): VmStandIn;
+  /** Removes a guest stand-in (its namespace, and with it both ends of its veth). */
+  removeVm(vm: VmStandIn): void;
   /**
    * Runs a DHCP client (busybox udhcpc, asking for the MTU option) on the stand-in's eth0 and returns what it was
    * given (udhcpc's variables: ip, router, mtu, dns, serverid, ...). `workDir` holds its hook script.
@@ -117,6 +119,9 @@ export function createLab(prefix: string, count: number, subnet = 250): NetLab {
       run(['ip', '-n', netns, 'link', 'set', 'eth0', 'up']);
       if (opts.gateway) run(['ip', '-n', netns, 'route', 'add', 'default', 'via', opts.gateway]);
       return { netns, device, mac, cidr };
+    },
+    removeVm(vm) {
+      run(['ip', 'netns', 'del', vm.netns]);
     },
     dhcpLease(vm, workDir) {
       const script = join(workDir, `udhcpc-${vm.netns}.sh`);

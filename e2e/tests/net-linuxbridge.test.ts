@@ -5,9 +5,11 @@
 //  2. security groups: members of a default-like group reach each other; a port of another group is unreachable
 //     until an ingress rule is added and cut off again (including its running flow) when it is removed;
 //     anti-spoofing drops a stand-in that changes its address;
-//  3. DHCP: a stand-in without address gets its static lease (router, MTU) from the node-local dnsmasq;
+//  3. DHCP: a stand-in without address gets its static lease (router, MTU) from the node-local dnsmasq; an address
+//     handed to a new port (new MAC) is reachable from the DHCP namespace at once (stale neighbour entry flushed);
 //  4. idempotence: a second apply and a new backend instance (agent restart) run no changing command and keep every
-//     ifindex; removal leaves no Stratus device, table, namespace or dnsmasq.
+//     ifindex; stale removal needs the ownership marker (a tap with our prefix but no marker survives) and keeps a
+//     bridge that still has a guest attached; removal then leaves no Stratus device, table, namespace or dnsmasq.
 // Needs root, iproute2, nft, conntrack, dnsmasq and busybox (udhcpc); skipped with a message otherwise.
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -460,6 +462,47 @@ describe.skipIf(missing !== undefined)('Linux bridge backend (3 simulated nodes,
     ).toEqual([]);
   });
 
+  it('an address released and handed to a new port (new MAC) is reachable from the DHCP namespace at once', async () => {
+    const dhcpNs = `${PREFIX}d2-${A.vni}`;
+    const IP = '192.168.41.16';
+    // ports without port security, so that the DHCP namespace may ping them (the address is the point here)
+    const reused = (id: number, m: string): PortPlan => ({
+      ...portPlan({ key: `r${id}`, id: uid(id), node: 2, net: A, ip: IP, mac: m, groups: [] }),
+      portSecurity: false,
+      securityGroups: [],
+    });
+    const withPort = (p: PortPlan): NodeNetworkPlan => {
+      const base = plan(lab, 2);
+      return { ...base, ports: [...base.ports, p] };
+    };
+    let first: VmStandIn | undefined = lab.vm(node(2), 'r8', tapName(uid(8)), mac(8), `${IP}/24`);
+    let second: VmStandIn | undefined;
+    try {
+      await backends[1]!.apply(withPort(reused(8, mac(8))));
+      await waitFor('DHCP namespace -> first holder', () => lab.ping(dhcpNs, IP), 10_000);
+      const neigh = JSON.parse(lab.sh(dhcpNs, 'ip', ['-j', 'neigh', 'show', IP])) as { lladdr?: string }[];
+      expect(neigh[0]?.lladdr).toBe(mac(8));
+
+      // the port goes, its address is handed to a new port with a new MAC on the same node
+      lab.removeVm(first);
+      first = undefined;
+      second = lab.vm(node(2), 'r9', tapName(uid(9)), mac(9), `${IP}/24`);
+      const r = await backends[1]!.apply(withPort(reused(9, mac(9))));
+      // the first packet already goes to the new MAC (before, the old entry stayed REACHABLE and then was probed:
+      // the first connections timed out); a few one-second attempts, none of which succeeds without the flush
+      let ok = false;
+      for (let i = 0; i < 3 && !ok; i++) ok = lab.ping(dhcpNs, IP);
+      expect(ok).toBe(true);
+      expect(r.changes).toContain(`dhcp ${A.vni}: flushed the stale neighbour entry of ${IP}`);
+      const after = JSON.parse(lab.sh(dhcpNs, 'ip', ['-j', 'neigh', 'show', IP])) as { lladdr?: string }[];
+      expect(after[0]?.lladdr).toBe(mac(9));
+    } finally {
+      if (first) lab.removeVm(first);
+      if (second) lab.removeVm(second);
+      await backends[1]!.apply(plan(lab, 2)); // back to the lab's plan (the next tests count changes)
+    }
+  });
+
   it('is idempotent and adopts everything after a restart', async () => {
     const before = [1, 2, 3].map((i) => new Map(links(i).map((l) => [l.ifname, l.ifindex])));
     for (const c of cmds) c.length = 0;
@@ -498,12 +541,54 @@ describe.skipIf(missing !== undefined)('Linux bridge backend (3 simulated nodes,
       'permanent',
     ]);
     lab.sh(node(1).netns, 'ip', ['tuntap', 'add', 'dev', 'stt-deadbeef00', 'mode', 'tap']);
-    const r = await backends[0]!.apply(plan(lab, 1));
+    lab.sh(node(1).netns, 'ip', ['link', 'set', 'stt-deadbeef00', 'alias', 'stratus:port=deadbeef']);
+    // the prefix alone proves nothing: a tap someone else made with our prefix survives
+    lab.sh(node(1).netns, 'ip', ['tuntap', 'add', 'dev', 'stt-foreign000', 'mode', 'tap']);
+    // nor for a DHCP veth end or a namespace named like ours that the agent did not make
+    lab.sh(node(1).netns, 'ip', ['link', 'add', 'std-9999', 'type', 'veth', 'peer', 'name', 'std-9999p']);
+    const foreignNs = `${PREFIX}d1-9999`;
+    execFileSync('ip', ['netns', 'add', foreignNs]);
+    let r: Awaited<ReturnType<LinuxBridgeBackend['apply']>>;
+    try {
+      r = await backends[0]!.apply(plan(lab, 1));
+      expect(links(1).some((l) => l.ifname === 'std-9999')).toBe(true);
+      const all = parseNetnsList(execFileSync('ip', ['-j', 'netns', 'list'], { encoding: 'utf8' }));
+      expect(all.some((n) => n.name === foreignNs)).toBe(true);
+    } finally {
+      lab.sh(node(1).netns, 'ip', ['link', 'del', 'std-9999']);
+      execFileSync('ip', ['netns', 'del', foreignNs]);
+    }
     expect(r.changes).toContain('deleted stale stt-deadbeef00');
+    expect(r.changes.some((c) => c.includes('stt-foreign000') || c.includes('9999'))).toBe(false);
+    expect(links(1).some((l) => l.ifname === 'stt-foreign000')).toBe(true);
+    lab.sh(node(1).netns, 'ip', ['link', 'del', 'stt-foreign000']);
     expect(r.changes.some((c) => c.includes('fdb del 00:00:00:00:00:00') && c.includes('10.241.0.77'))).toBe(true);
 
+    const empty = (i: number): NodeNetworkPlan => ({
+      hostIP: node(i).hostIP,
+      networks: [],
+      ports: [],
+      securityGroups: [],
+    });
+    // a bridge that still has a guest attached (here the veth stand-ins) is not proven unused: it stays, with its
+    // VXLAN device, until the guests are gone
+    await backends[0]!.apply(empty(1));
+    expect(
+      links(1)
+        .filter((l) => /^st[bx]-/.test(l.ifname))
+        .map((l) => l.ifname)
+        .sort(),
+    ).toEqual([bridgeName(A.vni), bridgeName(B.vni), vxlanName(A.vni), vxlanName(B.vni)]);
+    for (const vm of Object.values(vms)) lab.removeVm(vm);
+    // a namespace goes asynchronously: wait until the stand-ins' node ends are gone too
+    const standIns = new Set(Object.values(vms).map((v) => v.device));
+    await waitFor(
+      'stand-ins gone',
+      () => [1, 2, 3].every((i) => !links(i).some((l) => standIns.has(l.ifname))),
+      10_000,
+    );
     for (let i = 1; i <= 3; i++) {
-      const res = await backends[i - 1]!.apply({ hostIP: node(i).hostIP, networks: [], ports: [], securityGroups: [] });
+      const res = await backends[i - 1]!.apply(empty(i));
       expect(res.ports).toEqual({});
       const left = links(i).filter(
         (l) => /^st[bxd]-/.test(l.ifname) || (l.ifname.startsWith('stt-') && l.linkinfo?.info_kind === 'tun'),

@@ -336,11 +336,13 @@ export class NodeAgent {
       ...(o.hostIP ? { hostIP: o.hostIP } : {}),
       backend,
       servers: compute.servers,
+      retained: () => compute?.retainedServers() ?? [],
       ...(o.networkResyncSeconds !== undefined ? { resyncMs: o.networkResyncSeconds * 1000 } : {}),
       logger: this.#log,
       ...(o.clock ? { clock: o.clock } : {}),
     });
     network.onWake = (key) => this.compute.controller.enqueue(key);
+    compute.onRetainedChanged = () => network?.refresh();
     this.network = network;
   }
 

@@ -14,9 +14,11 @@
 // once the node's network service reports its ports usable and wired here; the NICs go into GuestSpec.nics.
 // Meanwhile the server shows taskState networking (while building) and Ready False WaitingForNetwork.
 //
-// Guests whose Server left this node (rebound, deleted) are destroyed when the Server's key is reconciled; the
-// orphan sweep (on start and periodically) destroys any other guest that no Server bound here owns, after a grace
-// period.
+// A guest whose Server left this node's informer is destroyed only when the Server is deleted or the operator
+// recorded a move away (placement.ts guestVerdict), checked on a live read when the Server's key is reconciled and
+// by the orphan sweep (on start and periodically, after a grace period) for guests no Server bound here owns. A
+// changed node label alone (a kubectl label edit, a bad patch) keeps the guest running, and its ports wired
+// (retainedServers), with an Event and the condition Placement False NodeLabelMismatch.
 import type { KubernetesObject } from '@kubernetes/client-node';
 import {
   GUEST_FINALIZER,
@@ -48,6 +50,7 @@ import {
   type ReconcileResult,
   type Request,
   removeFinalizer,
+  setCondition,
   silentLogger,
   systemClock,
   type TimerHandle,
@@ -77,6 +80,7 @@ import {
   type Trigger,
 } from './lifecycle.ts';
 import { NetworkNotReadyError, type ServerNetworkService } from './network/controller.ts';
+import { guestVerdict, NODE_LABEL_MISMATCH, PLACEMENT_CONDITION } from './placement.ts';
 
 export const SERVERS: GVR = { group: ServerKind.group, version: ServerKind.version, plural: ServerKind.plural };
 const KEYPAIRS: GVR = { group: KeyPairKind.group, version: KeyPairKind.version, plural: KeyPairKind.plural };
@@ -204,9 +208,15 @@ export class ComputeService {
   readonly #exits = new Map<string, GuestExit>();
   /** Consecutive network waits per server key (requeue backoff). */
   readonly #networkWaits = new Map<string, number>();
+  /** The last Server object of every guest this agent runs, by guest id (uid), until the guest is destroyed. */
+  readonly #hosted = new Map<string, ServerObject>();
+  /** Guests kept although their Server is not bound here: the reason last reported, by guest id. */
+  readonly #mismatch = new Map<string, string>();
   #unsubscribe: (() => void) | undefined;
   #sweepTimer: TimerHandle | undefined;
   #stopped = false;
+  /** Called when the set of retained servers changed (the network service rebuilds its plan). */
+  onRetainedChanged: (() => void) | undefined;
 
   constructor(o: ComputeOptions) {
     this.#o = o;
@@ -279,15 +289,97 @@ export class ComputeService {
       this.#orphanSince.set(g.id, since);
       if (now - since < grace) continue;
       const live = await this.#readLive(g.namespace, g.name);
-      if (live?.metadata?.uid === g.id && live.metadata.labels?.[SERVER_NODE_LABEL] === this.nodeName) continue;
-      this.#log.warn({ guest: g.id, server: `${g.namespace}/${g.name}` }, 'destroying an orphaned guest');
+      const verdict = guestVerdict(live, g.id, this.nodeName);
+      if (!verdict.destroy) {
+        if (!verdict.boundHere && live) await this.#keep(live, g.id, verdict.reason);
+        continue;
+      }
+      this.#log.warn(
+        { guest: g.id, server: `${g.namespace}/${g.name}`, reason: verdict.reason },
+        'destroying an orphaned guest',
+      );
       await this.#driver.destroy(g.id);
       this.#orphanSince.delete(g.id);
       this.#exits.delete(g.id);
+      this.#released(g.id);
+      await this.#finishDeletion(live, g.id);
       destroyed++;
     }
     if (destroyed > 0) this.#o.hypervisor.poke();
     return destroyed;
+  }
+
+  /**
+   * Servers whose guest still runs here although they are not bound here (they left this node's informer after a
+   * changed node label, or their status.node names another node): the network service keeps their ports wired.
+   * Each is returned with status.node set to this node.
+   */
+  retainedServers(): ServerObject[] {
+    const out: ServerObject[] = [];
+    for (const [uid, s] of this.#hosted) {
+      const cached = this.servers.byIndex('uid', uid)[0];
+      if (cached?.status?.node === this.nodeName) continue;
+      const cur = cached ?? s;
+      out.push({ ...cur, status: { ...(cur.status ?? {}), node: this.nodeName } });
+    }
+    return out;
+  }
+
+  /** The guest of `uid` is gone: stop retaining its server. */
+  #released(uid: string): void {
+    this.#mismatch.delete(uid);
+    if (this.#hosted.delete(uid)) this.onRetainedChanged?.();
+  }
+
+  /**
+   * Keeps the guest of a Server that is not bound here (placement.ts): remembers the Server so its ports stay wired,
+   * and reports it once per reason with a Warning Event and the condition Placement False NodeLabelMismatch.
+   */
+  async #keep(live: ServerObject, uid: string, reason: string): Promise<void> {
+    const known = this.#hosted.has(uid);
+    this.#hosted.set(uid, live);
+    if (!known) this.onRetainedChanged?.();
+    const cond = (live.status?.conditions as { type: string; status: string; message?: string }[] | undefined)?.find(
+      (c) => c.type === PLACEMENT_CONDITION,
+    );
+    if (this.#mismatch.get(uid) === reason && cond?.status === 'False' && cond.message === reason) return;
+    const server = `${live.metadata?.namespace}/${live.metadata?.name}`;
+    this.#log.warn({ guest: uid, server, reason }, 'kept a guest whose server is not bound here');
+    if (this.#mismatch.get(uid) !== reason) {
+      this.#events.warning(
+        { ...live, apiVersion: ServerKind.apiVersion, kind: ServerKind.kind },
+        NODE_LABEL_MISMATCH,
+        'KeepGuest',
+        `guest kept on ${this.nodeName}: ${reason}`,
+      );
+    }
+    this.#mismatch.set(uid, reason);
+    await this.#setPlacement(live, { status: 'False', reason: NODE_LABEL_MISMATCH, message: reason });
+  }
+
+  /** Writes the Placement condition (only when it differs). */
+  async #setPlacement(
+    server: ServerObject,
+    c: { status: 'True' | 'False'; reason: string; message: string },
+  ): Promise<void> {
+    try {
+      await updateStatus(this.#client, SERVERS, server, (st, obj) => {
+        const cur = (
+          st.conditions as { type: string; status: string; reason?: string; message?: string }[] | undefined
+        )?.find((x) => x.type === PLACEMENT_CONDITION);
+        if (cur?.status === c.status && cur.reason === c.reason && cur.message === c.message) return undefined;
+        if (obj.metadata?.uid !== server.metadata?.uid) return undefined;
+        st.conditions = setCondition(
+          st.conditions as never,
+          { type: PLACEMENT_CONDITION, ...c },
+          obj.metadata?.generation,
+          new Date(this.#clock.now()),
+        );
+        return st;
+      });
+    } catch (err) {
+      if (!isNotFound(err)) this.#log.warn({ err, server: objectKey(server) }, 'cannot write the Placement condition');
+    }
   }
 
   async reconcile(req: Request, ctx: ReconcileContext): Promise<ReconcileResult> {
@@ -301,10 +393,13 @@ export class ComputeService {
       ctx.log.warn('server does not parse; ignored until it changes');
       return undefined;
     }
+    await this.#boundAgain(cached);
     for (let step = 0; step < MAX_STEPS; step++) {
       const uid = server.metadata.uid;
       if (!uid) return undefined;
       const guest = await this.#driver.state(uid);
+      if (guest) this.#hosted.set(uid, cached);
+      else this.#released(uid);
       const d = decide(server, guest, this.nodeName);
       ctx.log.debug({ decision: d, guest: guest?.powerState }, 'step');
       const next = await this.#step(server, guest, d, ctx);
@@ -1015,30 +1110,76 @@ export class ComputeService {
     return { server: parseServer(raw) ?? server, applied };
   }
 
-  /** The Server behind this key is no longer bound here (or gone): destroy its guests on this node. */
+  /**
+   * The Server behind this key is no longer bound here (or gone): destroy its guests on this node when the Server is
+   * deleted or moved away (placement.ts guestVerdict); otherwise keep them running and report the mismatch.
+   */
   async #gone(req: Request, ctx: ReconcileContext): Promise<ReconcileResult> {
     const namespace = req.namespace ?? '';
     const guests = (await this.#driver.list()).filter((g) => g.namespace === namespace && g.name === req.name);
+    for (const [uid, s] of this.#hosted) {
+      const same = (s.metadata?.namespace ?? '') === namespace && s.metadata?.name === req.name;
+      if (same && !guests.some((g) => g.id === uid)) this.#released(uid);
+    }
     if (guests.length === 0) return undefined;
     const live = await this.#readLive(namespace, req.name);
-    const boundHere = live?.metadata?.labels?.[SERVER_NODE_LABEL] === this.nodeName;
+    let destroyed = false;
     for (const g of guests) {
-      if (live?.metadata?.uid === g.id && boundHere) return { requeueAfter: 2000 }; // the cache is behind
+      const verdict = guestVerdict(live, g.id, this.nodeName);
+      if (!verdict.destroy) {
+        if (verdict.boundHere) return { requeueAfter: 2000 }; // the cache is behind
+        if (live) await this.#keep(live, g.id, verdict.reason);
+        continue;
+      }
       await this.#driver.destroy(g.id);
       this.#exits.delete(g.id);
+      this.#released(g.id);
+      await this.#finishDeletion(live, g.id);
+      destroyed = true;
       const movedTo = live?.metadata?.labels?.[SERVER_NODE_LABEL];
-      ctx.log.info({ guest: g.id, movedTo }, 'destroyed the guest of a server no longer bound here');
+      ctx.log.info(
+        { guest: g.id, movedTo, reason: verdict.reason },
+        'destroyed the guest of a server no longer bound here',
+      );
       if (live && live.metadata?.uid === g.id) {
         this.#events.normal(
           { ...live, apiVersion: ServerKind.apiVersion, kind: ServerKind.kind },
           'GuestRemoved',
           'Destroy',
-          `guest removed from ${this.nodeName}: the server is ${movedTo ? `bound to ${movedTo}` : 'no longer bound here'}`,
+          `guest removed from ${this.nodeName}: ${verdict.reason}`,
         );
       }
     }
-    this.#o.hypervisor.poke();
+    if (destroyed) this.#o.hypervisor.poke();
     return undefined;
+  }
+
+  /**
+   * After destroying the guest of a Server being deleted that is not bound here (its label was changed), releases
+   * the guest finalizer: no other agent may own it (a label naming a node without the guest, or no node). Safe
+   * when another node does run a guest of this uid: its orphan sweep destroys it once the Server is gone.
+   */
+  async #finishDeletion(live: ServerObject | undefined, uid: string): Promise<void> {
+    if (!live?.metadata?.deletionTimestamp || live.metadata.uid !== uid) return;
+    if (!hasFinalizer(live, GUEST_FINALIZER)) return;
+    try {
+      await removeFinalizer(this.#client, SERVERS, live.metadata.name!, live.metadata.namespace, GUEST_FINALIZER, {
+        current: live,
+      });
+    } catch (err) {
+      if (!isNotFound(err)) this.#log.warn({ err, server: objectKey(live) }, 'cannot release the guest finalizer');
+    }
+  }
+
+  /** A Server bound here again after a reported mismatch: the Placement condition says so. */
+  async #boundAgain(server: ServerObject): Promise<void> {
+    const uid = server.metadata?.uid ?? '';
+    const cond = (server.status?.conditions as { type: string; status: string }[] | undefined)?.find(
+      (c) => c.type === PLACEMENT_CONDITION,
+    );
+    if (!this.#mismatch.has(uid) && cond?.status !== 'False') return;
+    this.#mismatch.delete(uid);
+    await this.#setPlacement(server, { status: 'True', reason: 'BoundHere', message: `bound to ${this.nodeName}` });
   }
 
   async #readLive(namespace: string, name: string): Promise<ServerObject | undefined> {

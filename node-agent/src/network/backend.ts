@@ -133,6 +133,11 @@ export interface NetworkBackend {
   init(): Promise<void>;
   /** Makes the node match the plan (see the rules above). */
   apply(plan: NodeNetworkPlan): Promise<ApplyResult>;
+  /**
+   * The networks already wired on the node (by network uid: VNI and MTU read from the devices' ownership markers),
+   * so a restarted agent keeps them while a Network's status is transiently incomplete. Optional.
+   */
+  observeNetworks?(): Promise<Map<string, { vni: number; mtu: number }>>;
   /** Stops background work (dnsmasq keeps running: guests keep their leases across agent restarts). */
   close(): Promise<void>;
 }

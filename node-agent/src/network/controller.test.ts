@@ -49,7 +49,7 @@ class ScriptedBackend implements NetworkBackend {
   }
 }
 
-function setup() {
+function setup(retained?: () => ServerObj[]) {
   const clock = new FakeClock();
   const informers = new Map<string, FakeInformer<KubernetesObject>>();
   const informerFor = (plural: string) => {
@@ -96,6 +96,7 @@ function setup() {
     servers: servers as never,
     clock,
     resyncMs: 30_000,
+    ...(retained ? { retained } : {}),
   });
   ctl.onWake = (k) => woken.push(k);
   return { clock, ports, networks, servers, backend, ctl, writes, woken, registry, informerFor };
@@ -233,6 +234,53 @@ describe('NetworkController', () => {
     await t.clock.advance(100);
     expect(boundOf(t.ports.objects.get(`${NS}/stale-0`)!)).toMatchObject({ status: 'False', reason: 'Unbound' });
     expect(t.ports.objects.get(`${NS}/far-0`)!.status?.bindingHost).toBe('n2');
+    await t.ctl.stop();
+  });
+
+  it('a network whose status loses its VNI, MTU and subnets (NetworkInUse write) keeps the ports wired', async () => {
+    const t = setup();
+    t.networks.add(net);
+    t.ctl.start();
+    t.servers.add(server('web'));
+    t.ports.add(port('web-0', 'web'));
+    await t.clock.advance(100);
+    const wired = t.ctl.lastPlan;
+    expect(wired?.ports).toHaveLength(1);
+    const applies = t.backend.plans.length;
+    t.networks.update({
+      ...net,
+      metadata: { ...net.metadata, deletionTimestamp: new Date() },
+      status: { conditions: [{ type: 'Ready', status: 'False' }] },
+    });
+    await t.clock.advance(100);
+    expect(t.ctl.lastPlan).toEqual(wired);
+    expect(t.backend.plans.length).toBe(applies); // nothing to apply
+    expect(await t.ctl.plug(server('web'))).toHaveLength(1);
+    await t.ctl.stop();
+  });
+
+  it('a server that left the informer but whose guest is retained keeps its ports until released', async () => {
+    let retained: ServerObj[] = [];
+    const t = setup(() => retained);
+    t.networks.add(net);
+    t.ctl.start();
+    const web = server('web');
+    t.servers.add(web);
+    t.ports.add(port('web-0', 'web'));
+    await t.clock.advance(100);
+    expect(t.ctl.lastPlan?.ports.map((p) => p.name)).toEqual(['web-0']);
+    // kubectl label: the server leaves the informer; the compute service keeps its guest and retains it
+    retained = [{ ...web, metadata: { ...web.metadata, labels: { [SERVER_NODE_LABEL]: 'n2' } } }];
+    t.servers.delete(web);
+    await t.clock.advance(100);
+    expect(t.ctl.lastPlan?.ports.map((p) => p.name)).toEqual(['web-0']);
+    expect(t.ports.objects.get(`${NS}/web-0`)!.status?.status).toBe('ACTIVE');
+    // the guest is destroyed (server deleted or moved): released
+    retained = [];
+    t.ctl.refresh();
+    await t.clock.advance(100);
+    expect(t.ctl.lastPlan?.ports).toEqual([]);
+    expect(t.ports.objects.get(`${NS}/web-0`)!.status?.status).toBe('DOWN');
     await t.ctl.stop();
   });
 

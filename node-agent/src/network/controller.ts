@@ -88,6 +88,11 @@ export interface NetworkControllerOptions {
   backend: NetworkBackend;
   /** The Servers bound to this node (the compute service's informer). */
   servers: Pick<Informer<KubernetesObject>, 'list' | 'hasSynced' | 'addEventHandler'>;
+  /**
+   * Servers no longer in that informer whose guest still runs here (a changed node label): their ports stay wired
+   * until the guest is gone (call refresh() when this set changes).
+   */
+  retained?: () => readonly KubernetesObject[];
   /** Delay between a change and the rebuild it triggers, coalescing bursts (default 50 ms). */
   debounceMs?: number;
   /** Forced apply period, repairing drift (default 30 s; 0: never). */
@@ -159,6 +164,8 @@ export class NetworkController implements ServerNetworkService {
   /** Ports whose wiring is unknown because the apply failed before this process saw them wired. */
   #unverified = new Set<string>();
   #last: PlanResult | undefined;
+  /** What the backend found wired when this process started (until the first plan exists). */
+  #observed: Map<string, { vni: number; mtu: number }> | undefined;
   #lastPlan: string | undefined;
   #lastProblems = '';
   /** Nothing local and nothing bound here: events of other nodes' objects need no rebuild. */
@@ -233,6 +240,11 @@ export class NetworkController implements ServerNetworkService {
     await this.backend.close();
   }
 
+  /** Schedules a rebuild (an input outside the informers changed, e.g. the retained servers). */
+  refresh(): void {
+    if (this.#started) this.#schedule(this.#o.debounceMs ?? 50);
+  }
+
   /** The plan last built (tests, debugging). */
   get lastPlan(): NodeNetworkPlan | undefined {
     return this.#last?.plan;
@@ -274,11 +286,14 @@ export class NetworkController implements ServerNetworkService {
     return {
       nodeName: this.nodeName,
       ...(this.#o.hostIP ? { hostIP: this.#o.hostIP } : {}),
-      servers: this.#o.servers.list() as unknown as ServerObj[],
+      servers: [...this.#o.servers.list(), ...(this.#o.retained?.() ?? [])] as unknown as ServerObj[],
       networks: this.networks.list(),
       ports: this.ports.list(),
       securityGroups: this.securityGroups.list(),
       hypervisors: this.hypervisors.list(),
+      // the last good network values this node wired: a transient status never unwires running guests
+      ...(this.#last ? { previous: this.#last.plan } : {}),
+      ...(this.#observed ? { observed: this.#observed } : {}),
     };
   }
 
@@ -332,6 +347,14 @@ export class NetworkController implements ServerNetworkService {
       return;
     }
     this.rebuilds++;
+    if (!this.#last && !this.#observed && this.backend.observeNetworks) {
+      try {
+        this.#observed = await this.backend.observeNetworks();
+      } catch (err) {
+        this.#log.warn({ err }, 'cannot observe the networks wired on the node');
+        this.#observed = new Map();
+      }
+    }
     const result = buildPlan(this.#input());
     const problems = json(result.problems);
     if (problems !== this.#lastProblems) {
@@ -372,6 +395,7 @@ export class NetworkController implements ServerNetworkService {
       }
       this.#lastPlan = ok ? planJson : undefined;
       if (ok) this.#unverified = new Set();
+      if (ok) this.#observed = undefined; // the plans from now on carry the values the node has
       this.#wired = new Map(
         plan.ports.map((p) => [
           p.id,

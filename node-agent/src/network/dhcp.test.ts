@@ -5,10 +5,12 @@ import {
   dhcpHostDevice,
   dhcpMac,
   dnsmasqPaths,
+  parseHostsFile,
   renderDnsmasqConfig,
   renderHostsFile,
   servedSubnets,
   serverAddresses,
+  staleNeighbours,
 } from './dhcp.ts';
 
 const subnet = (over: Partial<SubnetPlan> = {}): SubnetPlan => ({
@@ -91,5 +93,41 @@ describe('DHCP rendering', () => {
       ]),
     ).toBe('fa:16:3e:00:00:01,192.168.41.11\nfa:16:3e:00:00:02,192.168.41.12,web-2\n');
     expect(renderHostsFile([])).toBe('');
+  });
+});
+
+describe('stale neighbour entries of the DHCP namespace', () => {
+  it('flushes entries naming an old MAC for an address a new port got, or for a released lease', () => {
+    const old = parseHostsFile(
+      renderHostsFile([
+        { mac: 'FA:16:3E:00:00:01', ip: '192.168.41.10', hostname: 'a' },
+        { mac: 'fa:16:3e:00:00:02', ip: '192.168.41.11' },
+        { mac: 'fa:16:3e:00:00:03', ip: '192.168.41.12' },
+      ]),
+    );
+    expect([...old]).toEqual([
+      ['192.168.41.10', 'fa:16:3e:00:00:01'],
+      ['192.168.41.11', 'fa:16:3e:00:00:02'],
+      ['192.168.41.12', 'fa:16:3e:00:00:03'],
+    ]);
+    // now: .10 is a new port (new MAC), .11 was released, .12 unchanged, .20 is a remote port
+    const known = new Map([
+      ['192.168.41.10', 'fa:16:3e:00:00:99'],
+      ['192.168.41.12', 'fa:16:3e:00:00:03'],
+      ['192.168.41.20', 'fa:16:3e:00:00:20'],
+    ]);
+    const released = new Set([...old].filter(([ip, mac]) => known.get(ip) !== mac).map(([ip]) => ip));
+    const entries = [
+      { dst: '192.168.41.10', lladdr: 'fa:16:3e:00:00:01', state: ['REACHABLE'] },
+      { dst: '192.168.41.11', lladdr: 'fa:16:3e:00:00:02', state: ['STALE'] },
+      { dst: '192.168.41.12', lladdr: 'FA:16:3E:00:00:03', state: ['REACHABLE'] },
+      { dst: '192.168.41.20', lladdr: 'fa:16:3e:00:00:21', state: ['STALE'] }, // the remote address moved
+      { dst: '192.168.41.30', lladdr: 'fa:16:3e:00:00:30', state: ['STALE'] }, // unknown: left alone
+      { dst: '192.168.41.31', state: ['FAILED'] },
+      { dst: 'fe80::1', lladdr: 'fa:16:3e:00:00:01', state: ['STALE'] },
+    ];
+    expect(staleNeighbours(entries, known, released)).toEqual(['192.168.41.10', '192.168.41.11', '192.168.41.20']);
+    // entries that already match: nothing to do
+    expect(staleNeighbours(entries.slice(2, 3), known, new Set())).toEqual([]);
   });
 });

@@ -35,6 +35,11 @@ export interface DhcpNetwork {
   subnets: SubnetPlan[];
   /** Static leases: the node's local ports on this network. */
   hosts: DhcpHost[];
+  /**
+   * MAC of every other known address of the network (remote ports): a neighbour entry of the DHCP namespace that
+   * names another MAC for one of them (or for a lease address) is stale and flushed.
+   */
+  neighbours?: { ip: string; mac: string }[];
   /** Lease time in seconds (default 86400, Neutron's). */
   leaseSeconds?: number;
   /**
@@ -164,6 +169,49 @@ export function renderDnsmasqConfig(n: DhcpNetwork, paths: DnsmasqPaths): string
   return `${lines.join('\n')}\n`;
 }
 
+/** The leases of a dhcp-hostsfile (renderHostsFile's format): MAC per IP. Pure. */
+export function parseHostsFile(text: string | undefined): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const line of (text ?? '').split('\n')) {
+    const [mac, ip] = line.split(',');
+    if (mac && ip) out.set(ip, mac.toLowerCase());
+  }
+  return out;
+}
+
+/** A neighbour entry (`ip -j neigh show`). */
+export interface NeighEntry {
+  dst: string;
+  lladdr?: string;
+  state?: string[];
+}
+
+/**
+ * The neighbour entries of the DHCP namespace to delete (by address): entries whose MAC is not the one an address
+ * has now (a lease or a remote port of the network), and entries of addresses whose lease was released or moved
+ * to another MAC (`released`). An address handed to a new port is then resolved afresh at once, instead of
+ * timing out until the kernel gives up on the old MAC (shared/reference/networking.md). Pure.
+ */
+export function staleNeighbours(
+  entries: readonly NeighEntry[],
+  known: ReadonlyMap<string, string>,
+  released: ReadonlySet<string>,
+): string[] {
+  const out: string[] = [];
+  for (const e of entries) {
+    if (!e.lladdr || e.dst.includes(':')) continue; // unresolved entries carry no MAC; IPv4 only
+    const mac = e.lladdr.toLowerCase();
+    const want = known.get(e.dst);
+    if ((want !== undefined && want !== mac) || (want === undefined && released.has(e.dst))) out.push(e.dst);
+  }
+  return [...new Set(out)].sort();
+}
+
+/** ifalias ownership marker of a DHCP veth's host end (stale removal requires it, not just the name). */
+export function dhcpAlias(n: Pick<DhcpNetwork, 'networkId' | 'vni'>): string {
+  return `stratus:dhcp=${n.networkId},vni=${n.vni}`;
+}
+
 /** The dhcp-hostsfile: `mac,ip[,hostname]` per lease, sorted. Pure. */
 export function renderHostsFile(hosts: readonly DhcpHost[]): string {
   const valid = (h: string | undefined) => (h && /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/i.test(h) ? h : undefined);
@@ -257,6 +305,7 @@ export class DhcpManager {
       mtu: n.mtu,
       subnets: n.subnets,
       hosts: dhcpHosts(n, ports),
+      neighbours: n.remotePorts.flatMap((r) => r.ips.map((ip) => ({ ip, mac: r.mac }))),
       attach: (dev) => attach(n, dev),
     }));
     try {
@@ -285,14 +334,15 @@ export class DhcpManager {
         .filter((n) => n.startsWith(this.#prefix) && /^\d+$/.test(n.slice(this.#prefix.length))),
     );
     const links = parseLinks((await this.#exec.run('ip', ['-j', '-d', 'link', 'show'])).stdout);
-    const linkNames = new Set(links.map((l) => l.ifname));
+    // only host ends the agent marked are its own (a device named like ours is not proof)
+    const linkNames = new Set(links.filter((l) => l.ifalias?.startsWith('stratus:dhcp=')).map((l) => l.ifname));
 
     // stale servers: namespaces, host veth ends and run directories of VNIs no longer wanted
     const staleVnis = new Set<number>();
     for (const ns of namespaces) staleVnis.add(Number(ns.slice(this.#prefix.length)));
-    for (const l of links)
-      if (l.ifname.startsWith(DEVICE_PREFIX.dhcp) && /^\d+$/.test(l.ifname.slice(DEVICE_PREFIX.dhcp.length)))
-        staleVnis.add(Number(l.ifname.slice(DEVICE_PREFIX.dhcp.length)));
+    for (const name of linkNames)
+      if (name.startsWith(DEVICE_PREFIX.dhcp) && /^\d+$/.test(name.slice(DEVICE_PREFIX.dhcp.length)))
+        staleVnis.add(Number(name.slice(DEVICE_PREFIX.dhcp.length)));
     for (const e of await readdir(this.#runDir).catch(() => [] as string[])) {
       const m = /^dhcp-(\d+)$/.exec(e);
       if (m) staleVnis.add(Number(m[1]));
@@ -300,9 +350,8 @@ export class DhcpManager {
     for (const vni of desired.keys()) staleVnis.delete(vni);
     for (const vni of [...staleVnis].sort((a, b) => a - b)) {
       try {
-        changes.push(
-          ...(await this.#remove(vni, namespaces.has(this.netnsName(vni)), linkNames.has(dhcpHostDevice(vni)))),
-        );
+        const ns = namespaces.has(this.netnsName(vni)) && (await this.#ownNamespace(vni));
+        changes.push(...(await this.#remove(vni, ns, linkNames.has(dhcpHostDevice(vni)))));
       } catch (e) {
         errors[vni] = `removing DHCP server: ${(e as Error).message}`;
       }
@@ -322,6 +371,22 @@ export class DhcpManager {
   /** Removes every server (the node leaves all networks). */
   async removeAll(): Promise<DhcpResult> {
     return this.reconcile([]);
+  }
+
+  /** Whether the namespace of `vni` is one the agent made: its dhcp0 has the network's DHCP server MAC. */
+  async #ownNamespace(vni: number): Promise<boolean> {
+    const ns = this.netnsName(vni);
+    try {
+      const inner = parseLinks((await this.#ns.run('ip', ['-n', ns, '-j', 'link', 'show'])).stdout);
+      if (inner.find((l) => l.ifname === DHCP_NS_DEVICE)?.address === dhcpMac(vni)) return true;
+    } catch {
+      // unreadable: not proven ours
+    }
+    this.#log?.warn(
+      { netns: ns },
+      'left a namespace named like a DHCP namespace that the agent cannot prove is its own',
+    );
+    return false;
   }
 
   async #remove(vni: number, hasNs: boolean, hasDev: boolean): Promise<string[]> {
@@ -379,6 +444,10 @@ export class DhcpManager {
       hostLink = undefined;
     }
     if (hostLink?.mtu !== n.mtu) await this.#exec.run('ip', ['link', 'set', host, 'mtu', String(n.mtu)]);
+    if (hostLink?.ifalias !== dhcpAlias(n)) {
+      await this.#exec.run('ip', ['link', 'set', host, 'alias', dhcpAlias(n)]);
+      if (hostLink) changes.push(`dhcp ${n.vni}: marked ${host}`);
+    }
     changes.push(...(await n.attach(host)));
     if (!hostLink?.flags.includes('UP')) await this.#exec.run('ip', ['link', 'set', host, 'up']);
     if (hostLink && (hostLink.mtu !== n.mtu || !hostLink.flags.includes('UP')))
@@ -410,7 +479,10 @@ export class DhcpManager {
     const conf = renderDnsmasqConfig(n, paths);
     const hosts = renderHostsFile(n.hosts);
     const confChanged = (await readText(paths.conf)) !== conf;
-    const hostsChanged = (await readText(paths.hosts)) !== hosts;
+    const oldHosts = await readText(paths.hosts);
+    const hostsChanged = oldHosts !== hosts;
+    // before the new hosts file replaces the record of the old leases (a crash in between flushes again)
+    changes.push(...(await this.#flushNeighbours(n, ns, oldHosts)));
     if (confChanged) await writeFile(paths.conf, conf, { mode: 0o644 });
     if (hostsChanged) await writeFile(paths.hosts, hosts, { mode: 0o644 });
     let pid = await runningDnsmasq(paths);
@@ -426,6 +498,23 @@ export class DhcpManager {
     } else if (hostsChanged) {
       process.kill(pid, 'SIGHUP');
       changes.push(`dhcp ${n.vni}: reloaded leases (${n.hosts.length} hosts)`);
+    }
+    return changes;
+  }
+
+  /** Deletes the DHCP namespace's neighbour entries that name an old MAC for an address (staleNeighbours). */
+  async #flushNeighbours(n: DhcpNetwork, ns: string, oldHostsText: string | undefined): Promise<string[]> {
+    const known = new Map<string, string>();
+    for (const x of n.neighbours ?? []) known.set(x.ip, x.mac.toLowerCase());
+    for (const h of n.hosts) known.set(h.ip, h.mac.toLowerCase());
+    const released = new Set<string>();
+    for (const [ip, mac] of parseHostsFile(oldHostsText)) if (known.get(ip) !== mac) released.add(ip);
+    const out = (await this.#ns.run('ip', ['-n', ns, '-j', 'neigh', 'show', 'dev', DHCP_NS_DEVICE])).stdout.trim();
+    const entries = out ? (JSON.parse(out) as NeighEntry[]) : [];
+    const changes: string[] = [];
+    for (const ip of staleNeighbours(entries, known, released)) {
+      await this.#ns.run('ip', ['-n', ns, 'neigh', 'del', ip, 'dev', DHCP_NS_DEVICE]).catch(ignoreMissing);
+      changes.push(`dhcp ${n.vni}: flushed the stale neighbour entry of ${ip}`);
     }
     return changes;
   }

@@ -1,7 +1,15 @@
 import { describe, expect, it } from 'vitest';
 import type { PortPlan } from './backend.ts';
 import { dhcpHosts } from './dhcp.ts';
-import { desiredFdb, fdbCommands, networkAlias, vxlanMatches } from './linuxbridge.ts';
+import {
+  desiredFdb,
+  fdbCommands,
+  networkAlias,
+  observedNetworks,
+  parseNetworkAlias,
+  staleDevices,
+  vxlanMatches,
+} from './linuxbridge.ts';
 import type { Link } from './observe.ts';
 
 const Z = '00:00:00:00:00:00';
@@ -67,6 +75,65 @@ describe('adoption checks', () => {
     expect(vxlanMatches(link({ learning: true }), 9, '10.0.0.1', 'eth0')).toBe(false);
     expect(vxlanMatches(link({ id: 10 }), 9, '10.0.0.1', 'eth0')).toBe(false);
     expect(networkAlias({ id: 'u', vni: 9 })).toBe('stratus:net=u,vni=9');
+  });
+});
+
+describe('stale devices', () => {
+  let idx = 10;
+  const l = (ifname: string, o: Partial<Link> & { kind?: string; data?: Record<string, unknown> } = {}): Link => ({
+    ifindex: idx++,
+    ifname,
+    flags: o.flags ?? ['BROADCAST', 'MULTICAST', 'UP'],
+    mtu: o.mtu ?? 1450,
+    ...(o.master ? { master: o.master } : {}),
+    ...(o.ifalias ? { ifalias: o.ifalias } : {}),
+    ...(o.kind ? { linkinfo: { info_kind: o.kind, ...(o.data ? { info_data: o.data } : {}) } } : {}),
+  });
+  const tap = { kind: 'tun', data: { type: 'tap' } };
+  const vx = (vni: number) => ({ kind: 'vxlan', data: { id: vni, port: 4789 } });
+
+  it('removes only devices with the ownership marker that the plan does not have', () => {
+    const links = [
+      l('stt-aaaaaaaaaaa', { ...tap, ifalias: 'stratus:port=a', master: 'stb-7' }), // ours, unused
+      l('stt-bbbbbbbbbbb', { ...tap }), // the prefix but no marker: someone else's tap
+      l('stt-ccccccccccc', { kind: 'veth' }), // a test stand-in
+      l('stt-ddddddddddd', { ...tap, ifalias: 'stratus:port=d' }), // in the plan
+      l('stx-7', { ...vx(7), ifalias: networkAlias({ id: 'n7', vni: 7 }), master: 'stb-7' }),
+      l('stb-7', { kind: 'bridge', ifalias: networkAlias({ id: 'n7', vni: 7 }) }),
+      l('stx-8', { ...vx(8) }), // no marker
+      l('stb-8', { kind: 'bridge', ifalias: 'made by hand' }),
+      l('stb-9', { kind: 'dummy', ifalias: networkAlias({ id: 'n9', vni: 9 }) }), // not a bridge
+    ];
+    expect(staleDevices(links, new Set(['stt-ddddddddddd']))).toEqual({
+      remove: ['stt-aaaaaaaaaaa', 'stx-7', 'stb-7'],
+      kept: [],
+    });
+  });
+
+  it('keeps a tap a process holds open, its bridge and the VXLAN device of that bridge', () => {
+    const alias = networkAlias({ id: 'n7', vni: 7 });
+    const links = [
+      l('stt-aaaaaaaaaaa', { ...tap, ifalias: 'stratus:port=a', master: 'stb-7', flags: ['UP', 'LOWER_UP'] }),
+      l('stx-7', { ...vx(7), ifalias: alias, master: 'stb-7' }),
+      l('std-7', { kind: 'veth', master: 'stb-7' }),
+      l('stb-7', { kind: 'bridge', ifalias: alias }),
+      l('eth9', { kind: 'veth', master: 'stb-5' }), // a foreign device in another stale bridge
+      l('stb-5', { kind: 'bridge', ifalias: networkAlias({ id: 'n5', vni: 5 }) }),
+    ];
+    const r = staleDevices(links, new Set());
+    expect(r.remove).toEqual([]);
+    expect(r.kept.map((k) => k.device).sort()).toEqual(['stb-5', 'stb-7', 'stt-aaaaaaaaaaa', 'stx-7']);
+  });
+
+  it('reads the networks wired on the node from the VXLAN markers', () => {
+    expect(parseNetworkAlias('stratus:net=u-1,vni=9')).toEqual({ id: 'u-1', vni: 9 });
+    expect(parseNetworkAlias('stratus:port=u')).toBeUndefined();
+    const links = [
+      l('stx-9', { ...vx(9), ifalias: networkAlias({ id: 'u-1', vni: 9 }), mtu: 1400 }),
+      l('stx-10', { ...vx(11), ifalias: networkAlias({ id: 'u-2', vni: 10 }) }), // inconsistent: ignored
+      l('stb-9', { kind: 'bridge', ifalias: networkAlias({ id: 'u-1', vni: 9 }) }),
+    ];
+    expect([...observedNetworks(links)]).toEqual([['u-1', { vni: 9, mtu: 1400 }]]);
   });
 });
 

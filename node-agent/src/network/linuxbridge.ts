@@ -66,6 +66,81 @@ export function tapAlias(p: Pick<PortPlan, 'id'>): string {
   return `stratus:port=${p.id}`;
 }
 
+/** The network uid and VNI of a networkAlias() marker, or undefined when the alias is not one. */
+export function parseNetworkAlias(alias: string | undefined): { id: string; vni: number } | undefined {
+  const m = /^stratus:net=([^,]+),vni=(\d+)$/.exec(alias ?? '');
+  return m ? { id: m[1]!, vni: Number(m[2]) } : undefined;
+}
+
+/**
+ * The Stratus devices to delete because the plan no longer has them: only devices the agent can prove it made
+ * (name prefix AND kind AND ownership marker in ifalias) and that nothing uses. A tap with carrier (a process, i.e.
+ * QEMU, holds it open) is kept, and so are the bridge it is attached to and that bridge's VXLAN device: a guest
+ * keeps its network even if the plan lost its port. Order: taps, VXLAN devices, bridges. Pure.
+ */
+export function staleDevices(
+  links: Iterable<Link>,
+  want: ReadonlySet<string>,
+): { remove: string[]; kept: { device: string; reason: string }[] } {
+  const all = [...links];
+  const kept: { device: string; reason: string }[] = [];
+  const taps: string[] = [];
+  const vxlans: Link[] = [];
+  const bridges: Link[] = [];
+  for (const l of all) {
+    if (want.has(l.ifname)) continue;
+    if (l.ifname.startsWith(DEVICE_PREFIX.tap)) {
+      if (!isTap(l) || !l.ifalias?.startsWith('stratus:port=')) continue; // not made by the agent
+      if (l.flags.includes('LOWER_UP')) kept.push({ device: l.ifname, reason: 'a process holds the tap open' });
+      else taps.push(l.ifname);
+    } else if (l.ifname.startsWith(DEVICE_PREFIX.vxlan)) {
+      if (vxlanData(l) && parseNetworkAlias(l.ifalias)) vxlans.push(l);
+    } else if (l.ifname.startsWith(DEVICE_PREFIX.bridge)) {
+      if (l.linkinfo?.info_kind === 'bridge' && parseNetworkAlias(l.ifalias)) bridges.push(l);
+    }
+  }
+  const removing = new Set([...taps, ...vxlans.map((l) => l.ifname)]);
+  // a bridge stays while a device it does not own (a kept tap, a foreign device) is attached to it
+  const busy = new Set(
+    all
+      .filter(
+        (l) =>
+          l.master &&
+          !removing.has(l.ifname) &&
+          !l.ifname.startsWith(DEVICE_PREFIX.vxlan) &&
+          !l.ifname.startsWith(DEVICE_PREFIX.dhcp),
+      )
+      .map((l) => l.master!),
+  );
+  const keptBridges = new Set<string>();
+  for (const b of bridges) {
+    if (busy.has(b.ifname)) {
+      keptBridges.add(b.ifname);
+      kept.push({ device: b.ifname, reason: 'devices are still attached to it' });
+    }
+  }
+  const remove = [...taps];
+  for (const v of vxlans) {
+    if (v.master && keptBridges.has(v.master))
+      kept.push({ device: v.ifname, reason: `its bridge ${v.master} is kept` });
+    else remove.push(v.ifname);
+  }
+  for (const b of bridges) if (!keptBridges.has(b.ifname)) remove.push(b.ifname);
+  return { remove, kept };
+}
+
+/** The networks wired on the node, by uid, from the VXLAN devices' ownership markers (VNI and MTU). Pure. */
+export function observedNetworks(links: Iterable<Link>): Map<string, { vni: number; mtu: number }> {
+  const out = new Map<string, { vni: number; mtu: number }>();
+  for (const l of links) {
+    if (!l.ifname.startsWith(DEVICE_PREFIX.vxlan)) continue;
+    const a = parseNetworkAlias(l.ifalias);
+    const d = vxlanData(l);
+    if (a && d && d.id === a.vni) out.set(a.id, { vni: a.vni, mtu: l.mtu });
+  }
+  return out;
+}
+
 /** Desired VXLAN FDB entries of a network: flood entries per peer (HER) and unicast entries per remote port. Pure. */
 export function desiredFdb(n: Pick<NetworkPlan, 'peers' | 'remotePorts'>, hostIP: string): Map<string, string[]> {
   const out = new Map<string, string[]>();
@@ -159,6 +234,10 @@ export class LinuxBridgeBackend implements NetworkBackend {
     if (this.#sgUnavailable) this.#log?.error(this.#sgUnavailable);
   }
 
+  async observeNetworks(): Promise<Map<string, { vni: number; mtu: number }>> {
+    return observedNetworks((await this.#links()).values());
+  }
+
   async close(): Promise<void> {
     // nothing runs in the background; dnsmasq keeps serving leases across agent restarts
   }
@@ -193,17 +272,15 @@ export class LinuxBridgeBackend implements NetworkBackend {
       ...wantPorts.map((p) => p.device),
     ]);
 
-    // 1. remove stale devices first (frees VNIs and names): taps, then VXLAN devices, then bridges
-    for (const prefix of [DEVICE_PREFIX.tap, DEVICE_PREFIX.vxlan, DEVICE_PREFIX.bridge]) {
-      for (const l of links.values()) {
-        if (!l.ifname.startsWith(prefix) || wantDevices.has(l.ifname)) continue;
-        if (prefix === DEVICE_PREFIX.tap && !isTap(l)) continue; // a device we did not make (test stand-in)
-        try {
-          await this.#run('ip', ['link', 'del', l.ifname], changes, `deleted stale ${l.ifname}`);
-          links.delete(l.ifname);
-        } catch (e) {
-          this.#log?.warn({ device: l.ifname, err: (e as Error).message }, 'could not delete stale device');
-        }
+    // 1. remove stale devices first (frees VNIs and names): only our own, unused ones (marker and plan)
+    const stale = staleDevices(links.values(), wantDevices);
+    for (const k of stale.kept) this.#log?.warn(k, 'kept a device the plan no longer has');
+    for (const dev of stale.remove) {
+      try {
+        await this.#run('ip', ['link', 'del', dev], changes, `deleted stale ${dev}`);
+        links.delete(dev);
+      } catch (e) {
+        this.#log?.warn({ device: dev, err: (e as Error).message }, 'could not delete stale device');
       }
     }
 

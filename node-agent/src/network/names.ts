@@ -1,8 +1,8 @@
 // Names of the host devices the network backends own. Linux limits interface names to 15 characters (IFNAMSIZ - 1);
-// every name is a 4-character Stratus prefix plus an id, so a backend recognises its own devices by prefix and
-// removes only those (the way Neutron's agents use tap/brq/vxlan-).
+// every name is a 4-character Stratus prefix plus an id (the way Neutron's agents use tap/brq/vxlan-). The prefix
+// alone does not prove ownership: a backend removes only devices that also carry its ifalias marker.
 
-/** Prefixes of every device kind; a device with one of these prefixes belongs to Stratus. */
+/** Prefixes of every device kind (ownership also needs the device's ifalias marker, see the backends). */
 export const DEVICE_PREFIX = {
   /** VM tap (Neutron tap<port11>). */
   tap: 'stt-',
@@ -38,7 +38,7 @@ export function vxlanName(vni: number): string {
   return `${DEVICE_PREFIX.vxlan}${vni}`;
 }
 
-/** Whether a device name belongs to Stratus. */
+/** Whether a device name has a Stratus prefix (not proof of ownership: see the ifalias markers). */
 export function isStratusDevice(name: string): boolean {
   return Object.values(DEVICE_PREFIX).some((p) => name.startsWith(p));
 }

@@ -9,6 +9,7 @@ import {
   hybridNames,
   type Observed,
   type ObservedOvsPort,
+  observedOvsNetworks,
   planApply,
   planUnderlayMove,
   tunnelName,
@@ -131,19 +132,23 @@ describe('OVS backend planning', () => {
     expect(text.some((t) => t.includes('stt-other') || t.includes('eth0'))).toBe(false);
   });
 
-  it('removes stale Stratus ports and devices, but not a veth named like a tap', () => {
+  it('removes only stale ports and devices with the ownership marker, never by name prefix alone', () => {
+    const mark = { alias: 'stratus:port=deadbeef' };
     const obs: Observed = {
       bridges: [],
       ports: [
         ovsPort({ name: 'stn-00000000000', externalIds: { [EXT.kind]: 'tunnel' }, options: { remote_ip: '10.0.0.9' } }),
+        ovsPort({ name: 'sto-foreign0000' }), // our prefix, no marker: someone else's
         ovsPort({ name: 'other' }),
       ],
       links: [
-        { name: 'stq-deadbeef000', kind: 'bridge', mtu: 1450, up: true },
-        { name: 'stv-deadbeef000', kind: 'veth', peer: 'sto-deadbeef000', mtu: 1450, up: true },
-        { name: 'sto-deadbeef000', kind: 'veth', peer: 'stv-deadbeef000', mtu: 1450, up: true },
-        { name: 'stt-deadbeef000', kind: 'tun', mtu: 1450, up: true },
+        { name: 'stq-deadbeef000', kind: 'bridge', mtu: 1450, up: true, ...mark },
+        { name: 'stv-deadbeef000', kind: 'veth', peer: 'sto-deadbeef000', mtu: 1450, up: true, ...mark },
+        { name: 'sto-deadbeef000', kind: 'veth', peer: 'stv-deadbeef000', mtu: 1450, up: true, ...mark },
+        { name: 'stt-deadbeef000', kind: 'tun', mtu: 1450, up: true, ...mark },
         { name: 'stt-standin0000', kind: 'veth', mtu: 1450, up: true },
+        { name: 'stt-unmarked000', kind: 'tun', mtu: 1450, up: true }, // a tap another tool made
+        { name: 'stq-unmarked000', kind: 'bridge', mtu: 1450, up: true },
       ],
     };
     const text = planApply(plan({ networks: [], ports: [] }), obs, cfg).steps.map((s) => [s.cmd, ...s.args].join(' '));
@@ -152,6 +157,35 @@ describe('OVS backend planning', () => {
       'ip link del dev stq-deadbeef000',
       'ip link del dev stv-deadbeef000',
       'ip link del dev stt-deadbeef000',
+    ]);
+  });
+
+  it('keeps the whole plug of a tap a process still holds open, even when the plan lost its port', () => {
+    const mark = { alias: 'stratus:port=deadbeef' };
+    const obs: Observed = {
+      bridges: [],
+      ports: [ovsPort({ name: 'sto-deadbeef000', externalIds: { [EXT.kind]: 'vif' } })],
+      links: [
+        { name: 'stq-deadbeef000', kind: 'bridge', mtu: 1450, up: true, ...mark },
+        { name: 'stv-deadbeef000', kind: 'veth', peer: 'sto-deadbeef000', mtu: 1450, up: true, ...mark },
+        { name: 'sto-deadbeef000', kind: 'veth', peer: 'stv-deadbeef000', mtu: 1450, up: true, ...mark },
+        { name: 'stt-deadbeef000', kind: 'tun', mtu: 1450, up: true, carrier: true, ...mark },
+      ],
+    };
+    expect(planApply(plan({ networks: [], ports: [] }), obs, cfg).steps).toEqual([]);
+  });
+
+  it('reads the networks wired on the node from the marked br-int ports (after an agent restart)', () => {
+    const ports = [
+      ovsPort({ name: 'stn-aaaaaaaaaaa', externalIds: { [EXT.kind]: 'tunnel', [EXT.net]: 'n1', [EXT.vni]: '100' } }),
+      ovsPort({ name: 'sto-aaaaaaaaaaa', externalIds: { [EXT.kind]: 'vif', [EXT.net]: 'n1' }, mtuRequest: 1450 }),
+      ovsPort({ name: 'std-200', externalIds: { [EXT.kind]: 'dhcp', [EXT.net]: 'n2' }, mtuRequest: 1400 }),
+      ovsPort({ name: 'sto-bbbbbbbbbbb', externalIds: { [EXT.kind]: 'vif', [EXT.net]: 'n3' }, mtuRequest: 1450 }), // no VNI
+      ovsPort({ name: 'sto-foreign0000', mtuRequest: 1450 }), // not ours
+    ];
+    expect([...observedOvsNetworks(ports)]).toEqual([
+      ['n1', { vni: 100, mtu: 1450 }],
+      ['n2', { vni: 200, mtu: 1400 }],
     ]);
   });
 
@@ -194,9 +228,18 @@ describe('OVS backend planning', () => {
           forwardDelay: 0,
           nfCall: true,
         },
-        { name: h.qvb, kind: 'veth', peer: h.qvo, master: h.qbr, mtu: 1450, up: true, txChecksum: false },
-        { name: h.qvo, kind: 'veth', peer: h.qvb, mtu: 1450, up: true },
-        { name: tapName(PORT), kind: 'tun', master: h.qbr, mtu: 1450, up: true },
+        {
+          name: h.qvb,
+          kind: 'veth',
+          peer: h.qvo,
+          master: h.qbr,
+          mtu: 1450,
+          up: true,
+          txChecksum: false,
+          alias: `stratus:port=${PORT}`,
+        },
+        { name: h.qvo, kind: 'veth', peer: h.qvb, mtu: 1450, up: true, alias: `stratus:port=${PORT}` },
+        { name: tapName(PORT), kind: 'tun', master: h.qbr, mtu: 1450, up: true, alias: `stratus:port=${PORT}` },
       ],
     };
     expect(planApply(plan(), obs, cfg).steps).toEqual([]);
@@ -205,7 +248,7 @@ describe('OVS backend planning', () => {
     drifted.links[3]!.mtu = 1500;
     const text = planApply(plan(), drifted, cfg).steps.map((s) => [s.cmd, ...s.args].join(' '));
     expect(text).toEqual([
-      `ip link set dev ${tapName(PORT)} master ${h.qbr} mtu 1450 up`,
+      `ip link set dev ${tapName(PORT)} master ${h.qbr} mtu 1450 alias stratus:port=${PORT} up`,
       `ovs-vsctl set Port ${h.qvo} tag=1`,
     ]);
   });

@@ -119,6 +119,8 @@ export interface ObservedLink {
   mtu: number;
   /** Administratively up. */
   up: boolean;
+  /** Carrier (LOWER_UP): for a tap, a process (QEMU) holds it open. */
+  carrier?: boolean;
   alias?: string;
   /** veth peer name when the peer is in the same namespace. */
   peer?: string;
@@ -194,6 +196,7 @@ export function parseLinks(json: string): ObservedLink[] {
     master: l.master,
     mtu: l.mtu,
     up: (l.flags ?? []).includes('UP'),
+    carrier: (l.flags ?? []).includes('LOWER_UP'),
     alias: l.ifalias,
     peer: l.linkinfo?.info_kind === 'veth' ? l.link : undefined,
     stpState: l.linkinfo?.info_data?.stp_state,
@@ -393,14 +396,53 @@ export function ovsPortCommands(
   return cmds;
 }
 
-/** Whether a br-int port belongs to Stratus (marker or name prefix). */
+/** Whether a br-int port belongs to Stratus: its ownership marker (external_ids), never its name alone. */
 export function isStratusOvsPort(p: ObservedOvsPort): boolean {
-  return (
-    p.externalIds[EXT.kind] !== undefined ||
-    p.name.startsWith(TUNNEL_PREFIX) ||
-    p.name.startsWith(DEVICE_PREFIX.hybridOvsPort) ||
-    p.name.startsWith(DEVICE_PREFIX.dhcp)
-  );
+  return p.externalIds[EXT.kind] !== undefined;
+}
+
+/**
+ * The networks wired on the node, by uid, from br-int's marked ports: the VNI from a tunnel port (`stratus-vni`) or
+ * the DHCP port's name (`std-<vni>`), the MTU from a VIF port's `mtu_request`. Networks whose VNI or MTU cannot be
+ * read are left out. Pure.
+ */
+export function observedOvsNetworks(ports: readonly ObservedOvsPort[]): Map<string, { vni: number; mtu: number }> {
+  const vnis = new Map<string, number>();
+  const mtus = new Map<string, number>();
+  for (const p of ports) {
+    const net = p.externalIds[EXT.net];
+    if (!net) continue;
+    const kind = p.externalIds[EXT.kind];
+    if (kind === 'tunnel' && /^\d+$/.test(p.externalIds[EXT.vni] ?? '')) vnis.set(net, Number(p.externalIds[EXT.vni]));
+    if (
+      kind === 'dhcp' &&
+      p.name.startsWith(DEVICE_PREFIX.dhcp) &&
+      /^\d+$/.test(p.name.slice(DEVICE_PREFIX.dhcp.length))
+    )
+      vnis.set(net, Number(p.name.slice(DEVICE_PREFIX.dhcp.length)));
+    if ((kind === 'vif' || kind === 'dhcp') && p.mtuRequest) mtus.set(net, p.mtuRequest);
+  }
+  const out = new Map<string, { vni: number; mtu: number }>();
+  for (const [net, vni] of vnis) {
+    const mtu = mtus.get(net);
+    if (vni > 0 && mtu) out.set(net, { vni, mtu });
+  }
+  return out;
+}
+
+/** ifalias ownership marker of the devices of a port (tap, per-port bridge, veth ends). */
+export function portDeviceAlias(portId: string): string {
+  return `stratus:port=${portId}`;
+}
+
+/** Whether a link is a device of the hybrid plug or a tap that the agent made (name prefix, kind and marker). */
+function isOwnDevice(l: ObservedLink): boolean {
+  const p = DEVICE_PREFIX;
+  const kindOk =
+    (l.name.startsWith(p.hybridBridge) && l.kind === 'bridge') ||
+    ((l.name.startsWith(p.hybridBridgePort) || l.name.startsWith(p.hybridOvsPort)) && l.kind === 'veth') ||
+    (l.name.startsWith(p.tap) && l.kind === 'tun');
+  return kindOk && !!l.alias?.startsWith('stratus:port=');
 }
 
 export interface ApplyPlan {
@@ -496,22 +538,27 @@ export function planApply(plan: NodeNetworkPlan, obs: Observed, cfg: PlanConfig)
     });
   }
 
-  // 1. Stale OVS ports on the integration bridge (before their devices go).
+  // Taps the plan lost that a process (QEMU) still holds open: they keep their whole plug (per-port bridge, veth,
+  // br-int port), so a guest never loses its NIC because of a transient plan.
+  const inUse = new Set(
+    obs.links
+      .filter((l) => !desiredLinks.has(l.name) && l.name.startsWith(DEVICE_PREFIX.tap) && isOwnDevice(l) && l.carrier)
+      .map((l) => l.name.slice(DEVICE_PREFIX.tap.length)),
+  );
+  const heldOpen = (name: string) => inUse.has(name.slice(DEVICE_PREFIX.tap.length));
+  // 1. Stale OVS ports on the integration bridge (before their devices go): only ports with our marker.
   for (const o of obs.ports) {
     if (o.bridge !== br || !isStratusOvsPort(o) || desiredOvs.has(o.name) || keep.has(o.name)) continue;
+    if (o.externalIds[EXT.kind] === 'vif' && heldOpen(o.name)) continue;
     const what = o.externalIds[EXT.kind] === 'tunnel' ? `tunnel to ${o.options.remote_ip ?? '?'}` : 'port';
     vs([['--if-exists', 'del-port', br, o.name]], `${br}: removed stale ${what} ${o.name}`);
   }
-  // 2. Stale hybrid-plug devices and taps (only taps: a VM stand-in veth named like a tap is not ours).
+  // 2. Stale hybrid-plug devices and taps: only devices with our marker (a VM stand-in veth named like a tap, or a
+  // device someone else made with our prefix, is not ours), and none of a tap still held open.
   const gone = new Set<string>();
   for (const l of obs.links) {
     if (desiredLinks.has(l.name) || gone.has(l.name)) continue;
-    const p = DEVICE_PREFIX;
-    const ours =
-      (l.name.startsWith(p.hybridBridge) && l.kind === 'bridge') ||
-      ((l.name.startsWith(p.hybridBridgePort) || l.name.startsWith(p.hybridOvsPort)) && l.kind === 'veth') ||
-      (l.name.startsWith(p.tap) && l.kind === 'tun');
-    if (!ours) continue;
+    if (!isOwnDevice(l) || heldOpen(l.name)) continue;
     ip(['link', 'del', 'dev', l.name], `removed stale device ${l.name}`);
     gone.add(l.name);
     if (l.peer) gone.add(l.peer);
@@ -551,7 +598,7 @@ export function planApply(plan: NodeNetworkPlan, obs: Observed, cfg: PlanConfig)
         p.id,
       );
     }
-    const alias = `stratus:port=${p.id}`;
+    const alias = portDeviceAlias(p.id);
     const b = bridgeOk ? bridge : undefined;
     if (!b?.up || b.mtu !== n.mtu || b.alias !== alias) {
       ip(['link', 'set', 'dev', qbr, 'mtu', mtu, 'alias', alias, 'up'], `${label}: ${qbr} mtu ${mtu} up`, p.id);
@@ -568,17 +615,30 @@ export function planApply(plan: NodeNetworkPlan, obs: Observed, cfg: PlanConfig)
         p.id,
       );
     }
-    const setMember = (dev: string, l: ObservedLink | undefined, master?: string) => {
-      if (l?.up && l.mtu === n.mtu && (master === undefined || l.master === master)) return;
+    // every device the agent makes carries the port's marker (stale removal requires it); a device with the tap's
+    // name that the agent did not make (a VM stand-in) is used as is and not marked
+    const setMember = (dev: string, l: ObservedLink | undefined, master: string | undefined, mark: boolean) => {
+      const aliasOk = !mark || l?.alias === alias;
+      if (l?.up && l.mtu === n.mtu && (master === undefined || l.master === master) && aliasOk) return;
       ip(
-        ['link', 'set', 'dev', dev, ...(master ? ['master', master] : []), 'mtu', mtu, 'up'],
+        [
+          'link',
+          'set',
+          'dev',
+          dev,
+          ...(master ? ['master', master] : []),
+          'mtu',
+          mtu,
+          ...(mark ? ['alias', alias] : []),
+          'up',
+        ],
         `${label}: ${dev}${master ? ` in ${master}` : ''} mtu ${mtu} up`,
         p.id,
       );
     };
-    setMember(qvb, vethOk ? vb : undefined, qbr);
-    setMember(qvo, vethOk ? vo : undefined);
-    setMember(p.device, tap, qbr);
+    setMember(qvb, vethOk ? vb : undefined, qbr, true);
+    setMember(qvo, vethOk ? vo : undefined, undefined, true);
+    setMember(p.device, tap, qbr, !tap || tap.kind === 'tun');
     if (cfg.datapathType === 'netdev' && (!vethOk || vb.txChecksum !== false)) {
       steps.push({
         cmd: 'ethtool',
@@ -930,6 +990,10 @@ export class OvsBackend implements NetworkBackend {
       }
     }
     return changes;
+  }
+
+  async observeNetworks(): Promise<Map<string, { vni: number; mtu: number }>> {
+    return observedOvsNetworks((await this.observe()).ports);
   }
 
   async close(): Promise<void> {}

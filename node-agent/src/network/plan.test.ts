@@ -218,6 +218,94 @@ describe('buildPlan: local ports', () => {
   });
 });
 
+describe('buildPlan: transient states keep running guests wired', () => {
+  const deleting = (p: PortObj): PortObj => ({
+    ...p,
+    metadata: { ...p.metadata, deletionTimestamp: new Date('2026-01-01T00:00:00Z') },
+  });
+  const web = server('web', [{ network: 'net' }]);
+
+  it('a port being deleted that its server still uses stays wired when it was wired here', () => {
+    const before = buildPlan(input({ servers: [web], ports: [port('web-0', { server: 'web' })] }));
+    expect(before.plan.ports).toHaveLength(1);
+    const gone = deleting(port('web-0', { server: 'web' }));
+    const after = buildPlan(input({ servers: [web], ports: [gone], previous: before.plan }));
+    expect(after.plan).toEqual(before.plan);
+    // after an agent restart (no previous plan) the binding to this node says it was wired here
+    const bound = deleting(port('web-0', { server: 'web', host: NODE }));
+    expect(buildPlan(input({ servers: [web], ports: [bound] })).plan.ports.map((p) => p.name)).toEqual(['web-0']);
+    // never wired here: not wired anew
+    const fresh = buildPlan(input({ servers: [web], ports: [gone] }));
+    expect(fresh.plan.ports).toEqual([]);
+    expect(fresh.servers.get(`${NS}/web`)?.entries[0]?.waiting).toMatch(/being deleted/);
+    // released by the server (device label removed): unwired
+    const released = deleting(port('web-0', {}));
+    expect(buildPlan(input({ servers: [web], ports: [released], previous: before.plan })).plan.ports).toEqual([]);
+  });
+
+  it('a port being deleted stays a member of its security groups while a server uses it', () => {
+    const peer = deleting(
+      port('peer', {
+        server: 'other',
+        host: 'n2',
+        mac: 'fa:16:3e:00:00:09',
+        ips: [{ subnet: 'v4', ipAddress: '10.0.0.9' }],
+      }),
+    );
+    const r = buildPlan(input({ servers: [web], ports: [port('web-0', { server: 'web' }), peer] }));
+    expect(r.plan.securityGroups[0]?.memberIPs).toContain('10.0.0.9');
+    const released = deleting(port('peer', { host: 'n2', ips: [{ subnet: 'v4', ipAddress: '10.0.0.9' }] }));
+    const r2 = buildPlan(input({ servers: [web], ports: [port('web-0', { server: 'web' }), released] }));
+    expect(r2.plan.securityGroups[0]?.memberIPs).not.toContain('10.0.0.9');
+  });
+
+  it('a port wired here whose status lost its MAC, addresses or Ready keeps what it was wired with', () => {
+    const before = buildPlan(input({ servers: [web], ports: [port('web-0', { server: 'web' })] }));
+    const lost = deleting(port('web-0', { server: 'web', ready: false }));
+    const r = buildPlan(input({ servers: [web], ports: [lost], previous: before.plan }));
+    expect(r.plan).toEqual(before.plan);
+    // never wired here: it waits
+    expect(
+      buildPlan(input({ servers: [web], ports: [port('web-0', { server: 'web', ready: false })] })).plan.ports,
+    ).toEqual([]);
+  });
+
+  it('a network being deleted, or whose status lost its segmentation id, MTU and subnets, keeps its wiring', () => {
+    const ports = [port('web-0', { server: 'web' })];
+    const before = buildPlan(input({ servers: [web], ports }));
+    expect(before.plan.networks[0]).toMatchObject({ vni: 100, mtu: 1450 });
+    const nic = serverNics(before.servers.get(`${NS}/web`)!, () => ({ ready: true }));
+    const net = network('net');
+    const variants: NetworkObj[] = [
+      { ...net, metadata: { ...net.metadata, deletionTimestamp: new Date('2026-01-01T00:00:00Z') } },
+      // the operator's NetworkInUse write that dropped every field but the conditions
+      { ...net, metadata: { ...net.metadata, deletionTimestamp: new Date() }, status: { conditions: [] } },
+      { ...net, status: { mtu: 1450, subnets: net.status?.subnets ?? [] } },
+      { ...net, status: { segmentationID: 100, mtu: 1450 } },
+    ];
+    for (const n of variants) {
+      const r = buildPlan(input({ servers: [web], ports, networks: [n], previous: before.plan }));
+      expect(r.plan).toEqual(before.plan);
+      expect(serverNics(r.servers.get(`${NS}/web`)!, () => ({ ready: true }))).toEqual(nic);
+      // and it stays so while the status stays incomplete (the previous plan carries the last good values)
+      expect(buildPlan(input({ servers: [web], ports, networks: [n], previous: r.plan })).plan).toEqual(before.plan);
+    }
+    // after a restart: what the backend observed on the node (the VXLAN id and MTU of the network's devices)
+    const observed = new Map([['uid-net-net', { vni: 100, mtu: 1450 }]]);
+    const r = buildPlan(input({ servers: [web], ports, networks: [{ ...net, status: {} }], observed }));
+    expect(r.plan.networks[0]).toMatchObject({ id: 'uid-net-net', vni: 100, mtu: 1450 });
+    expect(r.plan.ports.map((p) => p.name)).toEqual(['web-0']);
+    // a complete status wins over the previous plan (a real change of MTU)
+    const changed = network('net', { status: { ...net.status, mtu: 1400 } });
+    expect(
+      buildPlan(input({ servers: [web], ports, networks: [changed], previous: before.plan })).plan.networks[0]?.mtu,
+    ).toBe(1400);
+    // nothing known: the port waits as before
+    const none = buildPlan(input({ servers: [web], ports, networks: [{ ...net, status: {} }] }));
+    expect(none.plan.ports).toEqual([]);
+  });
+});
+
 describe('buildPlan: remote view', () => {
   it('peers and remote ports are the other nodes binding ports of the same network', () => {
     const r = buildPlan(

@@ -11,6 +11,11 @@
 //    status.bindingHost is another node with a known underlay address.
 //  - Security groups of a port: spec.securityGroups ?? ['default'] (none without port security), by name in the
 //    port's namespace; members of a group are all ports of the namespace that use it, on any node.
+//  - Transient states never unwire a running guest: a Port being deleted stays wired while its server still claims
+//    it (device label) and it was wired here (in the previous plan, or bound to this node); a Network whose status
+//    temporarily lacks its segmentation id, MTU or subnets (being deleted, a partial status write) keeps the last
+//    values this node wired (the previous plan, else what the backend observed on the node); so does a Port wired
+//    here whose status lost its MAC, addresses or Ready condition.
 import { isIP } from 'node:net';
 import type { KubernetesObject } from '@kubernetes/client-node';
 import { parseCidr } from '../../../operator/src/api/meta.ts';
@@ -110,6 +115,10 @@ export interface PlanInput {
   ports: readonly PortObj[];
   securityGroups: readonly SecurityGroupObj[];
   hypervisors: readonly HypervisorObj[];
+  /** The plan built before (the last good segmentation id, MTU and subnets of networks wired here; wired ports). */
+  previous?: NodeNetworkPlan;
+  /** Networks the backend found wired on the node (by network uid), for when there is no previous plan yet. */
+  observed?: ReadonlyMap<string, { vni: number; mtu: number }>;
 }
 
 /** One spec.networks entry of a local server. */
@@ -197,9 +206,12 @@ export function portWaitReason(
   port: PortObj | undefined,
   network: NetworkObj | undefined,
   serverName: string,
+  wiredHere = false,
 ): string | undefined {
   if (!port) return `port ${portName} does not exist yet`;
-  if (port.metadata?.deletionTimestamp) return `port ${portName} is being deleted`;
+  // A port being deleted that its server still uses keeps its wiring (the operator keeps it with PortInUse until
+  // the server releases it); it is not wired anew.
+  if (port.metadata?.deletionTimestamp && !wiredHere) return `port ${portName} is being deleted`;
   const device = port.metadata?.labels?.[PORT_DEVICE_LABEL];
   if (device !== serverName) {
     return device
@@ -217,11 +229,83 @@ export function portWaitReason(
   return undefined;
 }
 
+/** Whether a Network status holds everything the data plane needs (segmentation id, MTU, subnets). */
+function statusComplete(n: NetworkObj): boolean {
+  const st = n.status;
+  return !!st?.segmentationID && !!st.mtu && (st.subnets !== undefined || (n.spec?.subnets ?? []).length === 0);
+}
+
+/**
+ * The network as the plan uses it: when its status lacks the segmentation id, MTU or subnets (a network being
+ * deleted, a partial status write), the last values this node wired fill the gap (the previous plan, else the
+ * backend's observation), so a transient status never unwires running guests. A complete status is used as is.
+ */
+export function effectiveNetwork(
+  n: NetworkObj,
+  previous: NodeNetworkPlan | undefined,
+  observed: ReadonlyMap<string, { vni: number; mtu: number }> | undefined,
+): NetworkObj {
+  if (statusComplete(n)) return n;
+  const uid = n.metadata?.uid ?? '';
+  const prev = previous?.networks.find((x) => x.id === uid);
+  const seen = observed?.get(uid);
+  const st = n.status ?? {};
+  const vni = st.segmentationID || prev?.vni || seen?.vni;
+  const mtu = st.mtu || prev?.mtu || seen?.mtu;
+  const subnets =
+    st.subnets ??
+    prev?.subnets.map((s) => ({
+      name: s.name,
+      cidr: s.cidr,
+      ipVersion: s.ipVersion,
+      ...(s.gatewayIP ? { gatewayIP: s.gatewayIP } : {}),
+      ...(s.dhcpAddress ? { dhcpAddress: s.dhcpAddress } : {}),
+    }));
+  return {
+    ...n,
+    status: {
+      ...st,
+      ...(vni ? { segmentationID: vni } : {}),
+      ...(mtu ? { mtu } : {}),
+      ...(subnets ? { subnets } : {}),
+    },
+  };
+}
+
+/**
+ * The port as the plan uses it: a port wired here before (in the previous plan) whose status transiently lacks its
+ * MAC, fixed IPs or Ready condition keeps the MAC and addresses it was wired with. A complete status is used as is.
+ */
+export function effectivePort(p: PortObj, previous: NodeNetworkPlan | undefined): PortObj {
+  const st = p.status ?? {};
+  if (condTrue(st.conditions, PORT_READY) && st.macAddress && st.fixedIPs) return p;
+  const prev = previous?.ports.find((x) => x.id === p.metadata?.uid);
+  if (!prev) return p;
+  return {
+    ...p,
+    status: {
+      ...st,
+      macAddress: st.macAddress || prev.mac,
+      fixedIPs: st.fixedIPs ?? prev.fixedIPs.map((f) => ({ subnet: f.subnet, ipAddress: f.ipAddress })),
+      conditions: [...(st.conditions ?? []).filter((c) => c.type !== PORT_READY), { type: PORT_READY, status: 'True' }],
+    },
+  };
+}
+
 /** Builds the node's plan and the per-server view of its ports. */
 export function buildPlan(input: PlanInput): PlanResult {
   const problems: string[] = [];
-  const networks = new Map(input.networks.map((n) => [key(n.metadata?.namespace, n.metadata?.name), n]));
-  const ports = new Map(input.ports.map((p) => [key(p.metadata?.namespace, p.metadata?.name), p]));
+  const networks = new Map(
+    input.networks.map((n) => [
+      key(n.metadata?.namespace, n.metadata?.name),
+      effectiveNetwork(n, input.previous, input.observed),
+    ]),
+  );
+  const wiredBefore = new Set(input.previous?.ports.map((p) => p.id));
+  const wiredHere = (p: PortObj | undefined) =>
+    !!p && (wiredBefore.has(p.metadata?.uid ?? '') || p.status?.bindingHost === input.nodeName);
+  const allPorts = input.ports.map((p) => effectivePort(p, input.previous));
+  const ports = new Map(allPorts.map((p) => [key(p.metadata?.namespace, p.metadata?.name), p]));
   const groups = new Map(input.securityGroups.map((g) => [key(g.metadata?.namespace, g.metadata?.name), g]));
   const hostIPs = new Map<string, string>();
   for (const h of input.hypervisors) {
@@ -247,7 +331,7 @@ export function buildPlan(input: PlanInput): PlanResult {
       const portName = n.port ?? serverPortName(name, index);
       const port = ports.get(key(ns, portName));
       const network = port && networkOf(port);
-      const waiting = portWaitReason(portName, port, network, name);
+      const waiting = portWaitReason(portName, port, network, name, wiredHere(port));
       const e: ServerPortEntry = { index, portName };
       if (port) e.port = port;
       if (network) e.network = network;
@@ -270,8 +354,9 @@ export function buildPlan(input: PlanInput): PlanResult {
 
   // 2. security groups: members (cluster-wide, per namespace) and the groups local ports need
   const members = new Map<string, Set<string>>(); // group key -> addresses
-  for (const p of input.ports) {
-    if (p.metadata?.deletionTimestamp) continue;
+  for (const p of allPorts) {
+    // a port being deleted stays a member while a server still uses it (its guest still sends from its addresses)
+    if (p.metadata?.deletionTimestamp && !p.metadata.labels?.[PORT_DEVICE_LABEL]) continue;
     const addrs = portAddresses(p);
     if (addrs.length === 0) continue;
     for (const g of effectiveGroups(p, networkOf(p))) {
@@ -367,7 +452,7 @@ export function buildPlan(input: PlanInput): PlanResult {
     const ns = n.metadata?.namespace;
     const peers = new Set<string>();
     const remotePorts: RemotePortPlan[] = [];
-    for (const p of input.ports) {
+    for (const p of allPorts) {
       if (p.metadata?.namespace !== ns || p.spec?.network !== n.metadata?.name) continue;
       // A port wired here is local even while its binding still names its previous node (a migration or resize to
       // this node, before the old agent unbinds it): no FDB entry or flood peer sends its traffic there.

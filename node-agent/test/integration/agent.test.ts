@@ -340,13 +340,74 @@ describe('node agent (fake driver) against kube-apiserver', () => {
     expect(await driver.state(fixed.metadata!.uid!)).toMatchObject({ powerState: 'RUNNING' });
   });
 
-  it('a server rebound to another node loses its guest here', async () => {
+  it('a changed node label alone keeps the guest (Event, Placement condition); a recorded move removes it', async () => {
     const s = await getServer('broken');
     const id = s.metadata!.uid!;
+    // count the orphan sweeps that complete from now on (the settle signal of the "nothing destroyed" check)
+    const destroys = () => driver.calls.filter((c) => c.op === 'destroy' && c.id === id).length;
+    const destroyed = destroys();
+    const compute = agent.agent.compute;
+    const sweep = compute.sweepOrphans.bind(compute);
+    let sweeps = 0;
+    compute.sweepOrphans = async () => {
+      const n = await sweep();
+      sweeps++;
+      return n;
+    };
     await patchServer('broken', { metadata: { labels: { [SERVER_NODE_LABEL]: 'elsewhere' } } });
+    const kept = await waitServer(
+      'broken',
+      'Placement False NodeLabelMismatch',
+      (x) => condition(x, 'Placement')?.reason === 'NodeLabelMismatch',
+    );
+    expect(condition(kept, 'Placement')).toMatchObject({ status: 'False' });
+    expect(condition(kept, 'Placement')?.message).toMatch(/names elsewhere .* no move away from/);
+    await waitFor('a NodeLabelMismatch Event', async () =>
+      (await events('broken')).some((e) => e.reason === 'NodeLabelMismatch' && e.type === 'Warning'),
+    );
+    // orphan sweeps (every second, grace 1 s): the first starts the grace, a later one reads the server and keeps it
+    await waitFor('three orphan sweeps', async () => sweeps >= 3);
+    compute.sweepOrphans = sweep;
+    expect(await driver.state(id)).toMatchObject({ powerState: 'RUNNING' });
+    expect(destroys()).toBe(destroyed);
+
+    // the operator records a move away from this node: only now is the guest removed here
+    await updateStatus(client, SERVERS, await getServer('broken'), (st) => ({
+      ...st,
+      node: 'elsewhere',
+      taskState: 'resize_migrated',
+      actions: [
+        ...((st.actions as unknown[]) ?? []),
+        {
+          action: 'migrate',
+          startTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
+          result: 'InProgress',
+          message: `${NODE} -> elsewhere`,
+        },
+      ],
+    }));
     await waitFor('guest destroyed', async () => (await driver.state(id)) === undefined);
     // the finalizer is node-agnostic: the agent of the new node owns it now
     expect((await getServer('broken')).metadata?.finalizers).toContain(GUEST_FINALIZER);
+  });
+
+  it('a relabelled server that is then deleted loses its guest', async () => {
+    const s = await createAndBind('relabel');
+    const running = await waitServer('relabel', 'ACTIVE', (x) => x.status?.status === 'ACTIVE');
+    const id = running.metadata!.uid!;
+    expect(s.metadata?.uid).toBe(id);
+    await patchServer('relabel', { metadata: { labels: { [SERVER_NODE_LABEL]: 'elsewhere' } } });
+    await waitServer('relabel', 'NodeLabelMismatch', (x) => condition(x, 'Placement')?.reason === 'NodeLabelMismatch');
+    expect(await driver.state(id)).toMatchObject({ powerState: 'RUNNING' });
+    await client.delete(SERVERS, 'relabel', NS);
+    await waitFor('guest destroyed', async () => (await driver.state(id)) === undefined);
+    // no agent is bound to it: the one that destroyed the guest releases the guest finalizer
+    const gone = await waitServer(
+      'relabel',
+      'guest finalizer released',
+      (x) => !x.metadata?.finalizers?.includes(GUEST_FINALIZER),
+    );
+    expect(gone.metadata?.finalizers).toEqual([SERVER_FINALIZER]);
   });
 
   it('destroys orphaned guests after the grace period', async () => {

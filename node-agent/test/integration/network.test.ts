@@ -325,6 +325,70 @@ describe('node agent network service (fake driver, noop backend)', () => {
     expect((await getPort('db-0')).status?.bindingHost).toBe(PEER);
   });
 
+  it('a transient state never unwires the guest: network status dropped, node label changed', async () => {
+    const network = agent.agent.network;
+    const wired = structuredClone(backend.lastPlan!);
+    expect(wired.ports.map((p) => p.name)).toEqual(['web-0']);
+    const settled = async (what: string) => {
+      // a rebuild that started after the change has seen it (the controller's own settle signal)
+      const n = network.rebuilds;
+      network.refresh();
+      await waitFor(what, async () => network.rebuilds > n);
+    };
+
+    // 1. the operator's NetworkInUse write that dropped segmentationID, mtu, networkType and subnets
+    const net = await client.get<NetworkObj & Obj>(NETWORKS, 'net', NS);
+    await updateStatus(client, NETWORKS, net, (st) => {
+      const { segmentationID: _v, mtu: _m, subnets: _s, networkType: _t, ...rest } = st;
+      return { ...rest, status: 'ACTIVE' };
+    });
+    await waitFor('network status without VNI in the cache', async () =>
+      network.networks.list().some((n) => n.metadata?.name === 'net' && !n.status?.segmentationID),
+    );
+    await settled('rebuild after the status loss');
+    expect(backend.lastPlan).toEqual(wired);
+    expect((await getPort('web-0')).status).toMatchObject({ bindingHost: NODE, status: 'ACTIVE' });
+    await updateStatus(client, NETWORKS, await client.get<NetworkObj & Obj>(NETWORKS, 'net', NS), (st) => ({
+      ...st,
+      segmentationID: VNI,
+      mtu: 1450,
+      networkType: 'vxlan',
+      subnets: [{ name: 'v4', cidr: '10.20.0.0/24', ipVersion: 4, gatewayIP: '10.20.0.1' }],
+    }));
+
+    // 2. kubectl label: the server leaves the agent's informer, but its guest keeps running and its port wired
+    const id = (await getServer('web')).metadata!.uid!;
+    await client.patch(
+      SERVERS,
+      'web',
+      NS,
+      { metadata: { labels: { [SERVER_NODE_LABEL]: 'somewhere-else' } } },
+      PatchStrategy.MergePatch,
+    );
+    await waitFor('NodeLabelMismatch', async () => {
+      const x = await getServer('web');
+      return condition(x.status?.conditions, 'Placement')?.reason === 'NodeLabelMismatch';
+    });
+    await settled('rebuild after the relabel');
+    expect(backend.lastPlan?.ports.map((p) => p.name)).toEqual(['web-0']);
+    expect((await getPort('web-0')).status).toMatchObject({ bindingHost: NODE, status: 'ACTIVE' });
+    expect(await driver.state(id)).toMatchObject({ powerState: 'RUNNING' });
+
+    // back: bound here again, Placement True
+    await client.patch(
+      SERVERS,
+      'web',
+      NS,
+      { metadata: { labels: { [SERVER_NODE_LABEL]: NODE } } },
+      PatchStrategy.MergePatch,
+    );
+    await waitFor('Placement True', async () => {
+      const x = await getServer('web');
+      return condition(x.status?.conditions, 'Placement')?.status === 'True';
+    });
+    expect(await driver.state(id)).toMatchObject({ powerState: 'RUNNING' });
+  });
+
   it('clears the binding when the server goes', async () => {
     const applies = backend.applies;
     await client.delete(SERVERS, 'web', NS);
