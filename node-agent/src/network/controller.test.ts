@@ -274,13 +274,13 @@ describe('NetworkController', () => {
     t.servers.delete(web);
     await t.clock.advance(100);
     expect(t.ctl.lastPlan?.ports.map((p) => p.name)).toEqual(['web-0']);
-    expect(t.ports.objects.get(`${NS}/web-0`)!.status?.status).toBe('ACTIVE');
+    expect(boundOf(t.ports.objects.get(`${NS}/web-0`)!)).toMatchObject({ status: 'True', reason: 'Wired' });
     // the guest is destroyed (server deleted or moved): released
     retained = [];
     t.ctl.refresh();
     await t.clock.advance(100);
     expect(t.ctl.lastPlan?.ports).toEqual([]);
-    expect(t.ports.objects.get(`${NS}/web-0`)!.status?.status).toBe('DOWN');
+    expect(boundOf(t.ports.objects.get(`${NS}/web-0`)!)).toMatchObject({ status: 'False', reason: 'Unbound' });
     await t.ctl.stop();
   });
 
