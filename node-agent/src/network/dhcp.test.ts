@@ -66,6 +66,10 @@ describe('DHCP rendering', () => {
     expect(lines).toContain('dhcp-option-force=tag:s0,option:mtu,1450');
     expect(lines).toContain('dhcp-hostsfile=/run/x/dhcp-4101/hosts');
     expect(lines).toContain('port=0');
+    // least privilege: dnsmasq drops root once it has bound and opened its files
+    expect(lines).toContain('user=nobody');
+    expect(lines).toContain('group=nogroup');
+    expect(conf).not.toContain('user=root');
     expect(conf).not.toContain('classless-static-route');
   });
 

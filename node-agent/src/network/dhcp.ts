@@ -138,7 +138,10 @@ export function renderDnsmasqConfig(n: DhcpNetwork, paths: DnsmasqPaths): string
     'except-interface=lo',
     'dhcp-authoritative',
     'dhcp-ignore-names',
-    'user=root',
+    // dnsmasq binds and opens its pid and lease files as root, then drops to nobody (keeping only the capabilities
+    // DHCP needs); the hosts file it re-reads on SIGHUP is world-readable (it holds MAC/IP pairs only).
+    'user=nobody',
+    'group=nogroup',
     `pid-file=${paths.pid}`,
     `dhcp-leasefile=${paths.leases}`,
     `dhcp-hostsfile=${paths.hosts}`,
