@@ -453,6 +453,19 @@ describe.skipIf(missing !== undefined)('Linux bridge backend (3 simulated nodes,
     const env = lab.dhcpLease(vms.a5!, runDir);
     expect(env).toMatchObject({ ip: '192.168.41.15', router: '192.168.41.1', mtu: '1450', dns: '192.0.2.53' });
     expect(env.serverid).toBe('192.168.41.2');
+    // dnsmasq gave up root once bound: every one of this lab's runs as nobody
+    const uids: string[] = [];
+    for (let i = 1; i <= 3; i++) {
+      const dir = path.join(runDir, `n${i}`);
+      for (const d of await readdir(dir).catch(() => [] as string[])) {
+        const pid = Number((await readFile(path.join(dir, d, 'pid'), 'utf8').catch(() => '')).trim());
+        const status = pid ? await readFile(`/proc/${pid}/status`, 'utf8').catch(() => '') : '';
+        const uid = /^Uid:\s+(.*)$/m.exec(status)?.[1];
+        if (uid) uids.push(uid);
+      }
+    }
+    expect(uids.length).toBeGreaterThan(0);
+    expect(new Set(uids)).toEqual(new Set(['65534\t65534\t65534\t65534']));
     // the DHCP server MAC never crosses the overlay: node1's bridge has not learnt it on its VXLAN port
     const fdb = lab.sh(node(1).netns, 'bridge', ['-j', 'fdb', 'show', 'br', bridgeName(A.vni)]);
     expect(
