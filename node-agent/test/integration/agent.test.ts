@@ -31,6 +31,7 @@ import {
 import { type RunningAgent, startAgent, startFakeNodes } from '../../src/agent.ts';
 import { SERVERS, type ServerObject } from '../../src/compute.ts';
 import { FAKE_FAIL_ANNOTATION, FakeDriver } from '../../src/drivers/fake.ts';
+import { agentFieldManager } from '../../src/fieldmanager.ts';
 import { HYPERVISORS } from '../../src/hypervisor.ts';
 
 const suffix = randomBytes(3).toString('hex');
@@ -198,7 +199,7 @@ describe('node agent (fake driver) against kube-apiserver', () => {
     // status.state and status.status are the operator's: the agent's field manager never owns them
     type MF = { manager: string; subresource?: string; fieldsV1?: { 'f:status'?: Record<string, unknown> } };
     const mine = (hv.metadata as { managedFields?: MF[] }).managedFields?.find(
-      (m) => m.manager === 'stratus-agent' && m.subresource === 'status',
+      (m) => m.manager === agentFieldManager(NODE) && m.subresource === 'status',
     );
     expect(Object.keys(mine?.fieldsV1?.['f:status'] ?? {})).toEqual(expect.arrayContaining(['f:capacity', 'f:usage']));
     expect(mine?.fieldsV1?.['f:status']).not.toHaveProperty('f:state');
