@@ -30,7 +30,7 @@ import { bridgeName, tapName, vxlanName } from '../../node-agent/src/network/nam
 import { renderRules, replaceBatch } from '../../node-agent/src/network/nft.ts';
 import { parseLinks, parseNetnsList } from '../../node-agent/src/network/observe.ts';
 import { createLab, type LabNode, type NetLab, type VmStandIn } from '../testing/netlab.ts';
-import { sleep, waitFor } from '../testing/wait.ts';
+import { waitFor } from '../testing/wait.ts';
 
 const log = (m: string) => console.error(`[net-linuxbridge] ${m}`);
 const PREFIX = 'h2lb';
@@ -301,21 +301,30 @@ describe.skipIf(missing !== undefined)('Linux bridge backend (3 simulated nodes,
 
     // a running flow (one ICMP echo conntrack entry) is cut when the rule goes away
     const out = path.join(runDir, 'ping.out');
-    const child = spawn('ip', ['netns', 'exec', vms.a1!.netns, 'ping', '-i', '0.2', '-w', '20', '192.168.41.13'], {
-      stdio: ['ignore', 'pipe', 'ignore'],
-    });
+    // -O: ping reports every echo left unanswered, so "no more replies" is counted, not waited out
+    const child = spawn(
+      'ip',
+      ['netns', 'exec', vms.a1!.netns, 'ping', '-O', '-i', '0.2', '-W', '0.5', '-w', '60', '192.168.41.13'],
+      { stdio: ['ignore', 'pipe', 'ignore'] },
+    );
     let text = '';
     child.stdout.on('data', (d) => {
       text += String(d);
     });
-    const replies = () => text.split('\n').filter((l) => l.includes('bytes from')).length;
+    const lines = () => text.split('\n');
+    const replies = () => lines().filter((l) => l.includes('bytes from')).length;
+    const seqOf = (l: string) => Number(/icmp_seq=(\d+)/.exec(l)?.[1] ?? -1);
     try {
       await waitFor('running ping gets replies', () => replies() >= 3, 10_000);
       const r = await applyAll(false);
-      await sleep(500);
-      const before = replies();
-      await sleep(1500);
-      expect(replies() - before).toBe(0);
+      // Echoes sent after the apply returned: the first sequence number ping had not printed yet.
+      const firstAfter = Math.max(-1, ...lines().map(seqOf)) + 1;
+      await waitFor(
+        'five echoes after the rule removal to go unanswered',
+        () => lines().filter((l) => l.startsWith('no answer yet') && seqOf(l) >= firstAfter).length >= 5,
+        30_000,
+      );
+      expect(lines().filter((l) => l.includes('bytes from') && seqOf(l) > firstAfter)).toEqual([]);
       expect(r[0]!.changes.some((c) => c.startsWith('conntrack -D'))).toBe(true);
     } finally {
       child.kill();

@@ -385,8 +385,9 @@ describe.skipIf(missing !== undefined)('OVS backend (userspace datapath, 3 simul
     const out = lab.sh(vms.get('a1')!.netns, 'ping', ['-c', '20', '-i', '0.05', '-q', '192.168.60.12']);
     const m = /= ([\d.]+)\/([\d.]+)\/([\d.]+)\//.exec(out);
     expect(m).not.toBeNull();
+    // The figure is for BENCHMARKS.md; the test asserts that every echo came back through the userspace datapath.
     log(`ping RTT a1 (node 1) -> a2 (node 2), 20 echoes: min/avg/max = ${m![1]}/${m![2]}/${m![3]} ms`);
-    expect(Number(m![2])).toBeLessThan(100);
+    expect(out).toMatch(/20 packets transmitted, 20 received/);
   });
 
   it('enforces security groups on the hybrid plug (per-port bridge, per-port conntrack zone)', async () => {
