@@ -13,7 +13,7 @@
 // Needs root, iproute2, nft, conntrack, dnsmasq and busybox (udhcpc); skipped with a message otherwise.
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -220,6 +220,7 @@ describe.skipIf(missing !== undefined)('Linux bridge backend (3 simulated nodes,
   beforeAll(async () => {
     lab = createLab(PREFIX, 3, 241);
     runDir = await mkdtemp(path.join(tmpdir(), 'stratus-h2lb-'));
+    await chmod(runDir, 0o755); // dnsmasq drops to nobody and re-reads its hosts file under it
     for (const p of PORTS) {
       if (p.tapOnly) continue;
       // a2's guest MTU is 1500 so that only the data plane limits its packets (MTU check)

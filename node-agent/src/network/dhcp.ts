@@ -9,7 +9,8 @@
 // /proc/<pid>/cmdline), rewrites the hosts file and sends SIGHUP when leases change, and restarts it only when its
 // configuration file changed. A network that leaves the node loses its dnsmasq, namespace, veth and files.
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { untraversable } from '../fsaccess.ts';
 import type { NetworkPlan, PortPlan, PortResult, SubnetPlan } from './backend.ts';
 import { type Exec, ExecError, hostExec } from './exec.ts';
 import { DEVICE_PREFIX } from './names.ts';
@@ -119,6 +120,9 @@ export interface DnsmasqPaths {
   leases: string;
   pid: string;
 }
+
+/** dnsmasq's user after it has bound its sockets (user=nobody, group=nogroup on Debian). */
+const NOBODY = { uid: 65534, gid: 65534 };
 
 export function dnsmasqPaths(runDir: string, vni: number): DnsmasqPaths {
   const d = join(runDir, `dhcp-${vni}`);
@@ -495,6 +499,13 @@ export class DhcpManager {
       pid = undefined;
     }
     if (pid === undefined) {
+      // dnsmasq drops to nobody and re-reads the hosts file as it: a directory it cannot enter means no leases at all
+      const blocked = await untraversable(dirname(paths.hosts), NOBODY);
+      if (blocked) {
+        throw new Error(
+          `dnsmasq (as nobody) cannot read ${paths.hosts}: ${blocked.path} is mode 0${blocked.mode.toString(8)}; let it in (chmod o+x) or use another DHCP run directory`,
+        );
+      }
       // dnsmasq daemonizes once it has bound its sockets: a failure to start is reported here
       await this.#ns.run('ip', ['netns', 'exec', ns, 'dnsmasq', `--conf-file=${paths.conf}`]);
       changes.push(`dhcp ${n.vni}: started dnsmasq in ${ns}`);

@@ -4,7 +4,7 @@
 // drops to this uid and gid before the guest runs a single instruction. Its guest directory and the files in it are
 // owned by that user and readable by it alone (0700/0600). The numeric form is passed to QEMU so that the name need
 // not exist in the namespace QEMU is started in (the systemd launcher starts it in the host's).
-import { readFile, stat } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 
 export interface QemuUser {
   /** As given (a name or uid:gid), for messages. */
@@ -46,25 +46,4 @@ export async function resolveQemuUser(spec: string, passwdFile = '/etc/passwd'):
   return user;
 }
 
-/** Mode and owner of a path, as traversable() needs them (injected in tests). */
-export type StatFn = (path: string) => Promise<{ mode: number; uid: number; gid: number }>;
-
-/**
- * The first directory on the way to `dir` (itself included) that `user` may not enter, or undefined when it can
- * reach it. QEMU, once it has dropped to the user, must still reach its guest directory (the suspend and resume
- * streams, its pid file) and qemu-img the image cache's work directories.
- */
-export async function untraversable(
-  dir: string,
-  user: Pick<QemuUser, 'uid' | 'gid'>,
-  statFn: StatFn = stat,
-): Promise<{ path: string; mode: number } | undefined> {
-  const parts = dir.split('/').filter(Boolean);
-  for (let i = 0; i <= parts.length; i++) {
-    const p = `/${parts.slice(0, i).join('/')}`;
-    const s = await statFn(p);
-    const bit = s.uid === user.uid ? 0o100 : s.gid === user.gid ? 0o010 : 0o001;
-    if ((s.mode & bit) === 0) return { path: p, mode: s.mode & 0o7777 };
-  }
-  return undefined;
-}
+export { type StatFn, untraversable } from '../../fsaccess.ts';
