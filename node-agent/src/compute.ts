@@ -631,18 +631,40 @@ export class ComputeService {
     try {
       const spec = await this.#guestSpec(o.specFrom ?? server, o.nics);
       const info = guest && keepIfSized ? (await this.#driver.list()).find((g) => g.id === uid) : undefined;
-      if (guest && !(info && info.vcpus === spec.vcpus && info.ramMiB === spec.ramMiB)) {
-        await this.#driver.destroy(uid);
+      const sized =
+        info !== undefined &&
+        info.vcpus === spec.vcpus &&
+        info.ramMiB === spec.ramMiB &&
+        info.diskGiB === spec.disk.rootGiB + spec.disk.ephemeralGiB + Math.ceil(spec.disk.swapMiB / 1024);
+      if (guest && keepIfSized && !sized) {
+        // Resize on this node keeps the disks (grown, never shrunk); the driver leaves the guest stopped.
+        await this.#driver.resize(uid, spec, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+        state = await this.#driver.state(uid);
+      } else if (guest && !keepIfSized) {
+        await this.#driver.destroy(uid); // rebuild: a new root disk from the image
         state = undefined;
       }
       state ??= await this.#driver.spawn(spec);
       if (stopped && state.powerState !== 'SHUTDOWN') {
         await this.#driver.powerOff(uid, { graceful: false, timeoutMs: 0 });
         state = (await this.#driver.state(uid)) ?? state;
+      } else if (!stopped && (state.powerState === 'SHUTDOWN' || state.powerState === 'CRASHED')) {
+        await this.#driver.powerOn(uid);
+        state = (await this.#driver.state(uid)) ?? state;
       }
+      // Confirmed at once (no VERIFY_RESIZE step yet): the previous disks are dropped.
+      if (action !== 'rebuild') await this.#driver.confirmResize(uid);
     } catch (err) {
       failure = spawnFailureMessage(err, server.status?.image ?? server.spec.image);
-      await this.#driver.destroy(uid).catch(() => {}); // leave no half-built guest behind
+      if (guest && keepIfSized) {
+        // Never destroy a guest with data for a failed resize: back to its previous size and disks (stopped).
+        await this.#driver
+          .revertResize(uid, { graceful: false, timeoutMs: 0 })
+          .catch((e: unknown) => ctx.log.warn({ err: e }, 'reverting a failed resize failed'));
+        state = undefined;
+      } else {
+        await this.#driver.destroy(uid).catch(() => {}); // leave no half-built guest behind
+      }
     }
     this.#o.hypervisor.poke();
     const final = state;

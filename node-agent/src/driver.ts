@@ -128,6 +128,9 @@ export const DRIVER_OPS = [
   'unpause',
   'suspend',
   'resume',
+  'resize',
+  'confirmResize',
+  'revertResize',
 ] as const;
 export type DriverOp = (typeof DRIVER_OPS)[number];
 
@@ -154,6 +157,22 @@ export interface HypervisorDriver {
   /** State saved to disk and the process ended (managed save) / restored. */
   suspend(id: string): Promise<void>;
   resume(id: string): Promise<void>;
+  /**
+   * Resize keeping the disks (Nova's resize on the same host): the guest is powered off (opts) if it runs, and gets
+   * spec's vCPUs and RAM; its root and ephemeral disks are kept and grown when spec's are bigger (the guest's data
+   * stays), the swap disk is re-created at its new size. A smaller root or ephemeral disk is refused with Nova's
+   * words (RESIZE_DOWN_MESSAGE) before anything changes. The guest is left stopped (the caller starts it) and the
+   * previous definition and disks are kept until confirmResize (dropped) or revertResize (restored). Repeating it with
+   * the same spec while unconfirmed does nothing.
+   */
+  resize(id: string, spec: GuestSpec, opts: PowerOffOptions): Promise<void>;
+  /** Drops what an unconfirmed resize kept for a revert; a guest without one (or an unknown id) is left alone. */
+  confirmResize(id: string): Promise<void>;
+  /**
+   * Powers the guest off and restores the definition and disks kept by an unconfirmed resize (left stopped); a guest
+   * without one is left alone.
+   */
+  revertResize(id: string, opts: PowerOffOptions): Promise<void>;
   /** The guest's state, or undefined when no guest with this id exists. */
   state(id: string): Promise<GuestState | undefined>;
   list(): Promise<GuestInfo[]>;

@@ -17,7 +17,7 @@
 //    (network-config v2, network_data.json). With options.netns, QEMU runs in that network namespace (the taps are
 //    there; the e2e tier runs one namespace per simulated node).
 import { constants, createReadStream, createWriteStream } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { createServer, type Server as NetServer, connect as netConnect } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
@@ -25,6 +25,7 @@ import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import * as z from 'zod';
+import { RESIZE_DOWN_MESSAGE } from '../../../operator/src/api/index.ts';
 import { silentLogger } from '../../../operator/src/runtime/index.ts';
 import {
   type Accelerator,
@@ -41,7 +42,7 @@ import {
   type PowerOffOptions,
 } from '../driver.ts';
 import { type CachedImage, ImageCache, ImageError, type ImageSource } from '../images/cache.ts';
-import { createBlankDisk, createRootDisk } from '../images/disks.ts';
+import { copyDisk, createBlankDisk, createRootDisk, growDisk } from '../images/disks.ts';
 import { type Exec, ExecError, hostExec } from '../network/exec.ts';
 import { type AcceleratorDecision, type AcceleratorMode, detectAccelerator } from '../qemu/accel.ts';
 import { type DiskSpec, type NicSpec, qemuArgs } from '../qemu/cmdline.ts';
@@ -114,6 +115,10 @@ export interface ImageOps {
   ensure(src: ImageSource, opts?: { signal?: AbortSignal }): Promise<CachedImage>;
   createRootDisk(o: { base: CachedImage; path: string; sizeBytes: number }): Promise<void>;
   createBlankDisk(o: { path: string; sizeBytes: number }): Promise<void>;
+  /** Grows a qcow2 disk (qemu-img resize); default images/disks.ts growDisk. */
+  growDisk?(o: { path: string; sizeBytes: number }): Promise<void>;
+  /** Copies a disk file as it is (sparse); default images/disks.ts copyDisk. */
+  copyDisk?(o: { from: string; to: string }): Promise<void>;
 }
 
 export interface QemuDriverDeps {
@@ -237,11 +242,9 @@ export class QemuDriver implements HypervisorDriver {
     if (!this.#images && !this.#deps.images) {
       this.#imageCache = new ImageCache({ dir: this.imageCacheDir, logger: this.#log });
     }
-    this.#images ??= this.#deps.images ?? {
-      ...bindCache(this.#imageCache!),
-      createRootDisk,
-      createBlankDisk,
-    };
+    this.#images ??= this.#deps.images
+      ? { growDisk, copyDisk, ...this.#deps.images }
+      : { ...bindCache(this.#imageCache!), createRootDisk, createBlankDisk, growDisk, copyDisk };
     const retention = this.#o.imageRetentionMs ?? 3_600_000;
     if (this.#imageCache && retention > 0 && !this.#evictTimer) {
       this.#evictTimer = setInterval(() => void this.evictImages(retention), this.#o.imageEvictIntervalMs ?? 600_000);
@@ -609,6 +612,140 @@ export class QemuDriver implements HypervisorDriver {
       delete rec.suspended;
       await writeRecord(this.paths(id).record, rec);
       this.#log.info({ guest: id }, 'guest resumed from its saved state');
+    });
+  }
+
+  // ---- resize (keeps the disks) ----
+
+  async resize(id: string, spec: GuestSpec, opts: PowerOffOptions): Promise<void> {
+    await this.#op('resize', id, async (rec, live) => {
+      const p = this.paths(id);
+      const rootBytes = spec.disk.rootGiB > 0 ? spec.disk.rootGiB * GiB : rec.disks.rootBytes;
+      const sameSize =
+        rec.spec.vcpus === spec.vcpus &&
+        rec.spec.ramMiB === spec.ramMiB &&
+        rec.disks.rootBytes === rootBytes &&
+        rec.spec.disk.ephemeralGiB === spec.disk.ephemeralGiB &&
+        rec.spec.disk.swapMiB === spec.disk.swapMiB;
+      if (rec.resizePending) {
+        if (sameSize) return; // repeated: already done, waiting for confirm or revert
+        throw new DriverError('resize', id, `resize: guest ${id} has a resize that is not confirmed or reverted`);
+      }
+      if (rec.suspended) throw new InvalidGuestStateError('resize', id, 'SUSPENDED');
+      // Nova refuses a smaller root or ephemeral disk (the data would not fit); a flavor with disk 0 keeps the root.
+      const down = rootBytes < rec.disks.rootBytes || spec.disk.ephemeralGiB < rec.spec.disk.ephemeralGiB;
+      const refused = down ? RESIZE_DOWN_MESSAGE : undefined;
+      if (refused) throw new DriverError('resize', id, refused);
+      const nicProblem = nicsProblem(spec.nics ?? []);
+      if (nicProblem) throw new DriverError('resize', id, `resize: ${nicProblem}`);
+      if (live) await this.#stop(live, opts);
+      const images = this.#images!;
+      const old = p.resizeOld;
+      const complete = join(old, 'complete');
+      const oldRoot = join(old, 'root.qcow2');
+      const oldEphemeral = join(old, 'ephemeral.qcow2');
+      if (await pathExists(complete)) {
+        // An earlier resize was interrupted after the backup: start again from the backed-up disks.
+        await images.copyDisk!({ from: oldRoot, to: rec.disks.root });
+        if (rec.disks.ephemeral) await images.copyDisk!({ from: oldEphemeral, to: rec.disks.ephemeral });
+      } else {
+        await rm(old, { recursive: true, force: true });
+        await mkdir(old, { recursive: true, mode: 0o700 });
+        await images.copyDisk!({ from: rec.disks.root, to: oldRoot });
+        if (rec.disks.ephemeral) await images.copyDisk!({ from: rec.disks.ephemeral, to: oldEphemeral });
+        await writeRecord(join(old, 'guest.json'), rec);
+        await writeFile(complete, '');
+      }
+      if (rootBytes > rec.disks.rootBytes) await images.growDisk!({ path: rec.disks.root, sizeBytes: rootBytes });
+      let ephemeral: string | undefined;
+      if (spec.disk.ephemeralGiB > 0) {
+        ephemeral = p.ephemeral;
+        if (rec.disks.ephemeral) {
+          await images.growDisk!({ path: p.ephemeral, sizeBytes: spec.disk.ephemeralGiB * GiB });
+        } else {
+          await images.createBlankDisk({ path: p.ephemeral, sizeBytes: spec.disk.ephemeralGiB * GiB });
+        }
+      }
+      if (spec.disk.swapMiB !== rec.spec.disk.swapMiB) {
+        await rm(p.swap, { force: true }); // swap holds nothing to keep (Nova re-creates it too)
+        if (spec.disk.swapMiB > 0) {
+          await images.createBlankDisk({ path: p.swap, sizeBytes: spec.disk.swapMiB * MiB });
+        }
+      }
+      const next: GuestRecord = {
+        ...rec,
+        spec: { ...recordedSpec(spec), accelerator: rec.spec.accelerator },
+        disks: {
+          ...rec.disks,
+          rootBytes,
+          ...(ephemeral ? { ephemeral } : {}),
+          ...(spec.disk.swapMiB > 0 ? { swap: p.swap } : {}),
+        },
+        resizePending: isoNow(),
+      };
+      if (!ephemeral) delete next.disks.ephemeral;
+      if (spec.disk.swapMiB === 0) delete next.disks.swap;
+      if (rec.spec.accelerator === undefined) delete next.spec.accelerator;
+      delete next.lastExit;
+      await writeRecord(p.record, next);
+      this.#log.info(
+        { guest: id, vcpus: spec.vcpus, ramMiB: spec.ramMiB, rootBytes, ephemeralGiB: spec.disk.ephemeralGiB },
+        'guest resized (disks kept)',
+      );
+    });
+  }
+
+  async confirmResize(id: string): Promise<void> {
+    this.#ready();
+    if (!GuestId.safeParse(id).success) return;
+    await this.#withLock(id, async () => {
+      const p = this.paths(id);
+      const rec = await readRecord(p.record);
+      await rm(p.resizeOld, { recursive: true, force: true });
+      if (rec?.resizePending) {
+        delete rec.resizePending;
+        await writeRecord(p.record, rec);
+        this.#log.info({ guest: id }, 'resize confirmed (previous disks dropped)');
+      }
+    });
+  }
+
+  async revertResize(id: string, opts: PowerOffOptions): Promise<void> {
+    await this.#op('revertResize', id, async (rec, live) => {
+      const p = this.paths(id);
+      const complete = join(p.resizeOld, 'complete');
+      if (!(await pathExists(complete))) {
+        // Nothing kept: no resize, or a revert that already restored everything but the directory.
+        await rm(p.resizeOld, { recursive: true, force: true });
+        if (rec.resizePending) {
+          delete rec.resizePending;
+          await writeRecord(p.record, rec);
+        }
+        return;
+      }
+      const prev = await readRecord(join(p.resizeOld, 'guest.json'));
+      if (!prev) throw new Error(`${p.resizeOld} has no guest.json`);
+      if (live) await this.#stop(live, opts);
+      const images = this.#images!;
+      await images.copyDisk!({ from: join(p.resizeOld, 'root.qcow2'), to: prev.disks.root });
+      if (prev.disks.ephemeral) {
+        await images.copyDisk!({ from: join(p.resizeOld, 'ephemeral.qcow2'), to: prev.disks.ephemeral });
+      } else {
+        await rm(p.ephemeral, { force: true });
+      }
+      if (prev.spec.disk.swapMiB !== rec.spec.disk.swapMiB) {
+        await rm(p.swap, { force: true });
+        if (prev.spec.disk.swapMiB > 0) {
+          await images.createBlankDisk({ path: p.swap, sizeBytes: prev.spec.disk.swapMiB * MiB });
+        }
+      }
+      const restored: GuestRecord = { ...prev };
+      delete restored.resizePending;
+      delete restored.lastExit;
+      delete restored.suspended;
+      await writeRecord(p.record, restored);
+      await rm(p.resizeOld, { recursive: true, force: true });
+      this.#log.info({ guest: id }, 'resize reverted (previous definition and disks restored)');
     });
   }
 
@@ -1205,6 +1342,16 @@ async function supportsODirect(dir: string): Promise<boolean> {
   } finally {
     await rm(probe, { force: true });
   }
+}
+
+async function pathExists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    (err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return false;
+      throw err;
+    },
+  );
 }
 
 async function isSocket(path: string): Promise<boolean> {

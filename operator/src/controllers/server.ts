@@ -24,6 +24,7 @@ import {
   type PortSpec,
   recordAction,
   refuseAction,
+  refuseResizeDisks,
   SERVER_FINALIZER,
   SERVER_NODE_LABEL,
   type Server,
@@ -32,6 +33,7 @@ import {
   ServerKind,
   type ServerStatus,
   serverPortName,
+  toGiB,
 } from '../api/index.ts';
 import {
   addFinalizer,
@@ -802,6 +804,15 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     if (!resize) flavorSpec = FlavorKind.spec.safeParse(flavors.get(st.flavor?.name ?? '')?.spec);
     if (!flavorSpec.success)
       return refuseWith('FlavorNotFound', `flavor ${server.spec.flavor} does not exist or is invalid`);
+    if (resize && st.flavor) {
+      // A resize keeps the disks: Nova refuses a smaller root or ephemeral disk.
+      const disks = (f: { disk: string; ephemeral?: string | undefined }) => ({
+        rootGiB: toGiB(f.disk),
+        ephemeralGiB: toGiB(f.ephemeral ?? '0'),
+      });
+      const down = refuseResizeDisks(disks(st.flavor), disks(flavorSpec.data));
+      if (down) return refuseWith('CannotResizeDisk', down);
+    }
     const image = server.spec.image ? images.get(server.spec.image, server.metadata.namespace) : undefined;
     const resources = flavorClaim(flavorSpec.data, image, { bootFromVolume: !!server.spec.bootVolume });
     const key = objectKey(server);

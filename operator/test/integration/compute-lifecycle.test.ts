@@ -207,6 +207,7 @@ describe('resize and migrate', () => {
     filler = 'filler';
     await env.createServer(filler, { flavor: small, node: home.name });
     await env.waitServer(filler, 'ACTIVE', (x) => x.status?.status === 'ACTIVE' && idle(x));
+    const spawns = home.calls('spawn', uid);
 
     await env.patchServer(VM, { spec: { flavor: medium } });
     const s = await env.waitServer(
@@ -220,6 +221,9 @@ describe('resize and migrate', () => {
     expect(condition(s, 'Resized')).toMatchObject({ status: 'True', reason: 'SameHost' });
     expect(actionsOf(s, 'resize').at(-1)).toMatchObject({ result: 'Success' });
     expect((await home.driver.list()).find((g) => g.id === uid)).toMatchObject({ vcpus: 2, ramMiB: 2048 });
+    // the driver resized the guest keeping its disks: no new guest
+    expect(home.calls('resize', uid)).toBe(1);
+    expect(home.calls('spawn', uid)).toBe(spawns);
     await expectEvent('Resized');
   });
 
@@ -276,6 +280,23 @@ describe('resize and migrate', () => {
     });
     const back = await power('Running', 'ACTIVE');
     expect(back.status?.powerState).toBe('RUNNING');
+  });
+
+  it("a resize to a smaller disk is refused with Nova's words; the server and its guest stay as they are", async () => {
+    const smallDisk = await env.flavor('smalldisk', 2, 2048, 5);
+    const before = await env.waitServer(VM, 'idle', (x) => idle(x));
+    await env.patchServer(VM, { spec: { flavor: smallDisk } });
+    const r = await env.waitServer(VM, 'Resized=False', (x) => {
+      const c = condition(x, 'Resized');
+      return c?.status === 'False' && c.observedGeneration === x.metadata?.generation;
+    });
+    expect(condition(r, 'Resized')).toMatchObject({
+      reason: 'CannotResizeDisk',
+      message: 'Resize error: Unable to resize disk down.',
+    });
+    expect(r.status).toMatchObject({ status: 'ACTIVE', node: before.status?.node, flavor: { name: medium } });
+    expect(actionsOf(r, 'resize').at(-1)).toMatchObject({ result: 'Error' });
+    await env.patchServer(VM, { spec: { flavor: medium } });
   });
 
   it('a spawn failure ends in ERROR with a fault; resizing an ERROR server is refused', async () => {
