@@ -52,7 +52,14 @@ import {
   type TimerHandle,
   updateStatus,
 } from '../../operator/src/runtime/index.ts';
-import type { GuestExit, GuestNetworkInterface, GuestSpec, GuestState, HypervisorDriver } from './driver.ts';
+import type {
+  DiskExport,
+  GuestExit,
+  GuestNetworkInterface,
+  GuestSpec,
+  GuestState,
+  HypervisorDriver,
+} from './driver.ts';
 import { ImageError, type ImageErrorReason } from './images/cache.ts';
 import {
   AGENT_TASKS,
@@ -111,6 +118,11 @@ export interface ComputeOptions {
    * NICs.
    */
   network?: ServerNetworkService;
+  /**
+   * Address this node serves a moving guest's disks on (NBD, cold migration source; the node's --host-ip, reachable
+   * from the other nodes). Default 127.0.0.1 (several agents on one host).
+   */
+  hostIP?: string;
   /** Parallel Server reconciles (default 4). */
   concurrency?: number;
   /** Grace of a graceful power off before it is forced (default 60 s, Nova's shutdown_timeout). */
@@ -149,6 +161,8 @@ export function serverChanged(a: ServerObject, b: ServerObject): boolean {
     json(s.allocation) !== json(t.allocation) ||
     s.image !== t.image ||
     (s.taskState !== t.taskState && !(agentTask(s.taskState) && agentTask(t.taskState))) ||
+    json(s.migration) !== json(t.migration) ||
+    json(s.migrationSource) !== json(t.migrationSource) ||
     (t.powerState === 'NOSTATE' && s.powerState !== 'NOSTATE')
   );
 }
@@ -275,6 +289,13 @@ export class ComputeService {
       }
       const since = this.#orphanSince.get(g.id) ?? now;
       this.#orphanSince.set(g.id, since);
+      const source = await this.#readLive(g.namespace, g.name);
+      if (source?.metadata?.uid === g.id && this.#isMoveSource(source)) {
+        // The source of a move (e.g. after a restart of this agent): served by the server's reconcile, never swept.
+        this.#orphanSince.delete(g.id);
+        this.controller.enqueue(objectKey(source));
+        continue;
+      }
       if (now - since < grace) continue;
       const live = await this.#readLive(g.namespace, g.name);
       if (live?.metadata?.uid === g.id && live.metadata.labels?.[SERVER_NODE_LABEL] === this.nodeName) continue;
@@ -517,6 +538,27 @@ export class ComputeService {
         return 'wait' in net ? net.wait : this.#finishResize(server, guest, d, ctx, net.nics);
       }
 
+      case 'confirmResize': {
+        await this.#driver.confirmResize(uid);
+        const after = await this.#driver.state(uid);
+        const r = await this.#write(server, guest, d, (st, s) => {
+          setStates(st, after?.powerState === 'RUNNING' ? 'active' : 'stopped', undefined);
+          st.powerState = after?.powerState ?? 'NOSTATE';
+          st.actions = finishAction(st.actions as never, 'confirmResize', 'Success', now);
+          setConditions(
+            st,
+            [{ type: 'Ready', status: 'True', reason: s.spec.powerState, message: 'resize confirmed' }],
+            s.metadata.generation,
+            date,
+          );
+        });
+        if (r.applied) this.#events.normal(ref(r.server), 'ResizeConfirmed', 'ConfirmResize', `on ${this.nodeName}`);
+        return r.server;
+      }
+
+      case 'revertResize':
+        return this.#revertResize(server, guest, d, ctx);
+
       case 'rebuild': {
         const net = await this.#plug(server, guest, d, ctx);
         return 'wait' in net ? net.wait : this.#rebuild(server, guest, ctx, net.nics);
@@ -607,7 +649,77 @@ export class ComputeService {
     ctx: ReconcileContext,
     nics: GuestNetworkInterface[] | undefined,
   ): Promise<Server | undefined> {
-    return this.#recreate(server, guest, d.action, true, ctx, { nics });
+    return this.#recreate(server, guest, d.action, true, ctx, {
+      nics,
+      ...(d.importFrom ? { importFrom: d.importFrom } : {}),
+    });
+  }
+
+  /**
+   * revertResize on the node the server goes back to: the driver restores the guest's previous definition and disks
+   * (same node; a guest left on the source of a move already has them), the guest gets its previous power state, and
+   * this node's disk export (if it was the source) and status.migrationSource go.
+   */
+  async #revertResize(
+    server: Server,
+    guest: GuestState | undefined,
+    d: Decision,
+    ctx: ReconcileContext,
+  ): Promise<Server | undefined> {
+    const uid = server.metadata.uid!;
+    const old = server.status?.resize?.oldVmState ?? 'active';
+    let failure: string | undefined;
+    let after: GuestState | undefined;
+    try {
+      if (!guest) throw new Error(`no guest for this server on ${this.nodeName}: nothing to revert to`);
+      await this.#driver.unexportDisks(uid);
+      await this.#driver.revertResize(uid, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+      after = await this.#driver.state(uid);
+      if (old === 'active' && after?.powerState !== 'RUNNING') await this.#driver.powerOn(uid);
+      if (old === 'stopped' && after?.powerState === 'RUNNING') {
+        await this.#driver.powerOff(uid, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+      }
+      after = await this.#driver.state(uid);
+    } catch (err) {
+      failure = errorMessage(err);
+    }
+    this.#o.hypervisor.poke();
+    const r = await this.#write(server, guest, d, (st, s) => {
+      const t = nowIso(this.#clock);
+      const date = new Date(this.#clock.now());
+      if ((st.migrationSource as { node?: string } | undefined)?.node === this.nodeName) delete st.migrationSource;
+      if (failure !== undefined) {
+        setStates(st, 'error', undefined);
+        st.fault = { code: 500, message: failure.slice(0, 4096), time: t };
+        st.actions = finishAction(st.actions as never, 'revertResize', 'Error', t, failure);
+        setConditions(
+          st,
+          [{ type: 'Ready', status: 'False', reason: 'RevertResizeFailed', message: failure }],
+          s.metadata.generation,
+          date,
+        );
+        return;
+      }
+      setStates(st, old, undefined);
+      st.powerState = after?.powerState ?? 'NOSTATE';
+      delete st.fault;
+      st.actions = finishAction(st.actions as never, 'revertResize', 'Success', t);
+      setConditions(
+        st,
+        [{ type: 'Ready', status: 'True', reason: s.spec.powerState, message: `reverted on ${this.nodeName}` }],
+        s.metadata.generation,
+        date,
+      );
+    });
+    if (!r.applied) return r.server;
+    if (failure !== undefined) {
+      this.#events.warning(ref(r.server), 'RevertResizeFailed', 'RevertResize', failure);
+      ctx.log.warn({ failure }, 'revert failed');
+    } else {
+      this.#events.normal(ref(r.server), 'ResizeReverted', 'RevertResize', `reverted on ${this.nodeName}`);
+      ctx.log.info('resize reverted');
+    }
+    return r.server;
   }
 
   /**
@@ -621,7 +733,13 @@ export class ComputeService {
     action: 'resize' | 'migrate' | 'rebuild',
     keepIfSized: boolean,
     ctx: ReconcileContext,
-    o: { specFrom?: Server; extra?: (st: Status, s: Server) => void; nics?: GuestNetworkInterface[] | undefined } = {},
+    o: {
+      specFrom?: Server;
+      extra?: (st: Status, s: Server) => void;
+      nics?: GuestNetworkInterface[] | undefined;
+      /** Moved here: the guest is created from the disks its source serves. */
+      importFrom?: DiskExport;
+    } = {},
   ): Promise<Server | undefined> {
     const uid = server.metadata.uid!;
     const stopped = server.status?.vmState === 'stopped';
@@ -644,7 +762,7 @@ export class ComputeService {
         await this.#driver.destroy(uid); // rebuild: a new root disk from the image
         state = undefined;
       }
-      state ??= await this.#driver.spawn(spec);
+      state ??= o.importFrom ? await this.#driver.importDisks(spec, o.importFrom) : await this.#driver.spawn(spec);
       if (stopped && state.powerState !== 'SHUTDOWN') {
         await this.#driver.powerOff(uid, { graceful: false, timeoutMs: 0 });
         state = (await this.#driver.state(uid)) ?? state;
@@ -652,8 +770,6 @@ export class ComputeService {
         await this.#driver.powerOn(uid);
         state = (await this.#driver.state(uid)) ?? state;
       }
-      // Confirmed at once (no VERIFY_RESIZE step yet): the previous disks are dropped.
-      if (action !== 'rebuild') await this.#driver.confirmResize(uid);
     } catch (err) {
       failure = spawnFailureMessage(err, server.status?.image ?? server.spec.image);
       if (guest && keepIfSized) {
@@ -684,14 +800,18 @@ export class ComputeService {
           date,
         );
       } else {
-        setStates(st, stopped ? 'stopped' : 'active', undefined);
+        // A resize or migration waits in VERIFY_RESIZE for confirm or revert (Nova's vm_state resized).
+        const verify = action !== 'rebuild';
+        setStates(st, verify ? 'resized' : stopped ? 'stopped' : 'active', undefined);
         st.powerState = final.powerState;
         delete st.fault;
         st.actions = finishAction(st.actions as never, action, 'Success', t);
-        const message = `${action} finished on ${this.nodeName}`;
+        const message = verify
+          ? `${action} finished on ${this.nodeName}: confirm or revert (spec.triggers.confirmResize or revertResize)`
+          : `${action} finished on ${this.nodeName}`;
         setConditions(
           st,
-          [{ type: 'Ready', status: 'True', reason: s.spec.powerState, message }],
+          [{ type: 'Ready', status: 'True', reason: verify ? 'VerifyResize' : s.spec.powerState, message }],
           s.metadata.generation,
           date,
         );
@@ -1037,6 +1157,9 @@ export class ComputeService {
     const boundHere = live?.metadata?.labels?.[SERVER_NODE_LABEL] === this.nodeName;
     for (const g of guests) {
       if (live?.metadata?.uid === g.id && boundHere) return { requeueAfter: 2000 }; // the cache is behind
+      if (live?.metadata?.uid === g.id && !live.metadata.deletionTimestamp && this.#isMoveSource(live)) {
+        return this.#serveMove(live, g, ctx); // moved away: the guest and its disks stay until the move is confirmed
+      }
       await this.#driver.destroy(g.id);
       this.#exits.delete(g.id);
       const movedTo = live?.metadata?.labels?.[SERVER_NODE_LABEL];
@@ -1052,6 +1175,50 @@ export class ComputeService {
     }
     this.#o.hypervisor.poke();
     return undefined;
+  }
+
+  /** Whether this node is the source of the server's move (resize or migration to another node) in progress. */
+  #isMoveSource(live: ServerObject): boolean {
+    const mig = (live.status as Status | undefined)?.migration as { source?: string } | undefined;
+    return mig?.source === this.nodeName;
+  }
+
+  /**
+   * The source side of a move: while the target copies (taskState resize_migrated), the guest is stopped here, its
+   * disks are served read-only (driver exportDisks on --host-ip) and status.migrationSource says so (this agent is
+   * its only writer); afterwards the export ends. The guest and its disks stay until the move is confirmed (the
+   * operator drops status.migration, and this node then destroys its copy) or reverted (the server comes back here).
+   */
+  async #serveMove(live: ServerObject, g: GuestState, ctx: ReconcileContext): Promise<ReconcileResult> {
+    const parsed = parseServer(live);
+    if (!parsed) return { requeueAfter: 5000 };
+    const st = parsed.status ?? {};
+    const copying = st.taskState === 'resize_migrated';
+    let want: Record<string, unknown> | undefined;
+    if (copying) {
+      if (g.powerState !== 'SHUTDOWN' && g.powerState !== 'CRASHED') {
+        await this.#driver.powerOff(g.id, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+        ctx.log.info({ guest: g.id }, 'move source: guest stopped');
+      }
+      const stopped = await this.#driver.state(g.id);
+      if (stopped?.powerState !== 'SHUTDOWN' && stopped?.powerState !== 'CRASHED') return { requeueAfter: 2000 };
+      const exp = await this.#driver.exportDisks(g.id, this.#o.hostIP ?? '127.0.0.1');
+      const prev = st.migrationSource?.node === this.nodeName ? st.migrationSource : undefined;
+      want = { node: this.nodeName, guestStoppedAt: prev?.guestStoppedAt ?? nowIso(this.#clock), export: exp };
+    } else {
+      await this.#driver.unexportDisks(g.id);
+      const prev = st.migrationSource?.node === this.nodeName ? st.migrationSource : undefined;
+      want = prev ? { node: prev.node, guestStoppedAt: prev.guestStoppedAt } : undefined;
+    }
+    if (JSON.stringify(want ?? null) !== JSON.stringify(st.migrationSource ?? null) && want) {
+      await updateStatus(this.#client, SERVERS, live, (s) => {
+        if (!this.#isMoveSource({ ...live, status: s })) return undefined;
+        s.migrationSource = want;
+        return s;
+      });
+      ctx.log.info({ migrationSource: want }, 'move source: status.migrationSource written');
+    }
+    return { requeueAfter: copying ? 2000 : 5000 };
   }
 
   async #readLive(namespace: string, name: string): Promise<ServerObject | undefined> {

@@ -100,6 +100,20 @@ export interface HostInfo {
   version?: string;
 }
 
+/**
+ * The disks of a stopped guest served read-only for a cold migration (the source agent publishes it in
+ * Server.status.migrationSource; the target's importDisks pulls from it). QEMU driver: an NBD server on the node's
+ * host IP, one export per disk, guest-visible contents (raw).
+ */
+export interface DiskExport {
+  host: string;
+  port: number;
+  /** Export names: the root disk, and the ephemeral disk when the guest has one. */
+  disks: { root: string; ephemeral?: string };
+  /** sha256 of the image the root disk is an overlay on (the target rebases its copy onto its own cached copy). */
+  imageSha256?: string;
+}
+
 /** A guest stopped without being asked to (guest-initiated shutdown, crash, QEMU killed). */
 export interface GuestExit {
   id: string;
@@ -131,6 +145,9 @@ export const DRIVER_OPS = [
   'resize',
   'confirmResize',
   'revertResize',
+  'exportDisks',
+  'unexportDisks',
+  'importDisks',
 ] as const;
 export type DriverOp = (typeof DRIVER_OPS)[number];
 
@@ -173,6 +190,18 @@ export interface HypervisorDriver {
    * without one is left alone.
    */
   revertResize(id: string, opts: PowerOffOptions): Promise<void>;
+  /**
+   * Cold migration, source side: serves the disks of a stopped (SHUTDOWN/CRASHED) guest read-only on `host` until
+   * unexportDisks; a running guest is InvalidGuestStateError. Repeating it returns the export already served.
+   */
+  exportDisks(id: string, host: string): Promise<DiskExport>;
+  /** Ends the export of exportDisks (no process, port or file left); no export (or an unknown id) succeeds. */
+  unexportDisks(id: string): Promise<void>;
+  /**
+   * Cold migration, target side: creates the guest from the disks `from` serves (copies, not shared) with spec's
+   * definition, left stopped (SHUTDOWN); the caller starts it. A guest that already exists is left alone.
+   */
+  importDisks(spec: GuestSpec, from: DiskExport): Promise<GuestState>;
   /** The guest's state, or undefined when no guest with this id exists. */
   state(id: string): Promise<GuestState | undefined>;
   list(): Promise<GuestInfo[]>;

@@ -66,6 +66,7 @@ async function main(): Promise<void> {
     projectConcurrency: cfg.projectConcurrency,
     serverConcurrency: cfg.serverConcurrency,
     heartbeatGraceSeconds: cfg.heartbeatGraceSeconds,
+    resizeConfirmWindowSeconds: cfg.resizeConfirmWindowSeconds,
     scheduler: { strategy: cfg.schedulerStrategy },
     portConcurrency: cfg.portConcurrency,
     networkConcurrency: cfg.networkConcurrency,

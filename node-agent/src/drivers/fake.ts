@@ -11,6 +11,7 @@ import * as z from 'zod';
 import { byteQuantity, type PowerState, RESIZE_DOWN_MESSAGE } from '../../../operator/src/api/index.ts';
 import { type Clock, sleep, systemClock } from '../../../operator/src/runtime/index.ts';
 import {
+  type DiskExport,
   DRIVER_OPS,
   DriverError,
   type DriverOp,
@@ -67,6 +68,8 @@ interface FakeGuest {
   /** Root and ephemeral sizes (GiB) the guest's disks have (a resize keeps and grows them, never shrinks). */
   rootGiB: number;
   ephemeralGiB: number;
+  /** What the guest wrote on its disks (tests). */
+  data?: string | undefined;
   /** Sizes before an unconfirmed resize (restored by revertResize). */
   preResize?: { vcpus: number; ramMiB: number; diskGiB: number; rootGiB: number; ephemeralGiB: number };
 }
@@ -79,6 +82,9 @@ export interface FakeCall {
 }
 
 const CALL_LOG = 200;
+
+/** Disk exports of the fake drivers of this process (several fake nodes share one process in tests). */
+const FAKE_EXPORTS = new Map<string, { rootGiB: number; ephemeralGiB: number; data: string | undefined }>();
 
 export class FakeDriver implements HypervisorDriver {
   readonly name = 'fake';
@@ -229,6 +235,49 @@ export class FakeDriver implements HypervisorDriver {
     if (g.powerState !== 'SHUTDOWN' && g.powerState !== 'CRASHED') this.#halt(g, 'SHUTDOWN');
     Object.assign(g, g.preResize);
     delete g.preResize;
+  }
+
+  async exportDisks(id: string, host: string): Promise<DiskExport> {
+    const g = await this.#op('exportDisks', id);
+    if (g.powerState !== 'SHUTDOWN' && g.powerState !== 'CRASHED') {
+      throw new InvalidGuestStateError('exportDisks', id, g.powerState);
+    }
+    const key = `${host}/${id}`;
+    FAKE_EXPORTS.set(key, { rootGiB: g.rootGiB, ephemeralGiB: g.ephemeralGiB, data: g.data });
+    return { host, port: 10_809, disks: { root: id, ...(g.ephemeralGiB > 0 ? { ephemeral: `${id}-eph` } : {}) } };
+  }
+
+  async unexportDisks(id: string): Promise<void> {
+    for (const key of FAKE_EXPORTS.keys()) if (key.endsWith(`/${id}`)) FAKE_EXPORTS.delete(key);
+  }
+
+  async importDisks(spec: GuestSpec, from: DiskExport): Promise<GuestState> {
+    const existing = this.#guests.get(spec.id);
+    if (existing) return stateOf(existing);
+    await this.#work('importDisks', spec.id, parseFailOps(spec.annotations[FAKE_FAIL_ANNOTATION]));
+    const src = FAKE_EXPORTS.get(`${from.host}/${spec.id}`);
+    if (!src)
+      throw new DriverError('importDisks', spec.id, `importDisks: nothing exported at ${from.host}:${from.port}`);
+    const g = await this.spawn(spec);
+    const guest = this.#guests.get(g.id)!;
+    this.#halt(guest, 'SHUTDOWN');
+    guest.data = src.data;
+    return stateOf(guest);
+  }
+
+  /** Number of disk exports served by all fake drivers of this process (tests: none may leak). */
+  static exports(): number {
+    return FAKE_EXPORTS.size;
+  }
+
+  /** Opaque guest data kept on its disks (tests: follows resize and migration, lost by destroy). */
+  setData(id: string, data: string): void {
+    const g = this.#guests.get(id);
+    if (g) g.data = data;
+  }
+
+  data(id: string): string | undefined {
+    return this.#guests.get(id)?.data;
   }
 
   /** Whether the guest has an unconfirmed resize (tests). */

@@ -29,6 +29,7 @@ import { RESIZE_DOWN_MESSAGE } from '../../../operator/src/api/index.ts';
 import { silentLogger } from '../../../operator/src/runtime/index.ts';
 import {
   type Accelerator,
+  type DiskExport,
   DriverError,
   type DriverOp,
   type GuestExit,
@@ -77,6 +78,9 @@ import {
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
+/** NBD ports of disk exports (cold migration): EXPORT_PORT_BASE + (guest id % EXPORT_PORT_SPAN), then the next. */
+const EXPORT_PORT_BASE = 10_810;
+const EXPORT_PORT_SPAN = 1000;
 
 export interface QemuDriverOptions {
   /** Root of the driver's files (default /var/lib/stratus): guests/<uid>/ and, by default, images/. */
@@ -388,60 +392,14 @@ export class QemuDriver implements HypervisorDriver {
         if (spec.disk.swapMiB > 0) {
           await this.#images!.createBlankDisk({ path: p.swap, sizeBytes: spec.disk.swapMiB * MiB });
         }
-        const hostname = spec.hostname ?? spec.name;
-        const keyPair = spec.keyPair ? { name: spec.keyPair.name, publicKey: spec.keyPair.publicKey } : undefined;
-        await writeNoCloudIso(
-          {
-            instanceId: id,
-            hostname,
-            ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
-            ...(keyPair ? { keyPair } : {}),
-            nics: seedNicsOf(spec.nics),
-          },
-          p.seed,
-        );
-        if (spec.configDrive) {
-          await writeConfigDriveIso(
-            {
-              uuid: id,
-              name: spec.name,
-              hostname,
-              ...(keyPair ? { keyPair } : {}),
-              ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
-              metadata: { ...(spec.metadata ?? {}) },
-              nics: seedNicsOf(spec.nics),
-            },
-            p.configDrive,
-          );
-        }
-        const accelerator: Accelerator =
-          spec.accelerator === 'tcg' || accel.accelerator === 'tcg' ? 'tcg' : (spec.accelerator ?? accel.accelerator);
-        const rec: GuestRecord = {
-          version: 1,
-          spec: recordedSpec(spec),
-          accelerator,
-          cache: this.#cache,
-          image: {
-            key: image.key,
-            path: image.path,
-            format: image.format,
-            virtualSize: image.virtualSize,
-            sha256: image.sha256,
-          },
-          disks: {
-            root: p.root,
-            rootBytes,
-            ...(spec.disk.ephemeralGiB > 0 ? { ephemeral: p.ephemeral } : {}),
-            ...(spec.disk.swapMiB > 0 ? { swap: p.swap } : {}),
-            seed: p.seed,
-            ...(spec.configDrive ? { configDrive: p.configDrive } : {}),
-          },
-          createdAt: isoNow(),
-        };
+        const rec = await this.#define(spec, image, rootBytes, accel);
         await writeRecord(p.record, rec);
         launched = true;
         await this.#launch('spawn', rec);
-        this.#log.info({ guest: id, server: `${spec.namespace}/${spec.name}`, accelerator }, 'guest spawned');
+        this.#log.info(
+          { guest: id, server: `${spec.namespace}/${spec.name}`, accelerator: rec.accelerator },
+          'guest spawned',
+        );
         return this.#stateOf(id, rec);
       } catch (err) {
         if (launched) await this.#kill(id).catch(() => {});
@@ -452,12 +410,75 @@ export class QemuDriver implements HypervisorDriver {
     });
   }
 
+  /** Writes the seeds of a guest whose disks exist and returns its record (not written yet). */
+  async #define(
+    spec: GuestSpec,
+    image: CachedImage,
+    rootBytes: number,
+    accel: AcceleratorDecision,
+  ): Promise<GuestRecord> {
+    const id = spec.id;
+    const p = this.paths(id);
+    const hostname = spec.hostname ?? spec.name;
+    const keyPair = spec.keyPair ? { name: spec.keyPair.name, publicKey: spec.keyPair.publicKey } : undefined;
+    await writeNoCloudIso(
+      {
+        instanceId: id,
+        hostname,
+        ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
+        ...(keyPair ? { keyPair } : {}),
+        nics: seedNicsOf(spec.nics),
+      },
+      p.seed,
+    );
+    if (spec.configDrive) {
+      await writeConfigDriveIso(
+        {
+          uuid: id,
+          name: spec.name,
+          hostname,
+          ...(keyPair ? { keyPair } : {}),
+          ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
+          metadata: { ...(spec.metadata ?? {}) },
+          nics: seedNicsOf(spec.nics),
+        },
+        p.configDrive,
+      );
+    }
+    const accelerator: Accelerator =
+      spec.accelerator === 'tcg' || accel.accelerator === 'tcg' ? 'tcg' : (spec.accelerator ?? accel.accelerator);
+    const rec: GuestRecord = {
+      version: 1,
+      spec: recordedSpec(spec),
+      accelerator,
+      cache: this.#cache,
+      image: {
+        key: image.key,
+        path: image.path,
+        format: image.format,
+        virtualSize: image.virtualSize,
+        sha256: image.sha256,
+      },
+      disks: {
+        root: p.root,
+        rootBytes,
+        ...(spec.disk.ephemeralGiB > 0 ? { ephemeral: p.ephemeral } : {}),
+        ...(spec.disk.swapMiB > 0 ? { swap: p.swap } : {}),
+        seed: p.seed,
+        ...(spec.configDrive ? { configDrive: p.configDrive } : {}),
+      },
+      createdAt: isoNow(),
+    };
+    return rec;
+  }
+
   async destroy(id: string): Promise<void> {
     this.#ready();
     if (!GuestId.safeParse(id).success) return; // no such guest can exist
     await this.#withLock(id, async () => {
       const p = this.paths(id);
       await this.#kill(id);
+      await this.#endExport(id);
       await rm(p.dir, { recursive: true, force: true });
       this.#log.info({ guest: id }, 'guest destroyed');
     });
@@ -747,6 +768,171 @@ export class QemuDriver implements HypervisorDriver {
       await rm(p.resizeOld, { recursive: true, force: true });
       this.#log.info({ guest: id }, 'resize reverted (previous definition and disks restored)');
     });
+  }
+
+  // ---- cold migration: the source serves the stopped guest's disks over NBD, the target copies them ----
+
+  async exportDisks(id: string, host: string): Promise<DiskExport> {
+    let out: DiskExport | undefined;
+    await this.#op('exportDisks', id, async (rec, live) => {
+      if (live) {
+        const s = await live.qmp.queryStatus().catch(() => undefined);
+        throw new InvalidGuestStateError('exportDisks', id, s?.powerState ?? 'RUNNING');
+      }
+      if (rec.suspended) throw new InvalidGuestStateError('exportDisks', id, 'SUSPENDED');
+      const p = this.paths(id);
+      const served = await this.#exportServed(id);
+      if (served && served.host === host) {
+        out = served;
+        return;
+      }
+      await this.#endExport(id);
+      const disks = { root: 'root', ...(rec.disks.ephemeral ? { ephemeral: 'ephemeral' } : {}) };
+      const blockdevs = (name: string, file: string) => [
+        '--blockdev',
+        `driver=file,node-name=${name}-file,filename=${file},read-only=on`,
+        '--blockdev',
+        `driver=qcow2,node-name=${name},file=${name}-file,read-only=on`,
+        '--export',
+        `type=nbd,id=export-${name},node-name=${name},name=${name},writable=off`,
+      ];
+      const args = [
+        ...blockdevs('root', rec.disks.root),
+        ...(rec.disks.ephemeral ? blockdevs('ephemeral', rec.disks.ephemeral) : []),
+      ];
+      // A port per guest from its id, the next ones when taken (the netns of the node may not be the agent's).
+      const base = EXPORT_PORT_BASE + (Number.parseInt(id.slice(0, 8), 16) % EXPORT_PORT_SPAN);
+      let lastErr: unknown;
+      for (let i = 0; i < 16; i++) {
+        const port = EXPORT_PORT_BASE + ((base - EXPORT_PORT_BASE + i) % EXPORT_PORT_SPAN);
+        try {
+          await this.#exec.run(
+            'qemu-storage-daemon',
+            [
+              ...args,
+              '--nbd-server',
+              `addr.type=inet,addr.host=${host},addr.port=${port},max-connections=4`,
+              '--pidfile',
+              p.exportPid,
+              '--daemonize',
+            ],
+            { timeoutMs: 30_000 },
+          );
+        } catch (err) {
+          lastErr = err;
+          if (err instanceof ExecError && /in use/i.test(err.stderr)) continue;
+          throw err;
+        }
+        out = { host, port, disks, imageSha256: rec.image.sha256 };
+        await writeFile(p.exportInfo, `${JSON.stringify(out)}\n`, { mode: 0o600 });
+        this.#log.info({ guest: id, host, port }, 'disks exported read-only over NBD');
+        return;
+      }
+      throw lastErr;
+    });
+    return out!;
+  }
+
+  async unexportDisks(id: string): Promise<void> {
+    this.#ready();
+    if (!GuestId.safeParse(id).success) return;
+    await this.#withLock(id, () => this.#endExport(id));
+  }
+
+  async importDisks(spec: GuestSpec, from: DiskExport): Promise<GuestState> {
+    const accel = this.#ready();
+    const id = spec.id;
+    if (!GuestId.safeParse(id).success) throw new DriverError('importDisks', id, `importDisks: ${id} is not a UUID`);
+    return this.#withLock(id, async () => {
+      const p = this.paths(id);
+      const existing = await readRecord(p.record);
+      if (existing) return this.#stateOf(id, existing);
+      const nicProblem = nicsProblem(spec.nics ?? []);
+      if (nicProblem) throw new DriverError('importDisks', id, `importDisks: ${nicProblem}`);
+      if (!spec.imageSource) throw new DriverError('importDisks', id, `importDisks: image ${spec.image} not found`);
+      const image = await this.#images!.ensure(spec.imageSource);
+      await rm(p.dir, { recursive: true, force: true });
+      await mkdir(p.dir, { recursive: true, mode: 0o700 });
+      try {
+        const url = (name: string) => `nbd://${from.host}:${from.port}/${name}`;
+        // The copy keeps the overlay on the image when this node's cached copy is the same image (sha256):
+        // qemu-img convert -B writes only what differs from it; otherwise the copy is flattened.
+        const rebase = from.imageSha256 !== undefined && from.imageSha256 === image.sha256;
+        await this.#pull(url(from.disks.root), p.root, rebase ? image : undefined);
+        if (spec.disk.ephemeralGiB > 0) {
+          if (from.disks.ephemeral) await this.#pull(url(from.disks.ephemeral), p.ephemeral, undefined);
+          else await this.#images!.createBlankDisk({ path: p.ephemeral, sizeBytes: spec.disk.ephemeralGiB * GiB });
+        }
+        if (spec.disk.swapMiB > 0) {
+          await this.#images!.createBlankDisk({ path: p.swap, sizeBytes: spec.disk.swapMiB * MiB });
+        }
+        const { stdout } = await this.#exec.run('qemu-img', ['info', '--output=json', '-f', 'qcow2', p.root]);
+        const rootBytes = z.object({ 'virtual-size': z.int() }).parse(JSON.parse(stdout))['virtual-size'];
+        const rec = await this.#define(spec, image, rootBytes, accel);
+        await writeRecord(p.record, rec);
+        this.#log.info({ guest: id, from: `${from.host}:${from.port}`, rebase }, 'guest disks imported');
+        return this.#stateOf(id, rec);
+      } catch (err) {
+        await rm(p.dir, { recursive: true, force: true });
+        if (err instanceof DriverError || err instanceof ImageError) throw err;
+        throw new DriverError('importDisks', id, `importDisks: ${errMsg(err)}`, { cause: err });
+      }
+    });
+  }
+
+  /** Copies an NBD export into a qcow2 file (over the backing image when given), through a temporary name. */
+  async #pull(url: string, path: string, backing: CachedImage | undefined): Promise<void> {
+    const tmp = `${path}.part`;
+    await rm(tmp, { force: true });
+    const args = ['convert', '-q', '-f', 'raw', '-O', 'qcow2'];
+    if (backing) args.push('-B', backing.path, '-F', backing.format);
+    // Runs in the node's network namespace (the source's host IP is reachable there).
+    await this.#exec.run('qemu-img', [...args, url, tmp], { timeoutMs: 6 * 3600_000 });
+    await rename(tmp, path);
+  }
+
+  /** The export this guest serves now (its qemu-storage-daemon alive), if any. */
+  async #exportServed(id: string): Promise<DiskExport | undefined> {
+    const p = this.paths(id);
+    const pid = await this.#exportPid(id);
+    if (pid === undefined) return undefined;
+    const text = await readFile(p.exportInfo, 'utf8').catch(() => undefined);
+    if (!text) return undefined;
+    return JSON.parse(text) as DiskExport;
+  }
+
+  /** pid of this guest's live qemu-storage-daemon (its command line names the guest's pid file). */
+  async #exportPid(id: string): Promise<number | undefined> {
+    const p = this.paths(id);
+    const pid = Number((await this.#proc.readPidFile(p.exportPid))?.trim());
+    if (!Number.isInteger(pid) || pid <= 0) return undefined;
+    const argv = await this.#proc.cmdline(pid);
+    if (!argv?.some((a) => a.endsWith('qemu-storage-daemon')) || !argv.includes(p.exportPid)) return undefined;
+    return pid;
+  }
+
+  /** Stops this guest's export (SIGTERM, then SIGKILL) and removes its files. */
+  async #endExport(id: string): Promise<void> {
+    const p = this.paths(id);
+    const pid = await this.#exportPid(id);
+    if (pid !== undefined) {
+      try {
+        process.kill(pid, 'SIGTERM');
+      } catch {
+        // gone meanwhile
+      }
+      for (let i = 0; i < 100 && (await this.#exportPid(id)) !== undefined; i++) await sleep(50);
+      if ((await this.#exportPid(id)) !== undefined) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // gone meanwhile
+        }
+      }
+      this.#log.info({ guest: id, pid }, 'disk export ended');
+    }
+    await rm(p.exportPid, { force: true });
+    await rm(p.exportInfo, { force: true });
   }
 
   // ---- state ----

@@ -16,6 +16,8 @@ export interface ControllersConfig {
   serverConcurrency: number;
   /** A hypervisor whose heartbeat is older than this is down (Nova's service_down_time). */
   heartbeatGraceSeconds: number;
+  /** VERIFY_RESIZE is confirmed automatically after this long (default 0: never). */
+  resizeConfirmWindowSeconds?: number;
   scheduler: SchedulerConfig;
   /** Parallel Port reconciles (default 8). */
   portConcurrency?: number;
@@ -40,6 +42,7 @@ export function registerControllers(mgr: Manager, cfg: ControllersConfig) {
     instance: cfg.identity,
     concurrency: cfg.serverConcurrency,
     heartbeatGraceMs,
+    resizeConfirmWindowMs: (cfg.resizeConfirmWindowSeconds ?? 0) * 1000,
     scheduler: cfg.scheduler,
   });
   const network = registerNetworkController(mgr, {

@@ -32,6 +32,9 @@ export interface GuestPaths {
   migrateSocket: string;
   /** Held while a QEMU is being started for this guest (cross-process guard). */
   launchLock: string;
+  /** Disk export of a cold migration: qemu-storage-daemon's pid file, and export.json (the DiskExport served). */
+  exportPid: string;
+  exportInfo: string;
   /** What an unconfirmed resize keeps for a revert: guest.json, root.qcow2, ephemeral.qcow2, and `complete`. */
   resizeOld: string;
 }
@@ -63,6 +66,8 @@ export function guestPaths(stateDir: string, id: string): GuestPaths {
     migrateSocket: f('migrate.sock'),
     launchLock: f('launch.lock'),
     resizeOld: f('resize-old'),
+    exportPid: f('nbd.pid'),
+    exportInfo: f('export.json'),
   };
 }
 
