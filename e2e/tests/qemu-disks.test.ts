@@ -4,9 +4,14 @@
 // (the FAT partition /dev/vda1) and onto its ephemeral disk (/dev/vdb) the first time, and prints what it finds at
 // every later boot, with the disks' sizes:
 //  1. resize to a bigger flavor: the file and the ephemeral data are read back after the resize, the root disk has
-//     grown; a resize back to the smaller flavor is refused with Nova's words and the guest keeps running.
+//     grown; VERIFY_RESIZE keeps the old disks until confirmResize; a resize back to the smaller flavor is refused
+//     with Nova's words and the guest keeps running.
+//  2. cold migration between two simulated nodes (netns, one agent each): the guest reads its file back on the
+//     target; revertResize brings it back to the source from its old disks; a second migration confirmed drops the
+//     source's copy; no NBD export (qemu-storage-daemon) is left.
 // Every Server has a nodeSelector on this run's label, so other hypervisors of the shared cluster are never chosen.
 // Needs root, qemu-system-x86_64, qemu-img and genisoimage; skipped (with a message) otherwise.
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, rm, symlink } from 'node:fs/promises';
 import path from 'node:path';
 import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
@@ -17,6 +22,7 @@ import { adminKubeConfig, adminKubeconfigFile } from '../controlplane/testenv.ts
 import { ensureTestImage, type TestImage } from '../images/build.ts';
 import { type FileServer, start } from '../images/serve.ts';
 import {
+  consoleText as consoleTextOf,
   deleteIgnore,
   FLAVORS,
   getServer,
@@ -26,6 +32,7 @@ import {
   isQemuOf,
   LEASES,
   NAMESPACES,
+  NodeStack,
   type Proc,
   qemuPid,
   SERVERS,
@@ -36,6 +43,7 @@ import {
   waitConsole,
   waitFor,
 } from '../stack.ts';
+import { createLab, destroyLab, type NetLab } from '../testing/netlab.ts';
 import { missingQemuPrerequisite } from '../testing/qemu.ts';
 
 const log = (m: string) => console.error(`[qemu-disks] ${m}`);
@@ -194,7 +202,11 @@ describe.skipIf(missing !== undefined)('Resize and cold migration keep the disks
     const text = await waitConsole(stateDir, uid, `STRATUS-DATA sizes vda=${2 * GiB_SECTORS} vdb=${GiB_SECTORS}`, 1);
     expect(text.split('STRATUS-DATA root wrote').length - 1).toBe(1);
     expect(text.split('STRATUS-DATA ephemeral wrote').length - 1).toBe(1);
+    await waitStatus(name, 'VERIFY_RESIZE', 'RUNNING');
+    expect(existsSync(path.join(stateDir, 'guests', uid, 'resize-old', 'root.qcow2'))).toBe(true);
+    await client.patch(SERVERS, name, NS, { spec: { triggers: { confirmResize: 'c1' } } }, PatchStrategy.MergePatch);
     const resized = await waitStatus(name, 'ACTIVE', 'RUNNING');
+    expect(existsSync(path.join(stateDir, 'guests', uid, 'resize-old'))).toBe(false);
     expect(resized.status?.flavor).toMatchObject({ name: BIG, disk: '2Gi' });
     const pid = await qemuPid(stateDir, uid);
 
@@ -213,5 +225,128 @@ describe.skipIf(missing !== undefined)('Resize and cold migration keep the disks
     expect(after?.status).toMatchObject({ status: 'ACTIVE', flavor: { name: BIG } });
     expect(await qemuPid(stateDir, uid)).toBe(pid);
     expect(await isQemuOf(pid, uid)).toBe(true);
+  });
+
+  // Two simulated nodes (network namespaces with their underlay addresses), one QEMU agent each (--netns,
+  // --host-ip): the source serves the stopped guest's disks over NBD on its host IP, the target copies them.
+  describe('cold migration between two nodes', () => {
+    const labPrefix = 'dsk';
+    const migLabels = { [LABEL]: `${ID}-m` };
+    let lab: NetLab | undefined;
+    let stack: NodeStack | undefined;
+    const migUids = new Set<string>();
+
+    /** qemu-storage-daemon processes serving a guest directory of this stack (none may be left). */
+    const exportProcs = () =>
+      readdirSync('/proc')
+        .filter((d) => /^\d+$/.test(d))
+        .filter((d) => {
+          try {
+            const argv = readFileSync(`/proc/${d}/cmdline`, 'utf8');
+            return argv.includes('qemu-storage-daemon') && argv.includes(work);
+          } catch {
+            return false;
+          }
+        });
+
+    beforeAll(async () => {
+      lab = createLab(labPrefix, 2, 251);
+      stack = new NodeStack({
+        id: `${ID}-m`,
+        work,
+        kubeconfig: adminKubeconfigFile(),
+        nodes: lab.nodes,
+        networkBackend: 'noop',
+        labels: migLabels,
+        operator,
+      });
+      await stack.start();
+    }, 300_000);
+
+    afterAll(async () => {
+      try {
+        for (const s of (await client.list<Srv>(SERVERS, { namespace: NS })).items) {
+          if (s.metadata?.labels?.[LABEL] === migLabels[LABEL])
+            await deleteIgnore(client, SERVERS, s.metadata.name!, NS);
+        }
+        await waitFor(
+          'migration servers deleted',
+          async () =>
+            (await client.list<Srv>(SERVERS, { namespace: NS })).items.every(
+              (s) => s.metadata?.labels?.[LABEL] !== migLabels[LABEL],
+            ),
+          60_000,
+        ).catch((e: unknown) => log(String(e)));
+      } catch (e) {
+        log(`cleanup: ${e}`);
+      }
+      await stack?.stop();
+      await stack?.killGuests(migUids);
+      for (const pid of exportProcs()) process.kill(Number(pid), 'SIGKILL');
+      if (lab) lab.destroy();
+      else destroyLab(labPrefix);
+      for (const a of stack?.agents ?? []) await deleteIgnore(client, HYPERVISORS, a.nodeName).catch(() => {});
+    }, 180_000);
+
+    it('a migrated guest reads back the file written before the move; revert brings it back; no export is left', async () => {
+      const name = 'migrate-vm';
+      const token = `token-${process.pid}-migrate`;
+      const created = await client.create<Srv>(
+        SERVERS,
+        server(
+          name,
+          NS,
+          { flavor: SMALL, image: 'test', userData: diskProbeUserData(token), nodeSelector: migLabels },
+          migLabels,
+        ),
+      );
+      const uid = created.metadata!.uid!;
+      migUids.add(uid);
+      await waitFor('guest placed', async () => stack!.agentOf(uid), 120_000);
+      const source = stack!.agentOf(uid)!;
+      const target = stack!.agents.find((a) => a !== source)!;
+      await waitConsole(source.stateDir, uid, 'STRATUS-DATA root wrote', 1);
+      await waitConsole(source.stateDir, uid, 'STRATUS-DATA ephemeral wrote', 1);
+      await waitStatus(name, 'ACTIVE', 'RUNNING');
+
+      const patchTriggers = (triggers: Record<string, string>) =>
+        client.patch(SERVERS, name, NS, { spec: { triggers } }, PatchStrategy.MergePatch);
+      await patchTriggers({ migrate: 'm1' });
+      await waitConsole(target.stateDir, uid, `STRATUS-DATA root found ${token}`, 1);
+      await waitConsole(target.stateDir, uid, `STRATUS-DATA ephemeral found ${token}`, 1);
+      const v = await waitStatus(name, 'VERIFY_RESIZE', 'RUNNING');
+      expect(v.status).toMatchObject({
+        node: target.nodeName,
+        migration: { source: source.nodeName, target: target.nodeName },
+        migrationSource: { node: source.nodeName, guestStoppedAt: expect.any(String) },
+      });
+      // the copy was served from the source's host IP and the export is gone once the target finished
+      expect(v.status?.migrationSource?.export).toBeUndefined();
+      await waitFor('export ended', async () => exportProcs().length === 0, 30_000);
+      expect(await isQemuOf(await qemuPid(source.stateDir, uid), uid)).toBe(false);
+      expect(existsSync(path.join(source.stateDir, 'guests', uid, 'root.qcow2'))).toBe(true);
+
+      // revert: back to the source, from its own (old) disks
+      await patchTriggers({ migrate: 'm1', revertResize: 'r1' });
+      const before = (await consoleTextOf(source.stateDir, uid)).split(`STRATUS-DATA root found ${token}`).length - 1;
+      await waitConsole(source.stateDir, uid, `STRATUS-DATA root found ${token}`, before + 1);
+      const r = await waitStatus(name, 'ACTIVE', 'RUNNING');
+      expect(r.status?.node).toBe(source.nodeName);
+      await waitFor('target copy dropped', async () => !existsSync(path.join(target.stateDir, 'guests', uid)), 60_000);
+
+      // migrate again and confirm: the source's copy goes
+      await patchTriggers({ migrate: 'm2', revertResize: 'r1' });
+      await waitConsole(target.stateDir, uid, `STRATUS-DATA root found ${token}`, 1);
+      await waitStatus(name, 'VERIFY_RESIZE', 'RUNNING');
+      await patchTriggers({ migrate: 'm2', revertResize: 'r1', confirmResize: 'c1' });
+      const c = await waitStatus(name, 'ACTIVE', 'RUNNING');
+      expect(c.status?.node).toBe(target.nodeName);
+      await waitFor('source copy dropped', async () => !existsSync(path.join(source.stateDir, 'guests', uid)), 60_000);
+      await waitFor('move records dropped', async () => {
+        const s = await getServer(client, NS, name);
+        return !s?.status?.migration && !s?.status?.resize && !s?.status?.migrationSource;
+      });
+      expect(exportProcs()).toEqual([]);
+    });
   });
 });

@@ -809,9 +809,10 @@ export class QemuDriver implements HypervisorDriver {
           await this.#exec.run(
             'qemu-storage-daemon',
             [
-              ...args,
+              // qemu-storage-daemon acts on its options in order: the NBD server before the exports.
               '--nbd-server',
               `addr.type=inet,addr.host=${host},addr.port=${port},max-connections=4`,
+              ...args,
               '--pidfile',
               p.exportPid,
               '--daemonize',
