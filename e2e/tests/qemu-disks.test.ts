@@ -320,8 +320,11 @@ describe.skipIf(missing !== undefined)('Resize and cold migration keep the disks
         migration: { source: source.nodeName, target: target.nodeName },
         migrationSource: { node: source.nodeName, guestStoppedAt: expect.any(String) },
       });
-      // the copy was served from the source's host IP and the export is gone once the target finished
-      expect(v.status?.migrationSource?.export).toBeUndefined();
+      // the export is gone once the target finished (the source agent notices within its requeue)
+      await waitFor(
+        'export dropped from status',
+        async () => !(await getServer(client, NS, name))?.status?.migrationSource?.export,
+      );
       await waitFor('export ended', async () => exportProcs().length === 0, 30_000);
       expect(await isQemuOf(await qemuPid(source.stateDir, uid), uid)).toBe(false);
       expect(existsSync(path.join(source.stateDir, 'guests', uid, 'root.qcow2'))).toBe(true);

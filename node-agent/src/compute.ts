@@ -1160,6 +1160,14 @@ export class ComputeService {
       if (live?.metadata?.uid === g.id && !live.metadata.deletionTimestamp && this.#isMoveSource(live)) {
         return this.#serveMove(live, g, ctx); // moved away: the guest and its disks stay until the move is confirmed
       }
+      if (live?.metadata?.uid === g.id && (live.status?.migrationSource as { node?: string })?.node === this.nodeName) {
+        // The move away from here is confirmed: this node's record of it goes with its copy of the guest.
+        await updateStatus(this.#client, SERVERS, live, (s) => {
+          if ((s.migrationSource as { node?: string } | undefined)?.node !== this.nodeName) return undefined;
+          delete s.migrationSource;
+          return s;
+        });
+      }
       await this.#driver.destroy(g.id);
       this.#exits.delete(g.id);
       const movedTo = live?.metadata?.labels?.[SERVER_NODE_LABEL];
@@ -1213,7 +1221,8 @@ export class ComputeService {
     if (JSON.stringify(want ?? null) !== JSON.stringify(st.migrationSource ?? null) && want) {
       await updateStatus(this.#client, SERVERS, live, (s) => {
         if (!this.#isMoveSource({ ...live, status: s })) return undefined;
-        s.migrationSource = want;
+        // A merge patch of the top-level field: a key that goes must be sent as null.
+        s.migrationSource = want.export ? want : { ...want, export: null };
         return s;
       });
       ctx.log.info({ migrationSource: want }, 'move source: status.migrationSource written');
