@@ -319,6 +319,7 @@ export class NodeAgent {
       events: this.events,
       hypervisor: this.hypervisor,
       network: { plug: (server) => this.network.plug(server) },
+      ...(o.hostIP ? { hostIP: o.hostIP } : {}),
       ...defined({
         concurrency: o.concurrency,
         powerOffTimeoutMs: s(o.powerOffTimeoutSeconds),

@@ -56,7 +56,14 @@ import {
   type TimerHandle,
   updateStatus,
 } from '../../operator/src/runtime/index.ts';
-import type { GuestExit, GuestNetworkInterface, GuestSpec, GuestState, HypervisorDriver } from './driver.ts';
+import type {
+  DiskExport,
+  GuestExit,
+  GuestNetworkInterface,
+  GuestSpec,
+  GuestState,
+  HypervisorDriver,
+} from './driver.ts';
 import { agentFieldManager } from './fieldmanager.ts';
 import { ImageError, type ImageErrorReason } from './images/cache.ts';
 import {
@@ -117,6 +124,11 @@ export interface ComputeOptions {
    * NICs.
    */
   network?: ServerNetworkService;
+  /**
+   * Address this node serves a moving guest's disks on (NBD, cold migration source; the node's --host-ip, reachable
+   * from the other nodes). Default 127.0.0.1 (several agents on one host).
+   */
+  hostIP?: string;
   /** Parallel Server reconciles (default 4). */
   concurrency?: number;
   /** Grace of a graceful power off before it is forced (default 60 s, Nova's shutdown_timeout). */
@@ -155,6 +167,8 @@ export function serverChanged(a: ServerObject, b: ServerObject): boolean {
     json(s.allocation) !== json(t.allocation) ||
     s.image !== t.image ||
     (s.taskState !== t.taskState && !(agentTask(s.taskState) && agentTask(t.taskState))) ||
+    json(s.migration) !== json(t.migration) ||
+    json(s.migrationSource) !== json(t.migrationSource) ||
     (t.powerState === 'NOSTATE' && s.powerState !== 'NOSTATE')
   );
 }
@@ -287,6 +301,13 @@ export class ComputeService {
       }
       const since = this.#orphanSince.get(g.id) ?? now;
       this.#orphanSince.set(g.id, since);
+      const source = await this.#readLive(g.namespace, g.name);
+      if (source?.metadata?.uid === g.id && this.#isMoveSource(source)) {
+        // The source of a move (e.g. after a restart of this agent): served by the server's reconcile, never swept.
+        this.#orphanSince.delete(g.id);
+        this.controller.enqueue(objectKey(source));
+        continue;
+      }
       if (now - since < grace) continue;
       const live = await this.#readLive(g.namespace, g.name);
       const verdict = guestVerdict(live, g.id, this.nodeName);
@@ -363,20 +384,26 @@ export class ComputeService {
     c: { status: 'True' | 'False'; reason: string; message: string },
   ): Promise<void> {
     try {
-      await updateStatus(this.#client, SERVERS, server, (st, obj) => {
-        const cur = (
-          st.conditions as { type: string; status: string; reason?: string; message?: string }[] | undefined
-        )?.find((x) => x.type === PLACEMENT_CONDITION);
-        if (cur?.status === c.status && cur.reason === c.reason && cur.message === c.message) return undefined;
-        if (obj.metadata?.uid !== server.metadata?.uid) return undefined;
-        st.conditions = setCondition(
-          st.conditions as never,
-          { type: PLACEMENT_CONDITION, ...c },
-          obj.metadata?.generation,
-          new Date(this.#clock.now()),
-        );
-        return st;
-      });
+      await updateStatus(
+        this.#client,
+        SERVERS,
+        server,
+        (st, obj) => {
+          const cur = (
+            st.conditions as { type: string; status: string; reason?: string; message?: string }[] | undefined
+          )?.find((x) => x.type === PLACEMENT_CONDITION);
+          if (cur?.status === c.status && cur.reason === c.reason && cur.message === c.message) return undefined;
+          if (obj.metadata?.uid !== server.metadata?.uid) return undefined;
+          st.conditions = setCondition(
+            st.conditions as never,
+            { type: PLACEMENT_CONDITION, ...c },
+            obj.metadata?.generation,
+            new Date(this.#clock.now()),
+          );
+          return st;
+        },
+        { fieldManager: agentFieldManager(this.nodeName) },
+      );
     } catch (err) {
       if (!isNotFound(err)) this.#log.warn({ err, server: objectKey(server) }, 'cannot write the Placement condition');
     }
@@ -620,6 +647,27 @@ export class ComputeService {
         return 'wait' in net ? net.wait : this.#finishResize(server, guest, d, ctx, net.nics);
       }
 
+      case 'confirmResize': {
+        await this.#driver.confirmResize(uid);
+        const after = await this.#driver.state(uid);
+        const r = await this.#write(server, guest, d, (st, s) => {
+          setStates(st, after?.powerState === 'RUNNING' ? 'active' : 'stopped', undefined);
+          st.powerState = after?.powerState ?? 'NOSTATE';
+          st.actions = finishAction(st.actions as never, 'confirmResize', 'Success', now);
+          setConditions(
+            st,
+            [{ type: 'Ready', status: 'True', reason: s.spec.powerState, message: 'resize confirmed' }],
+            s.metadata.generation,
+            date,
+          );
+        });
+        if (r.applied) this.#events.normal(ref(r.server), 'ResizeConfirmed', 'ConfirmResize', `on ${this.nodeName}`);
+        return r.server;
+      }
+
+      case 'revertResize':
+        return this.#revertResize(server, guest, d, ctx);
+
       case 'rebuild': {
         const net = await this.#plug(server, guest, d, ctx);
         return 'wait' in net ? net.wait : this.#rebuild(server, guest, ctx, net.nics);
@@ -710,7 +758,77 @@ export class ComputeService {
     ctx: ReconcileContext,
     nics: GuestNetworkInterface[] | undefined,
   ): Promise<Server | undefined> {
-    return this.#recreate(server, guest, d.action, true, ctx, { nics });
+    return this.#recreate(server, guest, d.action, true, ctx, {
+      nics,
+      ...(d.importFrom ? { importFrom: d.importFrom } : {}),
+    });
+  }
+
+  /**
+   * revertResize on the node the server goes back to: the driver restores the guest's previous definition and disks
+   * (same node; a guest left on the source of a move already has them), the guest gets its previous power state, and
+   * this node's disk export (if it was the source) and status.migrationSource go.
+   */
+  async #revertResize(
+    server: Server,
+    guest: GuestState | undefined,
+    d: Decision,
+    ctx: ReconcileContext,
+  ): Promise<Server | undefined> {
+    const uid = server.metadata.uid!;
+    const old = server.status?.resize?.oldVmState ?? 'active';
+    let failure: string | undefined;
+    let after: GuestState | undefined;
+    try {
+      if (!guest) throw new Error(`no guest for this server on ${this.nodeName}: nothing to revert to`);
+      await this.#driver.unexportDisks(uid);
+      await this.#driver.revertResize(uid, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+      after = await this.#driver.state(uid);
+      if (old === 'active' && after?.powerState !== 'RUNNING') await this.#driver.powerOn(uid);
+      if (old === 'stopped' && after?.powerState === 'RUNNING') {
+        await this.#driver.powerOff(uid, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+      }
+      after = await this.#driver.state(uid);
+    } catch (err) {
+      failure = errorMessage(err);
+    }
+    this.#o.hypervisor.poke();
+    const r = await this.#write(server, guest, d, (st, s) => {
+      const t = nowIso(this.#clock);
+      const date = new Date(this.#clock.now());
+      if ((st.migrationSource as { node?: string } | undefined)?.node === this.nodeName) delete st.migrationSource;
+      if (failure !== undefined) {
+        setStates(st, 'error', undefined);
+        st.fault = { code: 500, message: failure.slice(0, 4096), time: t };
+        st.actions = finishAction(st.actions as never, 'revertResize', 'Error', t, failure);
+        setConditions(
+          st,
+          [{ type: 'Ready', status: 'False', reason: 'RevertResizeFailed', message: failure }],
+          s.metadata.generation,
+          date,
+        );
+        return;
+      }
+      setStates(st, old, undefined);
+      st.powerState = after?.powerState ?? 'NOSTATE';
+      delete st.fault;
+      st.actions = finishAction(st.actions as never, 'revertResize', 'Success', t);
+      setConditions(
+        st,
+        [{ type: 'Ready', status: 'True', reason: s.spec.powerState, message: `reverted on ${this.nodeName}` }],
+        s.metadata.generation,
+        date,
+      );
+    });
+    if (!r.applied) return r.server;
+    if (failure !== undefined) {
+      this.#events.warning(ref(r.server), 'RevertResizeFailed', 'RevertResize', failure);
+      ctx.log.warn({ failure }, 'revert failed');
+    } else {
+      this.#events.normal(ref(r.server), 'ResizeReverted', 'RevertResize', `reverted on ${this.nodeName}`);
+      ctx.log.info('resize reverted');
+    }
+    return r.server;
   }
 
   /**
@@ -724,7 +842,13 @@ export class ComputeService {
     action: 'resize' | 'migrate' | 'rebuild',
     keepIfSized: boolean,
     ctx: ReconcileContext,
-    o: { specFrom?: Server; extra?: (st: Status, s: Server) => void; nics?: GuestNetworkInterface[] | undefined } = {},
+    o: {
+      specFrom?: Server;
+      extra?: (st: Status, s: Server) => void;
+      nics?: GuestNetworkInterface[] | undefined;
+      /** Moved here: the guest is created from the disks its source serves. */
+      importFrom?: DiskExport;
+    } = {},
   ): Promise<Server | undefined> {
     const uid = server.metadata.uid!;
     const stopped = server.status?.vmState === 'stopped';
@@ -734,18 +858,38 @@ export class ComputeService {
     try {
       const spec = await this.#guestSpec(o.specFrom ?? server, o.nics);
       const info = guest && keepIfSized ? (await this.#driver.list()).find((g) => g.id === uid) : undefined;
-      if (guest && !(info && info.vcpus === spec.vcpus && info.ramMiB === spec.ramMiB)) {
-        await this.#driver.destroy(uid);
+      const sized =
+        info !== undefined &&
+        info.vcpus === spec.vcpus &&
+        info.ramMiB === spec.ramMiB &&
+        info.diskGiB === spec.disk.rootGiB + spec.disk.ephemeralGiB + Math.ceil(spec.disk.swapMiB / 1024);
+      if (guest && keepIfSized && !sized) {
+        // Resize on this node keeps the disks (grown, never shrunk); the driver leaves the guest stopped.
+        await this.#driver.resize(uid, spec, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+        state = await this.#driver.state(uid);
+      } else if (guest && !keepIfSized) {
+        await this.#driver.destroy(uid); // rebuild: a new root disk from the image
         state = undefined;
       }
-      state ??= await this.#driver.spawn(spec);
+      state ??= o.importFrom ? await this.#driver.importDisks(spec, o.importFrom) : await this.#driver.spawn(spec);
       if (stopped && state.powerState !== 'SHUTDOWN') {
         await this.#driver.powerOff(uid, { graceful: false, timeoutMs: 0 });
+        state = (await this.#driver.state(uid)) ?? state;
+      } else if (!stopped && (state.powerState === 'SHUTDOWN' || state.powerState === 'CRASHED')) {
+        await this.#driver.powerOn(uid);
         state = (await this.#driver.state(uid)) ?? state;
       }
     } catch (err) {
       failure = spawnFailureMessage(err, server.status?.image ?? server.spec.image);
-      await this.#driver.destroy(uid).catch(() => {}); // leave no half-built guest behind
+      if (guest && keepIfSized) {
+        // Never destroy a guest with data for a failed resize: back to its previous size and disks (stopped).
+        await this.#driver
+          .revertResize(uid, { graceful: false, timeoutMs: 0 })
+          .catch((e: unknown) => ctx.log.warn({ err: e }, 'reverting a failed resize failed'));
+        state = undefined;
+      } else {
+        await this.#driver.destroy(uid).catch(() => {}); // leave no half-built guest behind
+      }
     }
     this.#o.hypervisor.poke();
     const final = state;
@@ -765,14 +909,18 @@ export class ComputeService {
           date,
         );
       } else {
-        setStates(st, stopped ? 'stopped' : 'active', undefined);
+        // A resize or migration waits in VERIFY_RESIZE for confirm or revert (Nova's vm_state resized).
+        const verify = action !== 'rebuild';
+        setStates(st, verify ? 'resized' : stopped ? 'stopped' : 'active', undefined);
         st.powerState = final.powerState;
         delete st.fault;
         st.actions = finishAction(st.actions as never, action, 'Success', t);
-        const message = `${action} finished on ${this.nodeName}`;
+        const message = verify
+          ? `${action} finished on ${this.nodeName}: confirm or revert (spec.triggers.confirmResize or revertResize)`
+          : `${action} finished on ${this.nodeName}`;
         setConditions(
           st,
-          [{ type: 'Ready', status: 'True', reason: s.spec.powerState, message }],
+          [{ type: 'Ready', status: 'True', reason: verify ? 'VerifyResize' : s.spec.powerState, message }],
           s.metadata.generation,
           date,
         );
@@ -1125,11 +1273,29 @@ export class ComputeService {
     const live = await this.#readLive(namespace, req.name);
     let destroyed = false;
     for (const g of guests) {
+      const ours = live?.metadata?.uid === g.id;
+      if (ours && !live!.metadata!.deletionTimestamp && this.#isMoveSource(live!)) {
+        return this.#serveMove(live!, g, ctx); // moved away: the guest and its disks stay until the move is confirmed
+      }
       const verdict = guestVerdict(live, g.id, this.nodeName);
       if (!verdict.destroy) {
         if (verdict.boundHere) return { requeueAfter: 2000 }; // the cache is behind
         if (live) await this.#keep(live, g.id, verdict.reason);
         continue;
+      }
+      if (ours && (live!.status?.migrationSource as { node?: string } | undefined)?.node === this.nodeName) {
+        // The move away from here is confirmed: this node's record of it goes with its copy of the guest.
+        await updateStatus(
+          this.#client,
+          SERVERS,
+          live!,
+          (st) => {
+            if ((st.migrationSource as { node?: string } | undefined)?.node !== this.nodeName) return undefined;
+            delete st.migrationSource;
+            return st;
+          },
+          { fieldManager: agentFieldManager(this.nodeName) },
+        );
       }
       await this.#driver.destroy(g.id);
       this.#exits.delete(g.id);
@@ -1180,6 +1346,57 @@ export class ComputeService {
     if (!this.#mismatch.has(uid) && cond?.status !== 'False') return;
     this.#mismatch.delete(uid);
     await this.#setPlacement(server, { status: 'True', reason: 'BoundHere', message: `bound to ${this.nodeName}` });
+  }
+
+  /** Whether this node is the source of the server's move (resize or migration to another node) in progress. */
+  #isMoveSource(live: ServerObject): boolean {
+    const mig = (live.status as Status | undefined)?.migration as { source?: string } | undefined;
+    return mig?.source === this.nodeName;
+  }
+
+  /**
+   * The source side of a move: while the target copies (taskState resize_migrated), the guest is stopped here, its
+   * disks are served read-only (driver exportDisks on --host-ip) and status.migrationSource says so (this agent is
+   * its only writer); afterwards the export ends. The guest and its disks stay until the move is confirmed (the
+   * operator drops status.migration, and this node then destroys its copy) or reverted (the server comes back here).
+   */
+  async #serveMove(live: ServerObject, g: GuestState, ctx: ReconcileContext): Promise<ReconcileResult> {
+    const parsed = parseServer(live);
+    if (!parsed) return { requeueAfter: 5000 };
+    const st = parsed.status ?? {};
+    const copying = st.taskState === 'resize_migrated';
+    let want: Record<string, unknown> | undefined;
+    if (copying) {
+      if (g.powerState !== 'SHUTDOWN' && g.powerState !== 'CRASHED') {
+        await this.#driver.powerOff(g.id, { graceful: true, timeoutMs: this.#o.powerOffTimeoutMs ?? 60_000 });
+        ctx.log.info({ guest: g.id }, 'move source: guest stopped');
+      }
+      const stopped = await this.#driver.state(g.id);
+      if (stopped?.powerState !== 'SHUTDOWN' && stopped?.powerState !== 'CRASHED') return { requeueAfter: 2000 };
+      const exp = await this.#driver.exportDisks(g.id, this.#o.hostIP ?? '127.0.0.1');
+      const prev = st.migrationSource?.node === this.nodeName ? st.migrationSource : undefined;
+      want = { node: this.nodeName, guestStoppedAt: prev?.guestStoppedAt ?? nowIso(this.#clock), export: exp };
+    } else {
+      await this.#driver.unexportDisks(g.id);
+      const prev = st.migrationSource?.node === this.nodeName ? st.migrationSource : undefined;
+      want = prev ? { node: prev.node, guestStoppedAt: prev.guestStoppedAt } : undefined;
+    }
+    if (JSON.stringify(want ?? null) !== JSON.stringify(st.migrationSource ?? null) && want) {
+      await updateStatus(
+        this.#client,
+        SERVERS,
+        live,
+        (s) => {
+          if (!this.#isMoveSource({ ...live, status: s })) return undefined;
+          // A merge patch of the top-level field: a key that goes must be sent as null.
+          s.migrationSource = want.export ? want : { ...want, export: null };
+          return s;
+        },
+        { fieldManager: agentFieldManager(this.nodeName) },
+      );
+      ctx.log.info({ migrationSource: want }, 'move source: status.migrationSource written');
+    }
+    return { requeueAfter: copying ? 2000 : 5000 };
   }
 
   async #readLive(namespace: string, name: string): Promise<ServerObject | undefined> {

@@ -102,6 +102,20 @@ export interface HostInfo {
   version?: string;
 }
 
+/**
+ * The disks of a stopped guest served read-only for a cold migration (the source agent publishes it in
+ * Server.status.migrationSource; the target's importDisks pulls from it). QEMU driver: an NBD server on the node's
+ * host IP, one export per disk, guest-visible contents (raw).
+ */
+export interface DiskExport {
+  host: string;
+  port: number;
+  /** Export names: the root disk, and the ephemeral disk when the guest has one. */
+  disks: { root: string; ephemeral?: string };
+  /** sha256 of the image the root disk is an overlay on (the target rebases its copy onto its own cached copy). */
+  imageSha256?: string;
+}
+
 /** A guest stopped without being asked to (guest-initiated shutdown, crash, QEMU killed). */
 export interface GuestExit {
   id: string;
@@ -130,6 +144,12 @@ export const DRIVER_OPS = [
   'unpause',
   'suspend',
   'resume',
+  'resize',
+  'confirmResize',
+  'revertResize',
+  'exportDisks',
+  'unexportDisks',
+  'importDisks',
 ] as const;
 export type DriverOp = (typeof DRIVER_OPS)[number];
 
@@ -156,6 +176,34 @@ export interface HypervisorDriver {
   /** State saved to disk and the process ended (managed save) / restored. */
   suspend(id: string): Promise<void>;
   resume(id: string): Promise<void>;
+  /**
+   * Resize keeping the disks (Nova's resize on the same host): the guest is powered off (opts) if it runs, and gets
+   * spec's vCPUs and RAM; its root and ephemeral disks are kept and grown when spec's are bigger (the guest's data
+   * stays), the swap disk is re-created at its new size. A smaller root or ephemeral disk is refused with Nova's
+   * words (RESIZE_DOWN_MESSAGE) before anything changes. The guest is left stopped (the caller starts it) and the
+   * previous definition and disks are kept until confirmResize (dropped) or revertResize (restored). Repeating it with
+   * the same spec while unconfirmed does nothing.
+   */
+  resize(id: string, spec: GuestSpec, opts: PowerOffOptions): Promise<void>;
+  /** Drops what an unconfirmed resize kept for a revert; a guest without one (or an unknown id) is left alone. */
+  confirmResize(id: string): Promise<void>;
+  /**
+   * Powers the guest off and restores the definition and disks kept by an unconfirmed resize (left stopped); a guest
+   * without one is left alone.
+   */
+  revertResize(id: string, opts: PowerOffOptions): Promise<void>;
+  /**
+   * Cold migration, source side: serves the disks of a stopped (SHUTDOWN/CRASHED) guest read-only on `host` until
+   * unexportDisks; a running guest is InvalidGuestStateError. Repeating it returns the export already served.
+   */
+  exportDisks(id: string, host: string): Promise<DiskExport>;
+  /** Ends the export of exportDisks (no process, port or file left); no export (or an unknown id) succeeds. */
+  unexportDisks(id: string): Promise<void>;
+  /**
+   * Cold migration, target side: creates the guest from the disks `from` serves (copies, not shared) with spec's
+   * definition, left stopped (SHUTDOWN); the caller starts it. A guest that already exists is left alone.
+   */
+  importDisks(spec: GuestSpec, from: DiskExport): Promise<GuestState>;
   /** The guest's state, or undefined when no guest with this id exists. */
   state(id: string): Promise<GuestState | undefined>;
   list(): Promise<GuestInfo[]>;

@@ -18,6 +18,7 @@ import {
   finishAction,
   interruptActions,
   MAX_ACTIONS,
+  moveGuard,
   pendingTriggers,
   recordTriggers,
   refusalIsStale,
@@ -185,7 +186,7 @@ describe('decide: tasks', () => {
   });
 
   it('leaves vm_states it does not manage alone', () => {
-    for (const vm of ['rescued', 'resized', 'shelved', 'shelved_offloaded', 'soft-delete'] as VmState[]) {
+    for (const vm of ['rescued', 'shelved', 'shelved_offloaded', 'soft-delete'] as VmState[]) {
       expect(decide(server({ vmState: vm }), guest('RUNNING'), NODE)).toMatchObject({ kind: 'wait' });
     }
   });
@@ -508,6 +509,69 @@ describe('resize and migration placed by the operator', () => {
     migrating.status!.actions = [{ action: 'migrate', startTime: 't', result: 'InProgress' }];
     expect(decide(migrating, undefined, NODE)).toEqual({ kind: 'finishResize', action: 'migrate' });
   });
+  it('moved here: never starts the guest before the source confirmed it stopped (or was fenced) and served the disks', () => {
+    const exp = { host: '10.0.0.1', port: 10810, disks: { root: 'root' }, imageSha256: 'f'.repeat(64) };
+    const moving = (migrationSource?: object, sourceFenced?: string) => {
+      const s = server({ vmState: 'active', taskState: 'resize_migrated' });
+      s.status!.actions = [{ action: 'migrate', startTime: 't', result: 'InProgress' }];
+      s.status!.migration = { source: 'node-b', target: NODE, ...(sourceFenced ? { sourceFenced } : {}) };
+      if (migrationSource) s.status!.migrationSource = migrationSource as never;
+      return s;
+    };
+    // nothing from the source yet: wait
+    expect(decide(moving(), undefined, NODE)).toMatchObject({ kind: 'wait', reason: 'WaitingForSource' });
+    // a record from another node (an earlier move) does not count
+    const stale = { node: 'node-c', guestStoppedAt: '2026-01-01T00:00:00Z', export: exp };
+    expect(decide(moving(stale), undefined, NODE)).toMatchObject({ kind: 'wait', reason: 'WaitingForSource' });
+    // an export without the stop confirmation does not count either
+    const unconfirmed = { node: 'node-b', export: exp };
+    expect(moveGuard({ ...moving().status!, migrationSource: unconfirmed as never })).toMatchObject({ ok: false });
+    // stopped, disks not served yet: wait for them
+    const stopped = { node: 'node-b', guestStoppedAt: '2026-01-01T00:00:00Z' };
+    expect(decide(moving(stopped), undefined, NODE)).toMatchObject({ kind: 'wait', reason: 'WaitingForSourceDisks' });
+    // stopped and served: import
+    expect(decide(moving({ ...stopped, export: exp }), undefined, NODE)).toEqual({
+      kind: 'finishResize',
+      action: 'migrate',
+      importFrom: exp,
+    });
+    // fenced by the operator: allowed to start, but the disks must have been served
+    const fenced = moving(undefined, '2026-01-01T00:01:00Z');
+    expect(moveGuard(fenced.status!)).toMatchObject({ ok: false, reason: 'WaitingForSourceDisks' });
+    expect(moveGuard({ ...fenced.status!, migrationSource: { node: 'node-b', export: exp } as never })).toEqual({
+      ok: true,
+      from: exp,
+    });
+    // a guest already imported here (interrupted agent) is finished without another copy
+    expect(decide(moving(), { id: 'uid-1', powerState: 'SHUTDOWN' }, NODE)).toEqual({
+      kind: 'finishResize',
+      action: 'migrate',
+    });
+  });
+
+  it('VERIFY_RESIZE: steady until the operator sets resize_confirming or resize_reverting', () => {
+    const g: GuestState = { id: 'uid-1', powerState: 'RUNNING' };
+    expect(decide(server({ vmState: 'resized' }), g, NODE)).toMatchObject({
+      kind: 'steady',
+      ready: { status: 'True', reason: 'VerifyResize' },
+      powerState: 'RUNNING',
+    });
+    expect(decide(server({ vmState: 'resized', taskState: 'resize_confirming' }), g, NODE)).toEqual({
+      kind: 'confirmResize',
+    });
+    expect(decide(server({ vmState: 'resized', taskState: 'resize_reverting' }), g, NODE)).toEqual({
+      kind: 'revertResize',
+    });
+    // a failed move (ERROR) can be reverted too
+    expect(decide(server({ vmState: 'error', taskState: 'resize_reverting' }), undefined, NODE)).toEqual({
+      kind: 'revertResize',
+    });
+    // not on the node the server is bound to: nothing
+    expect(decide(server({ vmState: 'resized', taskState: 'resize_reverting', node: 'node-b' }), g, NODE).kind).toBe(
+      'wait',
+    );
+  });
+
   it('does not finish one on a server in another state', () => {
     const paused = server({ vmState: 'paused', taskState: 'resize_migrated' });
     expect(decide(paused, { id: 'uid-1', powerState: 'PAUSED' }, NODE).kind).not.toBe('finishResize');

@@ -122,10 +122,53 @@ export type Decision =
   | { kind: 'transition'; action: AgentAction; trigger?: RebootTrigger }
   /** A requested action is forbidden from the current state; a trigger's token is consumed. */
   | { kind: 'refuse'; action: ServerActionName; reason: string; trigger?: Trigger }
-  /** The operator moved or resized the server onto this node (taskState resize_migrated): (re)spawn it at its new size. */
-  | { kind: 'finishResize'; action: 'resize' | 'migrate' }
+  /**
+   * The operator moved or resized the server onto this node (taskState resize_migrated): resize the guest keeping its
+   * disks, or (moved here) create it from the disks the source serves (importFrom); then VERIFY_RESIZE.
+   */
+  | { kind: 'finishResize'; action: 'resize' | 'migrate'; importFrom?: MoveExport }
+  /** VERIFY_RESIZE confirmed (taskState resize_confirming): drop what a revert needed. */
+  | { kind: 'confirmResize' }
+  /** VERIFY_RESIZE (or a failed move) reverted back onto this node (taskState resize_reverting). */
+  | { kind: 'revertResize' }
   /** Re-create the root disk from spec.image (a new triggers.rebuild token or a changed spec.image). */
   | { kind: 'rebuild' };
+
+/** Where the source of a move serves the stopped guest's disks (Server.status.migrationSource.export). */
+export type MoveExport = NonNullable<NonNullable<ServerStatus['migrationSource']>['export']>;
+
+/**
+ * Fencing rule of a move to another node: the target may start the guest only once the source agent recorded that
+ * the guest is stopped there (status.migrationSource.guestStoppedAt, for this move's source), or the operator recorded
+ * the source as fenced (status.migration.sourceFenced: down beyond the grace period and fenced by an admin). With
+ * local disks the target also needs the disks the source serves; without them it waits (the disks stay on the source).
+ */
+export function moveGuard(
+  st: ServerStatus,
+): { ok: true; from: MoveExport } | { ok: false; reason: string; message: string } {
+  const mig = st.migration;
+  if (!mig) return { ok: false, reason: 'NotMoving', message: 'no move in status.migration' };
+  const src = st.migrationSource?.node === mig.source ? st.migrationSource : undefined;
+  const stopped = !!src?.guestStoppedAt;
+  const fenced = !!mig.sourceFenced;
+  if (!stopped && !fenced) {
+    return {
+      ok: false,
+      reason: 'WaitingForSource',
+      message: `waiting for ${mig.source} to confirm that the guest is stopped there (or for the source to be fenced)`,
+    };
+  }
+  if (!src?.export) {
+    return {
+      ok: false,
+      reason: 'WaitingForSourceDisks',
+      message: stopped
+        ? `waiting for ${mig.source} to serve the guest's disks`
+        : `${mig.source} is fenced but never served the guest's disks: they stay there (revert, or delete the server)`,
+    };
+  }
+  return { ok: true, from: src.export };
+}
 
 function wait(reason: string, message: string): Decision {
   return { kind: 'wait', reason, message };
@@ -170,7 +213,28 @@ export function decide(server: Server, guest: GuestState | undefined, nodeName: 
   // 4. tasks
   if (task === 'resize_migrated' && (vm === 'active' || vm === 'stopped')) {
     const last = [...(st.actions ?? [])].reverse().find((a) => a.action === 'resize' || a.action === 'migrate');
-    return { kind: 'finishResize', action: last?.action === 'migrate' ? 'migrate' : 'resize' };
+    const action = last?.action === 'migrate' ? 'migrate' : 'resize';
+    const mig = st.migration;
+    if (mig && mig.source !== nodeName && !guest) {
+      // Moved here: never start the guest while the source may still run it.
+      const g = moveGuard(st);
+      if (!g.ok) return wait(g.reason, g.message);
+      return { kind: 'finishResize', action, importFrom: g.from };
+    }
+    return { kind: 'finishResize', action };
+  }
+  if (task === 'resize_confirming' && vm === 'resized') return { kind: 'confirmResize' };
+  if (task === 'resize_reverting' && (vm === 'resized' || vm === 'error')) return { kind: 'revertResize' };
+  if (vm === 'resized' && task === undefined) {
+    return {
+      kind: 'steady',
+      ready: {
+        status: 'True',
+        reason: 'VerifyResize',
+        message: 'resized: confirm or revert (spec.triggers.confirmResize or revertResize)',
+      },
+      powerState: guest?.powerState ?? 'NOSTATE',
+    };
   }
   if (task !== undefined) {
     if (AGENT_TASKS.has(task)) return { kind: 'recover', task };

@@ -53,6 +53,13 @@ export const OperatorConfig = z.object({
     .positive()
     .default(60)
     .describe("A hypervisor whose agent has not reported for this long is down (Nova's service_down_time)."),
+  resizeConfirmWindowSeconds: z
+    .number()
+    .min(0)
+    .default(0)
+    .describe(
+      "A server in VERIFY_RESIZE is confirmed automatically after this long (Nova's resize_confirm_window); 0: never.",
+    ),
   schedulerStrategy: z
     .enum(['spread', 'pack'])
     .default('spread')

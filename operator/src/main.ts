@@ -68,6 +68,7 @@ async function main(): Promise<void> {
     serverConcurrency: cfg.serverConcurrency,
     heartbeatGraceSeconds: cfg.heartbeatGraceSeconds,
     nodeLeaseNamespace: cfg.leaseNamespace,
+    resizeConfirmWindowSeconds: cfg.resizeConfirmWindowSeconds,
     scheduler: { strategy: cfg.schedulerStrategy },
     portConcurrency: cfg.portConcurrency,
     networkConcurrency: cfg.networkConcurrency,

@@ -193,3 +193,28 @@ describe('driver registry', () => {
     expect(() => createDriver('xen', { nodeName: 'n', logger })).toThrow(/available: fake, qemu/);
   });
 });
+
+describe('FakeDriver resize', () => {
+  it('keeps the disks: grows, refuses shrinking, leaves the guest stopped; confirm and revert', async () => {
+    const d = new FakeDriver();
+    await d.spawn(spec('a'));
+    const off = { graceful: true, timeoutMs: 0 };
+    const small = { ...spec('a'), disk: { rootGiB: 10, ephemeralGiB: 5, swapMiB: 0 } };
+    await expect(d.resize('a', small, off)).rejects.toThrow('Resize error: Unable to resize disk down.');
+    expect(await power(d, 'a')).toBe('RUNNING');
+    const big = { ...spec('a'), vcpus: 4, disk: { rootGiB: 40, ephemeralGiB: 5, swapMiB: 512 } };
+    await d.resize('a', big, off);
+    expect(await power(d, 'a')).toBe('SHUTDOWN');
+    expect(d.resizePending('a')).toBe(true);
+    expect((await d.list())[0]).toMatchObject({ vcpus: 4, diskGiB: 46 });
+    await d.resize('a', big, off); // repeated: nothing more
+    await d.revertResize('a', off);
+    expect((await d.list())[0]).toMatchObject({ vcpus: 2, diskGiB: 26 });
+    expect(d.resizePending('a')).toBe(false);
+    await d.resize('a', big, off);
+    await d.confirmResize('a');
+    expect(d.resizePending('a')).toBe(false);
+    expect((await d.list())[0]).toMatchObject({ vcpus: 4, diskGiB: 46 });
+    await d.confirmResize('unknown');
+  });
+});

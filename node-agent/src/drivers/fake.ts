@@ -8,9 +8,10 @@
 //  - crash(id) / shutdownFromGuest(id) stop a guest unexpectedly and emit a GuestExit, as a dying QEMU would.
 // Memory per guest is a few hundred bytes, so a process can simulate many nodes.
 import * as z from 'zod';
-import { byteQuantity, type PowerState } from '../../../operator/src/api/index.ts';
+import { byteQuantity, type PowerState, RESIZE_DOWN_MESSAGE } from '../../../operator/src/api/index.ts';
 import { type Clock, sleep, systemClock } from '../../../operator/src/runtime/index.ts';
 import {
+  type DiskExport,
   DRIVER_OPS,
   DriverError,
   type DriverOp,
@@ -64,6 +65,13 @@ interface FakeGuest {
   pid: number | undefined;
   startedAt: string | undefined;
   failOps: ReadonlySet<string> | undefined;
+  /** Root and ephemeral sizes (GiB) the guest's disks have (a resize keeps and grows them, never shrinks). */
+  rootGiB: number;
+  ephemeralGiB: number;
+  /** What the guest wrote on its disks (tests). */
+  data?: string | undefined;
+  /** Sizes before an unconfirmed resize (restored by revertResize). */
+  preResize?: { vcpus: number; ramMiB: number; diskGiB: number; rootGiB: number; ephemeralGiB: number };
 }
 
 /** One entry of the operation log kept for tests (last 200 calls). */
@@ -74,6 +82,9 @@ export interface FakeCall {
 }
 
 const CALL_LOG = 200;
+
+/** Disk exports of the fake drivers of this process (several fake nodes share one process in tests). */
+const FAKE_EXPORTS = new Map<string, { rootGiB: number; ephemeralGiB: number; data: string | undefined }>();
 
 export class FakeDriver implements HypervisorDriver {
   readonly name = 'fake';
@@ -128,6 +139,8 @@ export class FakeDriver implements HypervisorDriver {
       pid: undefined,
       startedAt: undefined,
       failOps,
+      rootGiB: spec.disk.rootGiB,
+      ephemeralGiB: spec.disk.ephemeralGiB,
     };
     this.#boot(g);
     this.#guests.set(g.id, g);
@@ -183,6 +196,93 @@ export class FakeDriver implements HypervisorDriver {
     if (g.powerState === 'RUNNING') return;
     if (g.powerState !== 'SUSPENDED') throw new InvalidGuestStateError('resume', id, g.powerState);
     this.#boot(g);
+  }
+
+  async resize(id: string, spec: GuestSpec, _opts: PowerOffOptions): Promise<void> {
+    const g = await this.#op('resize', id);
+    const rootGiB = spec.disk.rootGiB > 0 ? spec.disk.rootGiB : g.rootGiB;
+    const size = {
+      vcpus: spec.vcpus,
+      ramMiB: spec.ramMiB,
+      diskGiB: rootGiB + spec.disk.ephemeralGiB + Math.ceil(spec.disk.swapMiB / 1024),
+      rootGiB,
+      ephemeralGiB: spec.disk.ephemeralGiB,
+    };
+    if (g.preResize) {
+      if (JSON.stringify(size) === JSON.stringify(sizeOf(g))) return;
+      throw new DriverError('resize', id, `resize: guest ${id} has a resize that is not confirmed or reverted`);
+    }
+    if (g.powerState === 'SUSPENDED' || g.powerState === 'PAUSED') {
+      throw new InvalidGuestStateError('resize', id, g.powerState);
+    }
+    if (rootGiB < g.rootGiB || size.ephemeralGiB < g.ephemeralGiB)
+      throw new DriverError('resize', id, RESIZE_DOWN_MESSAGE);
+    if (g.powerState === 'RUNNING') this.#halt(g, 'SHUTDOWN');
+    g.preResize = sizeOf(g);
+    Object.assign(g, size);
+  }
+
+  async confirmResize(id: string): Promise<void> {
+    const g = this.#guests.get(id);
+    if (!g) return;
+    await this.#work('confirmResize', id, g.failOps);
+    delete g.preResize;
+  }
+
+  async revertResize(id: string, _opts: PowerOffOptions): Promise<void> {
+    const g = await this.#op('revertResize', id);
+    if (!g.preResize) return;
+    if (g.powerState !== 'SHUTDOWN' && g.powerState !== 'CRASHED') this.#halt(g, 'SHUTDOWN');
+    Object.assign(g, g.preResize);
+    delete g.preResize;
+  }
+
+  async exportDisks(id: string, host: string): Promise<DiskExport> {
+    const g = await this.#op('exportDisks', id);
+    if (g.powerState !== 'SHUTDOWN' && g.powerState !== 'CRASHED') {
+      throw new InvalidGuestStateError('exportDisks', id, g.powerState);
+    }
+    const key = `${host}/${id}`;
+    FAKE_EXPORTS.set(key, { rootGiB: g.rootGiB, ephemeralGiB: g.ephemeralGiB, data: g.data });
+    return { host, port: 10_809, disks: { root: id, ...(g.ephemeralGiB > 0 ? { ephemeral: `${id}-eph` } : {}) } };
+  }
+
+  async unexportDisks(id: string): Promise<void> {
+    for (const key of FAKE_EXPORTS.keys()) if (key.endsWith(`/${id}`)) FAKE_EXPORTS.delete(key);
+  }
+
+  async importDisks(spec: GuestSpec, from: DiskExport): Promise<GuestState> {
+    const existing = this.#guests.get(spec.id);
+    if (existing) return stateOf(existing);
+    await this.#work('importDisks', spec.id, parseFailOps(spec.annotations[FAKE_FAIL_ANNOTATION]));
+    const src = FAKE_EXPORTS.get(`${from.host}/${spec.id}`);
+    if (!src)
+      throw new DriverError('importDisks', spec.id, `importDisks: nothing exported at ${from.host}:${from.port}`);
+    const g = await this.spawn(spec);
+    const guest = this.#guests.get(g.id)!;
+    this.#halt(guest, 'SHUTDOWN');
+    guest.data = src.data;
+    return stateOf(guest);
+  }
+
+  /** Number of disk exports served by all fake drivers of this process (tests: none may leak). */
+  static exports(): number {
+    return FAKE_EXPORTS.size;
+  }
+
+  /** Opaque guest data kept on its disks (tests: follows resize and migration, lost by destroy). */
+  setData(id: string, data: string): void {
+    const g = this.#guests.get(id);
+    if (g) g.data = data;
+  }
+
+  data(id: string): string | undefined {
+    return this.#guests.get(id)?.data;
+  }
+
+  /** Whether the guest has an unconfirmed resize (tests). */
+  resizePending(id: string): boolean {
+    return this.#guests.get(id)?.preResize !== undefined;
   }
 
   async state(id: string): Promise<GuestState | undefined> {
@@ -302,6 +402,10 @@ export class FakeDriver implements HypervisorDriver {
       queueMicrotask(() => l(e));
     }
   }
+}
+
+function sizeOf(g: FakeGuest): NonNullable<FakeGuest['preResize']> {
+  return { vcpus: g.vcpus, ramMiB: g.ramMiB, diskGiB: g.diskGiB, rootGiB: g.rootGiB, ephemeralGiB: g.ephemeralGiB };
 }
 
 function stateOf(g: FakeGuest): GuestState {

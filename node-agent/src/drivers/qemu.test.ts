@@ -1,7 +1,7 @@
 // Unit tests of the QEMU driver's pure parts: systemd launcher argv, guest.json, adoption decisions, host facts,
 // and driver behaviour that needs no QEMU (adoption scan, spawn failures, unknown ids). Real guests:
 // e2e/tests/qemu-driver.test.ts.
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -377,6 +377,74 @@ describe('QemuDriver without QEMU', () => {
     await expect(tooBig.spawn(spec())).rejects.toMatchObject({ reason: 'TooBig' });
     expect(await readdir(join(stateDir, 'guests'))).toEqual([]);
     await expect(d.spawn(spec({ id: 'not-a-uuid' }))).rejects.toThrow(DriverError);
+  });
+
+  it('resizes a stopped guest keeping its disks: grows root and ephemeral, refuses shrinking, confirm and revert', async () => {
+    const GiB = 1024 ** 3;
+    const p = guestPaths(stateDir, A);
+    await mkdir(p.dir, { recursive: true });
+    const rec = record(A, {
+      spec: { ...record(A).spec, disk: { rootGiB: 6, ephemeralGiB: 2, swapMiB: 512 } },
+      disks: { ...record(A).disks, root: p.root, rootBytes: 6 * GiB, ephemeral: p.ephemeral, swap: p.swap },
+    });
+    await writeRecord(p.record, rec);
+    await writeFile(p.root, 'root data');
+    await writeFile(p.ephemeral, 'ephemeral data');
+    const calls: string[] = [];
+    const d = driver(fakeProc({}, {}), {
+      createRootDisk: async () => {
+        calls.push('createRootDisk');
+      },
+      createBlankDisk: async (o) => {
+        calls.push(`blank ${o.path.split('/').pop()} ${o.sizeBytes}`);
+        await writeFile(o.path, '');
+      },
+      growDisk: async (o) => {
+        calls.push(`grow ${o.path.split('/').pop()} ${o.sizeBytes}`);
+        await writeFile(o.path, `${await readFile(o.path, 'utf8')} grown`);
+      },
+      copyDisk: async (o) => writeFile(o.to, await readFile(o.from)),
+    });
+    await d.init();
+    const bigger = spec({ vcpus: 2, ramMiB: 1024, disk: { rootGiB: 10, ephemeralGiB: 3, swapMiB: 0 } });
+    const off = { graceful: true, timeoutMs: 1000 };
+
+    const shrink = spec({ vcpus: 2, ramMiB: 1024, disk: { rootGiB: 5, ephemeralGiB: 2, swapMiB: 0 } });
+    await expect(d.resize(A, shrink, off)).rejects.toThrow('Resize error: Unable to resize disk down.');
+    const lessEphemeral = spec({ disk: { rootGiB: 6, ephemeralGiB: 1, swapMiB: 512 } });
+    await expect(d.resize(A, lessEphemeral, off)).rejects.toThrow('Resize error: Unable to resize disk down.');
+    expect(calls).toEqual([]);
+
+    await d.resize(A, bigger, off);
+    expect(calls).toEqual([`grow root.qcow2 ${10 * GiB}`, `grow ephemeral.qcow2 ${3 * GiB}`]);
+    expect(await readFile(p.root, 'utf8')).toBe('root data grown'); // the same disk, grown: no new root disk
+    expect(await readFile(p.ephemeral, 'utf8')).toBe('ephemeral data grown');
+    const after = (await readRecord(p.record))!;
+    expect(after.spec).toMatchObject({ vcpus: 2, ramMiB: 1024, disk: { rootGiB: 10, ephemeralGiB: 3, swapMiB: 0 } });
+    expect(after.disks.rootBytes).toBe(10 * GiB);
+    expect(after.disks.swap).toBeUndefined();
+    expect(after.resizePending).toBeDefined();
+    expect((await d.list())[0]).toMatchObject({ vcpus: 2, ramMiB: 1024, diskGiB: 13, powerState: 'SHUTDOWN' });
+    await d.resize(A, bigger, off); // repeated while unconfirmed: nothing more
+    expect(calls).toHaveLength(2);
+
+    await d.revertResize(A, off);
+    expect(await readFile(p.root, 'utf8')).toBe('root data');
+    expect(await readFile(p.ephemeral, 'utf8')).toBe('ephemeral data');
+    expect(calls.at(-1)).toBe(`blank swap.qcow2 ${512 * 1024 ** 2}`);
+    const reverted = (await readRecord(p.record))!;
+    expect(reverted.spec.disk).toEqual({ rootGiB: 6, ephemeralGiB: 2, swapMiB: 512 });
+    expect(reverted.resizePending).toBeUndefined();
+    expect(await readdir(p.dir)).not.toContain('resize-old');
+
+    await d.resize(A, bigger, off);
+    await d.confirmResize(A);
+    expect(await readdir(p.dir)).not.toContain('resize-old');
+    expect((await readRecord(p.record))!.resizePending).toBeUndefined();
+    expect(await readFile(p.root, 'utf8')).toBe('root data grown');
+    await d.revertResize(A, off); // confirmed: nothing left to revert
+    expect((await readRecord(p.record))!.spec.vcpus).toBe(2);
+    await d.confirmResize(B); // unknown id
   });
 
   it('treats unknown ids as the interface says', async () => {

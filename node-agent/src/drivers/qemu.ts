@@ -17,7 +17,7 @@
 //    (network-config v2, network_data.json). With options.netns, QEMU runs in that network namespace (the taps are
 //    there; the e2e tier runs one namespace per simulated node).
 import { constants, createReadStream, createWriteStream } from 'node:fs';
-import { chmod, chown, mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { createServer, type Server as NetServer, connect as netConnect } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
@@ -25,9 +25,11 @@ import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import * as z from 'zod';
+import { RESIZE_DOWN_MESSAGE } from '../../../operator/src/api/index.ts';
 import { silentLogger } from '../../../operator/src/runtime/index.ts';
 import {
   type Accelerator,
+  type DiskExport,
   DriverError,
   type DriverOp,
   type GuestExit,
@@ -41,7 +43,7 @@ import {
   type PowerOffOptions,
 } from '../driver.ts';
 import { type CachedImage, ImageCache, ImageError, type ImageSource } from '../images/cache.ts';
-import { createBlankDisk, createRootDisk } from '../images/disks.ts';
+import { copyDisk, createBlankDisk, createRootDisk, growDisk } from '../images/disks.ts';
 import { type Exec, ExecError, hostExec } from '../network/exec.ts';
 import {
   type AcceleratorDecision,
@@ -82,6 +84,9 @@ import { type QemuUser, resolveQemuUser, untraversable } from './qemu/user.ts';
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
+/** NBD ports of disk exports (cold migration): EXPORT_PORT_BASE + (guest id % EXPORT_PORT_SPAN), then the next. */
+const EXPORT_PORT_BASE = 10_810;
+const EXPORT_PORT_SPAN = 1000;
 
 export interface QemuDriverOptions {
   /** Root of the driver's files (default /var/lib/stratus): guests/<uid>/ and, by default, images/. */
@@ -134,6 +139,10 @@ export interface ImageOps {
   ensure(src: ImageSource, opts?: { signal?: AbortSignal }): Promise<CachedImage>;
   createRootDisk(o: { base: CachedImage; path: string; sizeBytes: number }): Promise<void>;
   createBlankDisk(o: { path: string; sizeBytes: number }): Promise<void>;
+  /** Grows a qcow2 disk (qemu-img resize); default images/disks.ts growDisk. */
+  growDisk?(o: { path: string; sizeBytes: number }): Promise<void>;
+  /** Copies a disk file as it is (sparse); default images/disks.ts copyDisk. */
+  copyDisk?(o: { from: string; to: string }): Promise<void>;
 }
 
 export interface QemuDriverDeps {
@@ -322,11 +331,9 @@ export class QemuDriver implements HypervisorDriver {
         ...(this.#o.imageUrlPolicy ? { urlPolicy: this.#o.imageUrlPolicy } : {}),
       });
     }
-    this.#images ??= this.#deps.images ?? {
-      ...bindCache(this.#imageCache!),
-      createRootDisk,
-      createBlankDisk,
-    };
+    this.#images ??= this.#deps.images
+      ? { growDisk, copyDisk, ...this.#deps.images }
+      : { ...bindCache(this.#imageCache!), createRootDisk, createBlankDisk, growDisk, copyDisk };
     const retention = this.#o.imageRetentionMs ?? 3_600_000;
     if (this.#imageCache && retention > 0 && !this.#evictTimer) {
       this.#evictTimer = setInterval(() => void this.evictImages(retention), this.#o.imageEvictIntervalMs ?? 600_000);
@@ -470,60 +477,14 @@ export class QemuDriver implements HypervisorDriver {
         if (spec.disk.swapMiB > 0) {
           await this.#images!.createBlankDisk({ path: p.swap, sizeBytes: spec.disk.swapMiB * MiB });
         }
-        const hostname = spec.hostname ?? spec.name;
-        const keyPair = spec.keyPair ? { name: spec.keyPair.name, publicKey: spec.keyPair.publicKey } : undefined;
-        await writeNoCloudIso(
-          {
-            instanceId: id,
-            hostname,
-            ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
-            ...(keyPair ? { keyPair } : {}),
-            nics: seedNicsOf(spec.nics),
-          },
-          p.seed,
-        );
-        if (spec.configDrive) {
-          await writeConfigDriveIso(
-            {
-              uuid: id,
-              name: spec.name,
-              hostname,
-              ...(keyPair ? { keyPair } : {}),
-              ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
-              metadata: { ...(spec.metadata ?? {}) },
-              nics: seedNicsOf(spec.nics),
-            },
-            p.configDrive,
-          );
-        }
-        const accelerator: Accelerator =
-          spec.accelerator === 'tcg' || accel.accelerator === 'tcg' ? 'tcg' : (spec.accelerator ?? accel.accelerator);
-        const rec: GuestRecord = {
-          version: 1,
-          spec: recordedSpec(spec),
-          accelerator,
-          cache: this.#cache,
-          image: {
-            key: image.key,
-            path: image.path,
-            format: image.format,
-            virtualSize: image.virtualSize,
-            sha256: image.sha256,
-          },
-          disks: {
-            root: p.root,
-            rootBytes,
-            ...(spec.disk.ephemeralGiB > 0 ? { ephemeral: p.ephemeral } : {}),
-            ...(spec.disk.swapMiB > 0 ? { swap: p.swap } : {}),
-            seed: p.seed,
-            ...(spec.configDrive ? { configDrive: p.configDrive } : {}),
-          },
-          createdAt: isoNow(),
-        };
+        const rec = await this.#define(spec, image, rootBytes, accel);
         await writeRecord(p.record, rec);
         launched = true;
         await this.#launch('spawn', rec);
-        this.#log.info({ guest: id, server: `${spec.namespace}/${spec.name}`, accelerator }, 'guest spawned');
+        this.#log.info(
+          { guest: id, server: `${spec.namespace}/${spec.name}`, accelerator: rec.accelerator },
+          'guest spawned',
+        );
         return this.#stateOf(id, rec);
       } catch (err) {
         if (launched) await this.#kill(id).catch(() => {});
@@ -534,12 +495,75 @@ export class QemuDriver implements HypervisorDriver {
     });
   }
 
+  /** Writes the seeds of a guest whose disks exist and returns its record (not written yet). */
+  async #define(
+    spec: GuestSpec,
+    image: CachedImage,
+    rootBytes: number,
+    accel: AcceleratorDecision,
+  ): Promise<GuestRecord> {
+    const id = spec.id;
+    const p = this.paths(id);
+    const hostname = spec.hostname ?? spec.name;
+    const keyPair = spec.keyPair ? { name: spec.keyPair.name, publicKey: spec.keyPair.publicKey } : undefined;
+    await writeNoCloudIso(
+      {
+        instanceId: id,
+        hostname,
+        ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
+        ...(keyPair ? { keyPair } : {}),
+        nics: seedNicsOf(spec.nics),
+      },
+      p.seed,
+    );
+    if (spec.configDrive) {
+      await writeConfigDriveIso(
+        {
+          uuid: id,
+          name: spec.name,
+          hostname,
+          ...(keyPair ? { keyPair } : {}),
+          ...(spec.userData !== undefined ? { userData: spec.userData } : {}),
+          metadata: { ...(spec.metadata ?? {}) },
+          nics: seedNicsOf(spec.nics),
+        },
+        p.configDrive,
+      );
+    }
+    const accelerator: Accelerator =
+      spec.accelerator === 'tcg' || accel.accelerator === 'tcg' ? 'tcg' : (spec.accelerator ?? accel.accelerator);
+    const rec: GuestRecord = {
+      version: 1,
+      spec: recordedSpec(spec),
+      accelerator,
+      cache: this.#cache,
+      image: {
+        key: image.key,
+        path: image.path,
+        format: image.format,
+        virtualSize: image.virtualSize,
+        sha256: image.sha256,
+      },
+      disks: {
+        root: p.root,
+        rootBytes,
+        ...(spec.disk.ephemeralGiB > 0 ? { ephemeral: p.ephemeral } : {}),
+        ...(spec.disk.swapMiB > 0 ? { swap: p.swap } : {}),
+        seed: p.seed,
+        ...(spec.configDrive ? { configDrive: p.configDrive } : {}),
+      },
+      createdAt: isoNow(),
+    };
+    return rec;
+  }
+
   async destroy(id: string): Promise<void> {
     this.#ready();
     if (!GuestId.safeParse(id).success) return; // no such guest can exist
     await this.#withLock(id, async () => {
       const p = this.paths(id);
       await this.#kill(id);
+      await this.#endExport(id);
       await rm(p.dir, { recursive: true, force: true });
       this.#log.info({ guest: id }, 'guest destroyed');
     });
@@ -706,6 +730,306 @@ export class QemuDriver implements HypervisorDriver {
       await writeRecord(this.paths(id).record, rec);
       this.#log.info({ guest: id }, 'guest resumed from its saved state');
     });
+  }
+
+  // ---- resize (keeps the disks) ----
+
+  async resize(id: string, spec: GuestSpec, opts: PowerOffOptions): Promise<void> {
+    await this.#op('resize', id, async (rec, live) => {
+      const p = this.paths(id);
+      const rootBytes = spec.disk.rootGiB > 0 ? spec.disk.rootGiB * GiB : rec.disks.rootBytes;
+      const sameSize =
+        rec.spec.vcpus === spec.vcpus &&
+        rec.spec.ramMiB === spec.ramMiB &&
+        rec.disks.rootBytes === rootBytes &&
+        rec.spec.disk.ephemeralGiB === spec.disk.ephemeralGiB &&
+        rec.spec.disk.swapMiB === spec.disk.swapMiB;
+      if (rec.resizePending) {
+        if (sameSize) return; // repeated: already done, waiting for confirm or revert
+        throw new DriverError('resize', id, `resize: guest ${id} has a resize that is not confirmed or reverted`);
+      }
+      if (rec.suspended) throw new InvalidGuestStateError('resize', id, 'SUSPENDED');
+      // Nova refuses a smaller root or ephemeral disk (the data would not fit); a flavor with disk 0 keeps the root.
+      const down = rootBytes < rec.disks.rootBytes || spec.disk.ephemeralGiB < rec.spec.disk.ephemeralGiB;
+      const refused = down ? RESIZE_DOWN_MESSAGE : undefined;
+      if (refused) throw new DriverError('resize', id, refused);
+      const nicProblem = nicsProblem(spec.nics ?? []);
+      if (nicProblem) throw new DriverError('resize', id, `resize: ${nicProblem}`);
+      if (live) await this.#stop(live, opts);
+      const images = this.#images!;
+      const old = p.resizeOld;
+      const complete = join(old, 'complete');
+      const oldRoot = join(old, 'root.qcow2');
+      const oldEphemeral = join(old, 'ephemeral.qcow2');
+      if (await pathExists(complete)) {
+        // An earlier resize was interrupted after the backup: start again from the backed-up disks.
+        await images.copyDisk!({ from: oldRoot, to: rec.disks.root });
+        if (rec.disks.ephemeral) await images.copyDisk!({ from: oldEphemeral, to: rec.disks.ephemeral });
+      } else {
+        await rm(old, { recursive: true, force: true });
+        await mkdir(old, { recursive: true, mode: 0o700 });
+        await images.copyDisk!({ from: rec.disks.root, to: oldRoot });
+        if (rec.disks.ephemeral) await images.copyDisk!({ from: rec.disks.ephemeral, to: oldEphemeral });
+        await writeRecord(join(old, 'guest.json'), rec);
+        await writeFile(complete, '');
+      }
+      if (rootBytes > rec.disks.rootBytes) await images.growDisk!({ path: rec.disks.root, sizeBytes: rootBytes });
+      let ephemeral: string | undefined;
+      if (spec.disk.ephemeralGiB > 0) {
+        ephemeral = p.ephemeral;
+        if (rec.disks.ephemeral) {
+          await images.growDisk!({ path: p.ephemeral, sizeBytes: spec.disk.ephemeralGiB * GiB });
+        } else {
+          await images.createBlankDisk({ path: p.ephemeral, sizeBytes: spec.disk.ephemeralGiB * GiB });
+        }
+      }
+      if (spec.disk.swapMiB !== rec.spec.disk.swapMiB) {
+        await rm(p.swap, { force: true }); // swap holds nothing to keep (Nova re-creates it too)
+        if (spec.disk.swapMiB > 0) {
+          await images.createBlankDisk({ path: p.swap, sizeBytes: spec.disk.swapMiB * MiB });
+        }
+      }
+      const next: GuestRecord = {
+        ...rec,
+        spec: { ...recordedSpec(spec), accelerator: rec.spec.accelerator },
+        disks: {
+          ...rec.disks,
+          rootBytes,
+          ...(ephemeral ? { ephemeral } : {}),
+          ...(spec.disk.swapMiB > 0 ? { swap: p.swap } : {}),
+        },
+        resizePending: isoNow(),
+      };
+      if (!ephemeral) delete next.disks.ephemeral;
+      if (spec.disk.swapMiB === 0) delete next.disks.swap;
+      if (rec.spec.accelerator === undefined) delete next.spec.accelerator;
+      delete next.lastExit;
+      await writeRecord(p.record, next);
+      this.#log.info(
+        { guest: id, vcpus: spec.vcpus, ramMiB: spec.ramMiB, rootBytes, ephemeralGiB: spec.disk.ephemeralGiB },
+        'guest resized (disks kept)',
+      );
+    });
+  }
+
+  async confirmResize(id: string): Promise<void> {
+    this.#ready();
+    if (!GuestId.safeParse(id).success) return;
+    await this.#withLock(id, async () => {
+      const p = this.paths(id);
+      const rec = await readRecord(p.record);
+      await rm(p.resizeOld, { recursive: true, force: true });
+      if (rec?.resizePending) {
+        delete rec.resizePending;
+        await writeRecord(p.record, rec);
+        this.#log.info({ guest: id }, 'resize confirmed (previous disks dropped)');
+      }
+    });
+  }
+
+  async revertResize(id: string, opts: PowerOffOptions): Promise<void> {
+    await this.#op('revertResize', id, async (rec, live) => {
+      const p = this.paths(id);
+      const complete = join(p.resizeOld, 'complete');
+      if (!(await pathExists(complete))) {
+        // Nothing kept: no resize, or a revert that already restored everything but the directory.
+        await rm(p.resizeOld, { recursive: true, force: true });
+        if (rec.resizePending) {
+          delete rec.resizePending;
+          await writeRecord(p.record, rec);
+        }
+        return;
+      }
+      const prev = await readRecord(join(p.resizeOld, 'guest.json'));
+      if (!prev) throw new Error(`${p.resizeOld} has no guest.json`);
+      if (live) await this.#stop(live, opts);
+      const images = this.#images!;
+      await images.copyDisk!({ from: join(p.resizeOld, 'root.qcow2'), to: prev.disks.root });
+      if (prev.disks.ephemeral) {
+        await images.copyDisk!({ from: join(p.resizeOld, 'ephemeral.qcow2'), to: prev.disks.ephemeral });
+      } else {
+        await rm(p.ephemeral, { force: true });
+      }
+      if (prev.spec.disk.swapMiB !== rec.spec.disk.swapMiB) {
+        await rm(p.swap, { force: true });
+        if (prev.spec.disk.swapMiB > 0) {
+          await images.createBlankDisk({ path: p.swap, sizeBytes: prev.spec.disk.swapMiB * MiB });
+        }
+      }
+      const restored: GuestRecord = { ...prev };
+      delete restored.resizePending;
+      delete restored.lastExit;
+      delete restored.suspended;
+      await writeRecord(p.record, restored);
+      await rm(p.resizeOld, { recursive: true, force: true });
+      this.#log.info({ guest: id }, 'resize reverted (previous definition and disks restored)');
+    });
+  }
+
+  // ---- cold migration: the source serves the stopped guest's disks over NBD, the target copies them ----
+
+  async exportDisks(id: string, host: string): Promise<DiskExport> {
+    let out: DiskExport | undefined;
+    await this.#op('exportDisks', id, async (rec, live) => {
+      if (live) {
+        const s = await live.qmp.queryStatus().catch(() => undefined);
+        throw new InvalidGuestStateError('exportDisks', id, s?.powerState ?? 'RUNNING');
+      }
+      if (rec.suspended) throw new InvalidGuestStateError('exportDisks', id, 'SUSPENDED');
+      const p = this.paths(id);
+      const served = await this.#exportServed(id);
+      if (served && served.host === host) {
+        out = served;
+        return;
+      }
+      await this.#endExport(id);
+      const disks = { root: 'root', ...(rec.disks.ephemeral ? { ephemeral: 'ephemeral' } : {}) };
+      const blockdevs = (name: string, file: string) => [
+        '--blockdev',
+        `driver=file,node-name=${name}-file,filename=${file},read-only=on`,
+        '--blockdev',
+        `driver=qcow2,node-name=${name},file=${name}-file,read-only=on`,
+        '--export',
+        `type=nbd,id=export-${name},node-name=${name},name=${name},writable=off`,
+      ];
+      const args = [
+        ...blockdevs('root', rec.disks.root),
+        ...(rec.disks.ephemeral ? blockdevs('ephemeral', rec.disks.ephemeral) : []),
+      ];
+      // A port per guest from its id, the next ones when taken (the netns of the node may not be the agent's).
+      const base = EXPORT_PORT_BASE + (Number.parseInt(id.slice(0, 8), 16) % EXPORT_PORT_SPAN);
+      let lastErr: unknown;
+      for (let i = 0; i < 16; i++) {
+        const port = EXPORT_PORT_BASE + ((base - EXPORT_PORT_BASE + i) % EXPORT_PORT_SPAN);
+        try {
+          await this.#exec.run(
+            'qemu-storage-daemon',
+            [
+              // qemu-storage-daemon acts on its options in order: the NBD server before the exports.
+              '--nbd-server',
+              `addr.type=inet,addr.host=${host},addr.port=${port},max-connections=4`,
+              ...args,
+              '--pidfile',
+              p.exportPid,
+              '--daemonize',
+            ],
+            { timeoutMs: 30_000 },
+          );
+        } catch (err) {
+          lastErr = err;
+          if (err instanceof ExecError && /in use/i.test(err.stderr)) continue;
+          throw err;
+        }
+        out = { host, port, disks, imageSha256: rec.image.sha256 };
+        await writeFile(p.exportInfo, `${JSON.stringify(out)}\n`, { mode: 0o600 });
+        this.#log.info({ guest: id, host, port }, 'disks exported read-only over NBD');
+        return;
+      }
+      throw lastErr;
+    });
+    return out!;
+  }
+
+  async unexportDisks(id: string): Promise<void> {
+    this.#ready();
+    if (!GuestId.safeParse(id).success) return;
+    await this.#withLock(id, () => this.#endExport(id));
+  }
+
+  async importDisks(spec: GuestSpec, from: DiskExport): Promise<GuestState> {
+    const accel = this.#ready();
+    const id = spec.id;
+    if (!GuestId.safeParse(id).success) throw new DriverError('importDisks', id, `importDisks: ${id} is not a UUID`);
+    return this.#withLock(id, async () => {
+      const p = this.paths(id);
+      const existing = await readRecord(p.record);
+      if (existing) return this.#stateOf(id, existing);
+      const nicProblem = nicsProblem(spec.nics ?? []);
+      if (nicProblem) throw new DriverError('importDisks', id, `importDisks: ${nicProblem}`);
+      if (!spec.imageSource) throw new DriverError('importDisks', id, `importDisks: image ${spec.image} not found`);
+      const image = await this.#images!.ensure(spec.imageSource);
+      await rm(p.dir, { recursive: true, force: true });
+      await mkdir(p.dir, { recursive: true, mode: 0o700 });
+      try {
+        const url = (name: string) => `nbd://${from.host}:${from.port}/${name}`;
+        // The copy keeps the overlay on the image when this node's cached copy is the same image (sha256):
+        // qemu-img convert -B writes only what differs from it; otherwise the copy is flattened.
+        const rebase = from.imageSha256 !== undefined && from.imageSha256 === image.sha256;
+        await this.#pull(url(from.disks.root), p.root, rebase ? image : undefined);
+        if (spec.disk.ephemeralGiB > 0) {
+          if (from.disks.ephemeral) await this.#pull(url(from.disks.ephemeral), p.ephemeral, undefined);
+          else await this.#images!.createBlankDisk({ path: p.ephemeral, sizeBytes: spec.disk.ephemeralGiB * GiB });
+        }
+        if (spec.disk.swapMiB > 0) {
+          await this.#images!.createBlankDisk({ path: p.swap, sizeBytes: spec.disk.swapMiB * MiB });
+        }
+        const { stdout } = await this.#exec.run('qemu-img', ['info', '--output=json', '-f', 'qcow2', p.root]);
+        const rootBytes = z.object({ 'virtual-size': z.int() }).parse(JSON.parse(stdout))['virtual-size'];
+        const rec = await this.#define(spec, image, rootBytes, accel);
+        await writeRecord(p.record, rec);
+        this.#log.info({ guest: id, from: `${from.host}:${from.port}`, rebase }, 'guest disks imported');
+        return this.#stateOf(id, rec);
+      } catch (err) {
+        await rm(p.dir, { recursive: true, force: true });
+        if (err instanceof DriverError || err instanceof ImageError) throw err;
+        throw new DriverError('importDisks', id, `importDisks: ${errMsg(err)}`, { cause: err });
+      }
+    });
+  }
+
+  /** Copies an NBD export into a qcow2 file (over the backing image when given), through a temporary name. */
+  async #pull(url: string, path: string, backing: CachedImage | undefined): Promise<void> {
+    const tmp = `${path}.part`;
+    await rm(tmp, { force: true });
+    const args = ['convert', '-q', '-f', 'raw', '-O', 'qcow2'];
+    if (backing) args.push('-B', backing.path, '-F', backing.format);
+    // Runs in the node's network namespace (the source's host IP is reachable there).
+    await this.#exec.run('qemu-img', [...args, url, tmp], { timeoutMs: 6 * 3600_000 });
+    await rename(tmp, path);
+  }
+
+  /** The export this guest serves now (its qemu-storage-daemon alive), if any. */
+  async #exportServed(id: string): Promise<DiskExport | undefined> {
+    const p = this.paths(id);
+    const pid = await this.#exportPid(id);
+    if (pid === undefined) return undefined;
+    const text = await readFile(p.exportInfo, 'utf8').catch(() => undefined);
+    if (!text) return undefined;
+    return JSON.parse(text) as DiskExport;
+  }
+
+  /** pid of this guest's live qemu-storage-daemon (its command line names the guest's pid file). */
+  async #exportPid(id: string): Promise<number | undefined> {
+    const p = this.paths(id);
+    const pid = Number((await this.#proc.readPidFile(p.exportPid))?.trim());
+    if (!Number.isInteger(pid) || pid <= 0) return undefined;
+    const argv = await this.#proc.cmdline(pid);
+    if (!argv?.some((a) => a.endsWith('qemu-storage-daemon')) || !argv.includes(p.exportPid)) return undefined;
+    return pid;
+  }
+
+  /** Stops this guest's export (SIGTERM, then SIGKILL) and removes its files. */
+  async #endExport(id: string): Promise<void> {
+    const p = this.paths(id);
+    const pid = await this.#exportPid(id);
+    if (pid !== undefined) {
+      try {
+        process.kill(pid, 'SIGTERM');
+      } catch {
+        // gone meanwhile
+      }
+      for (let i = 0; i < 100 && (await this.#exportPid(id)) !== undefined; i++) await sleep(50);
+      if ((await this.#exportPid(id)) !== undefined) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // gone meanwhile
+        }
+      }
+      this.#log.info({ guest: id, pid }, 'disk export ended');
+    }
+    await rm(p.exportPid, { force: true });
+    await rm(p.exportInfo, { force: true });
   }
 
   // ---- state ----
@@ -1391,6 +1715,16 @@ async function supportsODirect(dir: string): Promise<boolean> {
   } finally {
     await rm(probe, { force: true });
   }
+}
+
+async function pathExists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    (err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return false;
+      throw err;
+    },
+  );
 }
 
 async function isSocket(path: string): Promise<boolean> {

@@ -1,13 +1,17 @@
 // Guest disks: qcow2 overlays on cached images (Nova's backing-file model) and blank qcow2 disks (ephemeral, swap).
 // Each is created under a temporary name and renamed into place, and creating one that already exists as asked
 // is a no-op: an agent restarted mid-spawn calls these again and must not destroy a guest's data.
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
+import { promisify } from 'node:util';
 import type { CachedImage } from './cache.ts';
 import { formatBytes } from './cache.ts';
 import { ImageError } from './errors.ts';
 import { backingFileOf, qemuImg, qemuImgInfo } from './qemuimg.ts';
+
+const execFileAsync = promisify(execFile);
 
 export interface DiskInfo {
   format: string;
@@ -135,4 +139,36 @@ export async function createBlankDisk(o: { path: string; sizeBytes: number }): P
     );
   }
   await createAtomically(path, (tmp) => ['create', '-q', '-f', 'qcow2', tmp, String(size)]);
+}
+
+/**
+ * Grows the qcow2 disk at `path` to `sizeBytes` (`qemu-img resize`, which never shrinks without --shrink); a disk
+ * that already has that size is left alone, a bigger one is refused.
+ */
+export async function growDisk(o: { path: string; sizeBytes: number }): Promise<void> {
+  const path = resolve(o.path);
+  checkSize(o.sizeBytes, `disk ${path}`);
+  const size = sectors(o.sizeBytes);
+  const have = await diskInfo(path, { format: 'qcow2' });
+  if (have.virtualSize === size) return;
+  if (have.virtualSize > size) {
+    throw new RangeError(`disk ${path} has virtual size ${have.virtualSize}, more than ${size}: not shrunk`);
+  }
+  await qemuImg(['resize', '-q', '-f', 'qcow2', path, String(size)]);
+}
+
+/**
+ * Copies a disk file as it is (a qcow2 overlay keeps its backing file), sparse, through a temporary name renamed
+ * into place; `cp --reflink=auto` shares the blocks where the filesystem can.
+ */
+export async function copyDisk(o: { from: string; to: string }): Promise<void> {
+  const to = resolve(o.to);
+  await mkdir(dirname(to), { recursive: true });
+  const tmp = join(dirname(to), `.${basename(to)}.tmp-${randomBytes(4).toString('hex')}`);
+  try {
+    await execFileAsync('cp', ['--reflink=auto', '--sparse=always', '--', resolve(o.from), tmp]);
+    await rename(tmp, to);
+  } finally {
+    await rm(tmp, { force: true });
+  }
 }

@@ -350,6 +350,12 @@ export const ServerTriggers = z
     hardReboot: TRIGGER('reset the guest'),
     rebuild: TRIGGER('rebuild the root disk from spec.image'),
     migrate: TRIGGER('cold-migrate the server to another hypervisor'),
+    confirmResize: TRIGGER(
+      'confirm a resize or migration in VERIFY_RESIZE (the previous disks, on the old hypervisor or kept for a revert, are dropped)',
+    ),
+    revertResize: TRIGGER(
+      'revert a resize or migration in VERIFY_RESIZE (the guest goes back to its previous flavor, disks and hypervisor)',
+    ),
   })
   .describe(
     'One-shot actions that have no desired-state form. Each runs once per new value, so a value committed to Git does not repeat an action.',
@@ -465,6 +471,25 @@ export const ServerAction = z
   })
   .describe('One entry of the action history (Nova instance actions).');
 
+const FlavorSnapshot = z
+  .object({
+    name: z.string().describe('Flavor name.'),
+    vcpus: z.int().describe('Virtual CPUs.'),
+    ram: z.string().describe('Guest memory.'),
+    disk: z.string().describe('Root disk size.'),
+    ephemeral: z.string().optional().describe('Ephemeral disk size.'),
+    swap: z.string().optional().describe('Swap disk size.'),
+  })
+  .describe('A copy of a flavor.');
+
+const Allocation = z
+  .object({
+    vcpus: z.int().min(0).describe('Virtual CPUs claimed on the node.'),
+    ramMiB: z.int().min(0).describe('Memory claimed on the node, in MiB.'),
+    diskGiB: z.int().min(0).describe('Local disk claimed on the node (root + ephemeral + swap), in GiB.'),
+  })
+  .describe('Resources claimed on a node.');
+
 export const ServerStatus = z
   .object({
     status: ServerStatusValue.optional().describe(
@@ -478,26 +503,13 @@ export const ServerStatus = z
     node: z.string().optional().describe('Hypervisor the server is placed on.'),
     accelerator: Accelerator.optional().describe('Accelerator the guest runs with: kvm or tcg.'),
     addresses: z.array(ServerAddress).max(64).optional().describe('Addresses of the server, per network.'),
-    flavor: z
-      .object({
-        name: z.string().describe('Flavor name.'),
-        vcpus: z.int().describe('Virtual CPUs.'),
-        ram: z.string().describe('Guest memory.'),
-        disk: z.string().describe('Root disk size.'),
-        ephemeral: z.string().optional().describe('Ephemeral disk size.'),
-        swap: z.string().optional().describe('Swap disk size.'),
-      })
-      .optional()
-      .describe('The flavor the server currently runs with (a copy, as Nova embeds it).'),
+    flavor: FlavorSnapshot.optional().describe(
+      'The flavor the server currently runs with (a copy, as Nova embeds it).',
+    ),
     image: z.string().optional().describe('Image the root disk was last built from.'),
-    allocation: z
-      .object({
-        vcpus: z.int().min(0).describe('Virtual CPUs claimed on the node.'),
-        ramMiB: z.int().min(0).describe('Memory claimed on the node, in MiB.'),
-        diskGiB: z.int().min(0).describe('Local disk claimed on the node (root + ephemeral + swap), in GiB.'),
-      })
-      .optional()
-      .describe('Resources the scheduler claimed for the server on its node; rebuilt into claims after a restart.'),
+    allocation: Allocation.optional().describe(
+      'Resources the scheduler claimed for the server on its node; rebuilt into claims after a restart.',
+    ),
     launchedAt: timestamp('When the guest was first started.').optional(),
     fault: z
       .object({
@@ -508,6 +520,55 @@ export const ServerStatus = z
       .optional()
       .describe('Why the server is in ERROR (Nova fault).'),
     triggers: ServerTriggers.optional().describe('The spec.triggers values already acted on.'),
+    migration: z
+      .object({
+        source: z.string().describe('Hypervisor the server moves from (its disks are copied from there).'),
+        target: z.string().describe('Hypervisor the server moves to.'),
+        sourceFenced: timestamp(
+          'When the operator recorded the source as fenced: down beyond the grace period and annotated compute.stratus.io/fenced by an admin.',
+        ).optional(),
+      })
+      .optional()
+      .describe(
+        'A resize or cold migration to another hypervisor, from placement until it is confirmed (written by the operator).',
+      ),
+    resize: z
+      .object({
+        oldFlavor: FlavorSnapshot.optional().describe('The flavor before the resize (a revert restores it).'),
+        oldNode: z.string().describe('The hypervisor before the resize or migration.'),
+        oldVmState: VmState.optional().describe(
+          'vm_state before the resize (active or stopped; a revert restores it).',
+        ),
+        oldAllocation: Allocation.optional().describe('The claim before the resize or migration.'),
+      })
+      .optional()
+      .describe('What a revert needs, from placement until confirm or revert (written by the operator).'),
+    migrationSource: z
+      .object({
+        node: z.string().describe('The source hypervisor (whose agent writes this field).'),
+        guestStoppedAt: timestamp('When the source agent confirmed the guest stopped.'),
+        export: z
+          .object({
+            host: z.string().describe('Address of the NBD server (the source node host IP).'),
+            port: z.int().min(1).max(65535).describe('TCP port of the NBD server.'),
+            disks: z
+              .object({
+                root: z.string().describe('Export name of the root disk.'),
+                ephemeral: z.string().optional().describe('Export name of the ephemeral disk.'),
+              })
+              .describe('Export names, one per disk (guest-visible contents, raw).'),
+            imageSha256: z
+              .string()
+              .optional()
+              .describe('sha256 of the image the root disk is an overlay on (the target rebases onto its own copy).'),
+          })
+          .optional()
+          .describe('NBD export of the stopped guest disks (read-only), while the target copies them.'),
+      })
+      .optional()
+      .describe(
+        'Written only by the source node agent of a move: the guest is stopped there and where its disks are served.',
+      ),
     actions: z.array(ServerAction).max(20).optional().describe('The most recent actions, newest last (bounded).'),
     observedGeneration: observedGeneration(),
     conditions: conditions(),
@@ -545,6 +606,9 @@ export const MAX_SERVER_ACTIONS = 20;
  * Records an action in status.actions (Nova's instance actions), newest last and bounded: an InProgress
  * entry of the same action is completed in place, anything else is appended.
  */
+/** Hypervisor annotation an admin sets once a down host is fenced (powered off or isolated): its guests cannot run. */
+export const FENCED_ANNOTATION = 'compute.stratus.io/fenced';
+
 export function recordAction(
   status: { actions?: z.infer<typeof ServerAction>[] },
   action: string,

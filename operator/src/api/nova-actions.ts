@@ -73,3 +73,23 @@ export function powerAction(desired: DesiredPowerState, vmState: VmState): Serve
       return vmState === 'suspended' ? undefined : 'suspend';
   }
 }
+
+/** Nova's refusal of a resize to a smaller root or ephemeral disk (libvirt driver: ResizeError "Unable to resize disk down."). */
+export const RESIZE_DOWN_MESSAGE = 'Resize error: Unable to resize disk down.';
+/** Nova's API refusal of a resize from a sized root disk to a flavor with disk 0 (CannotResizeDisk). */
+export const RESIZE_TO_ZERO_MESSAGE = 'Resize to zero disk flavor is not allowed.';
+
+/**
+ * Undefined when the disks of flavor `to` can hold those of flavor `from` (sizes in GiB; root 0 = sized to the
+ * image), else Nova's refusal: a resize keeps the disks and never shrinks them.
+ */
+export function refuseResizeDisks(
+  from: { rootGiB: number; ephemeralGiB: number },
+  to: { rootGiB: number; ephemeralGiB: number },
+): string | undefined {
+  if (to.rootGiB === 0 && from.rootGiB !== 0) return RESIZE_TO_ZERO_MESSAGE;
+  if ((to.rootGiB !== 0 && to.rootGiB < from.rootGiB) || to.ephemeralGiB < from.ephemeralGiB) {
+    return RESIZE_DOWN_MESSAGE;
+  }
+  return undefined;
+}

@@ -18,6 +18,8 @@ export interface ControllersConfig {
   heartbeatGraceSeconds: number;
   /** Namespace of the node agents' Leases (default NODE_LEASE_NAMESPACE, stratus-system). */
   nodeLeaseNamespace?: string;
+  /** VERIFY_RESIZE is confirmed automatically after this long (default 0: never). */
+  resizeConfirmWindowSeconds?: number;
   scheduler: SchedulerConfig;
   /** Parallel Port reconciles (default 8). */
   portConcurrency?: number;
@@ -45,6 +47,7 @@ export function registerControllers(mgr: Manager, cfg: ControllersConfig) {
     instance: cfg.identity,
     concurrency: cfg.serverConcurrency,
     heartbeatGraceMs,
+    resizeConfirmWindowMs: (cfg.resizeConfirmWindowSeconds ?? 0) * 1000,
     scheduler: cfg.scheduler,
   });
   const network = registerNetworkController(mgr, {

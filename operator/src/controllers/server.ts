@@ -8,6 +8,7 @@ import { PatchStrategy } from '@kubernetes/client-node';
 import {
   COMPUTE_GROUP,
   deriveServerStatus,
+  FENCED_ANNOTATION,
   type Flavor,
   FlavorKind,
   GUEST_FINALIZER,
@@ -24,6 +25,7 @@ import {
   type PortSpec,
   recordAction,
   refuseAction,
+  refuseResizeDisks,
   SERVER_FINALIZER,
   SERVER_NODE_LABEL,
   type Server,
@@ -32,6 +34,7 @@ import {
   ServerKind,
   type ServerStatus,
   serverPortName,
+  toGiB,
 } from '../api/index.ts';
 import {
   addFinalizer,
@@ -67,6 +70,11 @@ export interface ServerControllerOptions {
   instance: string;
   concurrency?: number;
   heartbeatGraceMs: number;
+  /**
+   * A server in VERIFY_RESIZE is confirmed automatically after this long (Nova's resize_confirm_window);
+   * default 0: never, the user confirms or reverts (spec.triggers.confirmResize / revertResize).
+   */
+  resizeConfirmWindowMs?: number;
   scheduler?: SchedulerConfig;
   now?: () => number;
 }
@@ -765,9 +773,113 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
       }
     }
     if (net.kind !== 'ok') ctx.log.info({ reason: net.reason, message: net.message }, 'ports not in place');
+    const following = await followMove(parsed.data as Server, ctx);
+    if (following) return following;
     const moved = await resizeOrMigrate(parsed.data as Server, ctx);
     if (moved) return moved;
     return trackHypervisor(await syncAddresses(server, net.ports), ctx);
+  }
+
+  /**
+   * A resize or migration after its placement: records fencing of a down source (an admin annotated it
+   * compute.stratus.io/fenced), turns the confirmResize / revertResize tokens of a server in VERIFY_RESIZE into the
+   * tasks the agents carry out (resize_confirming on the new node; resize_reverting back on the old node, with the
+   * old flavor, claim and label), and drops the move's records once it is confirmed or reverted. Agent status writes
+   * do not requeue the server, so this polls while a move is in flight.
+   */
+  async function followMove(server: Server, ctx: ReconcileContext): Promise<{ requeueAfter: number } | undefined> {
+    const st = server.status ?? {};
+    if (!st.resize && !st.migration) return undefined;
+    const t = new Date(now()).toISOString();
+    const mig = st.migration;
+    if (mig && st.taskState === 'resize_migrated' && !mig.sourceFenced) {
+      const hv = hypervisors.get(mig.source);
+      const fenced = hv?.metadata?.annotations?.[FENCED_ANNOTATION];
+      if (hv && fenced && !isUp(hv, now(), opts.heartbeatGraceMs)) {
+        await writeStatus(server, (s) => {
+          if (!s.migration || s.migration.source !== mig.source) return false;
+          s.migration = { ...s.migration, sourceFenced: t };
+        });
+        events.warning(server, 'SourceFenced', 'Migrate', `hypervisor ${mig.source} is down and fenced (${fenced})`);
+      }
+    }
+    const lastMove = [...(st.actions ?? [])].reverse().find((a) => a.action === 'resize' || a.action === 'migrate');
+    const condType = lastMove?.action === 'migrate' ? 'Migrated' : 'Resized';
+    const token = (name: 'confirmResize' | 'revertResize') => {
+      const v = server.spec.triggers?.[name];
+      return v !== undefined && v !== st.triggers?.[name] ? v : undefined;
+    };
+    if (!st.taskState && (st.vmState === 'resized' || st.vmState === 'error') && st.resize) {
+      const revert = token('revertResize');
+      if (revert !== undefined) return revertMove(server, revert, condType, ctx);
+      const confirm = token('confirmResize');
+      const window = opts.resizeConfirmWindowMs ?? 0;
+      const since = lastMove?.finishTime ? Date.parse(lastMove.finishTime) : Number.NaN;
+      const due = window > 0 && Number.isFinite(since) && now() - since >= window;
+      if (st.vmState === 'resized' && (confirm !== undefined || due)) {
+        await writeStatus(server, (s) => {
+          if (s.taskState || s.vmState !== 'resized') return false;
+          s.taskState = 'resize_confirming';
+          if (confirm !== undefined) s.triggers = { ...s.triggers, confirmResize: confirm };
+          recordAction(s, 'confirmResize', 'InProgress', confirm === undefined ? 'automatic' : undefined, t);
+        });
+        events.normal(server, 'ConfirmingResize', 'ConfirmResize', `confirming on ${st.node}`);
+        return { requeueAfter: 2000 };
+      }
+      if (window > 0 && st.vmState === 'resized' && Number.isFinite(since)) {
+        return { requeueAfter: Math.max(1000, since + window - now()) };
+      }
+      return st.vmState === 'error' ? { requeueAfter: 30_000 } : { requeueAfter: 5000 };
+    }
+    if (!st.taskState && st.vmState !== 'resized' && st.vmState !== 'error' && st.vmState !== 'building') {
+      // Confirmed or reverted and finished: the move's records go (the source agent then drops its copy).
+      await writeStatus(server, (s) => {
+        if (s.taskState || s.vmState === 'resized' || s.vmState === 'error') return false;
+        delete s.resize;
+        delete s.migration;
+      });
+      ctx.log.info('move finished; its records dropped');
+      return undefined;
+    }
+    return { requeueAfter: 2000 };
+  }
+
+  /** revertResize: the server goes back to its old node, flavor and claim; the agent there restores the guest. */
+  async function revertMove(server: Server, token: string, condType: string, ctx: ReconcileContext) {
+    const st = server.status ?? {};
+    const r = st.resize!;
+    const gen = server.metadata.generation;
+    const t = new Date(now()).toISOString();
+    const key = objectKey(server);
+    const from = st.node ?? '';
+    const group = ledger.get(key)?.group;
+    if (r.oldAllocation)
+      ledger.assume({ server: key, node: r.oldNode, ...r.oldAllocation, ...(group ? { group } : {}) });
+    const updated = await writeStatus(server, (s) => {
+      if (s.taskState || !s.resize) return false;
+      s.node = r.oldNode;
+      if (r.oldFlavor) s.flavor = r.oldFlavor;
+      if (r.oldAllocation) s.allocation = r.oldAllocation;
+      s.taskState = 'resize_reverting';
+      s.triggers = { ...s.triggers, revertResize: token };
+      delete s.migration;
+      conditionsWith(s, gen, {
+        type: condType,
+        status: 'False',
+        reason: 'Reverted',
+        message: `reverted: back on ${r.oldNode}${r.oldFlavor ? ` with flavor ${r.oldFlavor.name}` : ''}`,
+      });
+      recordAction(s, 'revertResize', 'InProgress', `${from} -> ${r.oldNode}`, t);
+    });
+    if (updated.status?.taskState !== 'resize_reverting') {
+      ledger.assume(claimOf(updated) ?? claimOf(server)!);
+      return { requeueAfter: 2000 };
+    }
+    await bindMetadata(updated, r.oldNode);
+    ledger.confirm(key);
+    events.normal(server, 'RevertingResize', 'RevertResize', `${from} -> ${r.oldNode}`);
+    ctx.log.info({ from, to: r.oldNode }, 'reverting a resize or migration');
+    return { requeueAfter: 2000 };
   }
 
   /**
@@ -808,6 +920,15 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     if (!resize) flavorSpec = FlavorKind.spec.safeParse(flavors.get(st.flavor?.name ?? '')?.spec);
     if (!flavorSpec.success)
       return refuseWith('FlavorNotFound', `flavor ${server.spec.flavor} does not exist or is invalid`);
+    if (resize && st.flavor) {
+      // A resize keeps the disks: Nova refuses a smaller root or ephemeral disk.
+      const disks = (f: { disk: string; ephemeral?: string | undefined }) => ({
+        rootGiB: toGiB(f.disk),
+        ephemeralGiB: toGiB(f.ephemeral ?? '0'),
+      });
+      const down = refuseResizeDisks(disks(st.flavor), disks(flavorSpec.data));
+      if (down) return refuseWith('CannotResizeDisk', down);
+    }
     const image = server.spec.image ? images.get(server.spec.image, server.metadata.namespace) : undefined;
     const resources = flavorClaim(flavorSpec.data, image, { bootFromVolume: !!server.spec.bootVolume });
     const key = objectKey(server);
@@ -844,6 +965,15 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     try {
       const updated = await writeStatus(server, (s) => {
         if (s.taskState || s.node !== node) return false; // the agent started something meanwhile
+        // What a revert needs; a move to another node also names its source (whose agent serves the disks).
+        s.resize = {
+          ...(s.flavor ? { oldFlavor: s.flavor } : {}),
+          oldNode: node,
+          ...(s.vmState === 'active' || s.vmState === 'stopped' ? { oldVmState: s.vmState } : {}),
+          ...(s.allocation ? { oldAllocation: s.allocation } : {}),
+        } as Status['resize'];
+        if (target !== node) s.migration = { source: node, target };
+        else delete s.migration;
         s.node = target;
         s.allocation = { vcpus: resources.vcpus, ramMiB: resources.ramMiB, diskGiB: resources.diskGiB };
         if (resize) {

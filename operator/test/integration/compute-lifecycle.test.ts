@@ -2,6 +2,7 @@
 // (each with its status, action entry and Event), one-shot reboot triggers that run once, transitions Nova forbids
 // (refused, nothing attempted), resize in place and to another node, cold migration, a spawn failure, and delete.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FakeDriver } from '../../../node-agent/src/drivers/fake.ts';
 import { GUEST_FINALIZER, SERVER_FINALIZER, SERVER_NODE_LABEL } from '../../src/api/index.ts';
 import { ComputeEnv, condition, type FakeNode, type Srv, waitFor } from './compute-env.ts';
 
@@ -46,6 +47,24 @@ async function refused(to: string, message: RegExp): Promise<Srv> {
     VM,
     `ActionRefused ${message}`,
     (s) => condition(s, 'ActionRefused')?.status === 'True' && message.test(condition(s, 'ActionRefused')!.message),
+  );
+}
+
+let confirms = 0;
+/** VERIFY_RESIZE -> confirmResize -> back to `status` (ACTIVE or SHUTOFF); the move's records are dropped. */
+async function confirmResize(status = 'ACTIVE'): Promise<Srv> {
+  await env.waitServer(VM, 'VERIFY_RESIZE', (x) => x.status?.status === 'VERIFY_RESIZE' && idle(x));
+  const token = `confirm-${++confirms}`;
+  await env.patchServer(VM, { spec: { triggers: { confirmResize: token } } });
+  return env.waitServer(
+    VM,
+    `confirmed, ${status}`,
+    (x) =>
+      x.status?.triggers?.confirmResize === token &&
+      x.status.status === status &&
+      idle(x) &&
+      !x.status.resize &&
+      !x.status.migration,
   );
 }
 
@@ -207,30 +226,49 @@ describe('resize and migrate', () => {
     filler = 'filler';
     await env.createServer(filler, { flavor: small, node: home.name });
     await env.waitServer(filler, 'ACTIVE', (x) => x.status?.status === 'ACTIVE' && idle(x));
+    const spawns = home.calls('spawn', uid);
 
+    home.driver.setData(uid, 'written before the resize');
     await env.patchServer(VM, { spec: { flavor: medium } });
-    const s = await env.waitServer(
+    const v = await env.waitServer(
       VM,
-      'resized',
-      (x) => x.status?.flavor?.name === medium && x.status.status === 'ACTIVE' && idle(x),
+      'VERIFY_RESIZE',
+      (x) => x.status?.flavor?.name === medium && x.status.status === 'VERIFY_RESIZE' && idle(x),
     );
+    expect(v.status).toMatchObject({ vmState: 'resized', resize: { oldNode: home.name, oldFlavor: { name: small } } });
+    expect(v.status?.migration).toBeUndefined();
+    expect(home.driver.resizePending(uid)).toBe(true);
+    const s = await confirmResize();
+    expect(home.driver.resizePending(uid)).toBe(false);
+    expect(home.driver.data(uid)).toBe('written before the resize');
     expect(s.status?.node).toBe(home.name);
     expect(s.metadata?.labels?.[SERVER_NODE_LABEL]).toBe(home.name);
     expect(s.status).toMatchObject({ powerState: 'RUNNING', allocation: { vcpus: 2, ramMiB: 2048 } });
     expect(condition(s, 'Resized')).toMatchObject({ status: 'True', reason: 'SameHost' });
     expect(actionsOf(s, 'resize').at(-1)).toMatchObject({ result: 'Success' });
     expect((await home.driver.list()).find((g) => g.id === uid)).toMatchObject({ vcpus: 2, ramMiB: 2048 });
+    // the driver resized the guest keeping its disks: no new guest
+    expect(home.calls('resize', uid)).toBe(1);
+    expect(home.calls('spawn', uid)).toBe(spawns);
     await expectEvent('Resized');
   });
 
   it('a resize that does not fit moves the server; the old node loses the guest', async () => {
     await env.patchServer(VM, { spec: { flavor: large } });
-    const s = await env.waitServer(
+    const v = await env.waitServer(
       VM,
-      'resized elsewhere',
-      (x) => x.status?.flavor?.name === large && x.status.status === 'ACTIVE' && idle(x),
+      'resized elsewhere, VERIFY_RESIZE',
+      (x) => x.status?.flavor?.name === large && x.status.status === 'VERIFY_RESIZE' && idle(x),
     );
+    // the source stopped the guest, served its disks, and keeps it until the confirm
+    expect(v.status?.migration).toMatchObject({ source: home.name, target: v.status?.node });
+    expect(v.status?.migrationSource).toMatchObject({ node: home.name, guestStoppedAt: expect.any(String) });
+    expect(await home.driver.state(uid)).toMatchObject({ powerState: 'SHUTDOWN' });
+    await waitFor('export ended', async () => FakeDriver.exports() === 0);
+    const s = await confirmResize();
     const target = env.node(s.status?.node);
+    expect(target.driver.data(uid)).toBe('written before the resize'); // copied, not rebuilt
+    expect(target.calls('importDisks', uid)).toBe(1);
     expect(target.name).not.toBe(home.name);
     expect(s.metadata?.labels?.[SERVER_NODE_LABEL]).toBe(target.name);
     expect(condition(s, 'Resized')).toMatchObject({ status: 'True', reason: 'Moved' });
@@ -244,11 +282,12 @@ describe('resize and migrate', () => {
   it('a migrate token moves the server to another node, once', async () => {
     const from = home;
     await env.patchServer(VM, { spec: { triggers: { migrate: 'mig-1' } } });
-    const s = await env.waitServer(
+    await env.waitServer(
       VM,
-      'migrated',
-      (x) => x.status?.triggers?.migrate === 'mig-1' && x.status.status === 'ACTIVE' && idle(x),
+      'migrated, VERIFY_RESIZE',
+      (x) => x.status?.triggers?.migrate === 'mig-1' && x.status.status === 'VERIFY_RESIZE' && idle(x),
     );
+    const s = await confirmResize();
     const target = env.node(s.status?.node);
     expect(target.name).not.toBe(from.name);
     expect(s.metadata?.labels?.[SERVER_NODE_LABEL]).toBe(target.name);
@@ -263,11 +302,7 @@ describe('resize and migrate', () => {
   it('a SHUTOFF server resized in place comes back SHUTOFF with the new size', async () => {
     await power('Stopped', 'SHUTOFF');
     await env.patchServer(VM, { spec: { flavor: medium } });
-    const s = await env.waitServer(
-      VM,
-      'resized while off',
-      (x) => x.status?.flavor?.name === medium && x.status.status === 'SHUTOFF' && idle(x),
-    );
+    const s = await confirmResize('SHUTOFF');
     expect(s.status).toMatchObject({ node: home.name, vmState: 'stopped', powerState: 'SHUTDOWN' });
     expect(condition(s, 'Resized')).toMatchObject({ status: 'True', reason: 'SameHost' });
     expect((await home.driver.list()).find((g) => g.id === uid)).toMatchObject({
@@ -276,6 +311,52 @@ describe('resize and migrate', () => {
     });
     const back = await power('Running', 'ACTIVE');
     expect(back.status?.powerState).toBe('RUNNING');
+  });
+
+  it('a migration reverted from VERIFY_RESIZE goes back to its node with its disks; the target copy is dropped', async () => {
+    const from = home;
+    home.driver.setData(uid, 'kept through the revert');
+    await env.patchServer(VM, { spec: { triggers: { migrate: 'mig-2' } } });
+    const v = await env.waitServer(
+      VM,
+      'migrated, VERIFY_RESIZE',
+      (x) => x.status?.triggers?.migrate === 'mig-2' && x.status.status === 'VERIFY_RESIZE' && idle(x),
+    );
+    const target = env.node(v.status?.node);
+    expect(target.name).not.toBe(from.name);
+    expect(await from.driver.state(uid)).toMatchObject({ powerState: 'SHUTDOWN' });
+    await env.patchServer(VM, { spec: { triggers: { revertResize: 'revert-1' } } });
+    const r = await env.waitServer(
+      VM,
+      'reverted',
+      (x) => x.status?.triggers?.revertResize === 'revert-1' && x.status.status === 'ACTIVE' && idle(x),
+    );
+    expect(r.status?.node).toBe(from.name);
+    expect(r.metadata?.labels?.[SERVER_NODE_LABEL]).toBe(from.name);
+    expect(r.status?.migration).toBeUndefined();
+    expect(r.status?.migrationSource).toBeUndefined();
+    expect(condition(r, 'Migrated')).toMatchObject({ status: 'False', reason: 'Reverted' });
+    expect(actionsOf(r, 'revertResize').at(-1)).toMatchObject({ result: 'Success' });
+    expect(from.driver.data(uid)).toBe('kept through the revert');
+    await waitGuestGone(target, uid);
+    await env.waitServer(VM, 'records dropped', (x) => !x.status?.resize);
+  });
+
+  it("a resize to a smaller disk is refused with Nova's words; the server and its guest stay as they are", async () => {
+    const smallDisk = await env.flavor('smalldisk', 2, 2048, 5);
+    const before = await env.waitServer(VM, 'idle', (x) => idle(x));
+    await env.patchServer(VM, { spec: { flavor: smallDisk } });
+    const r = await env.waitServer(VM, 'Resized=False', (x) => {
+      const c = condition(x, 'Resized');
+      return c?.status === 'False' && c.observedGeneration === x.metadata?.generation;
+    });
+    expect(condition(r, 'Resized')).toMatchObject({
+      reason: 'CannotResizeDisk',
+      message: 'Resize error: Unable to resize disk down.',
+    });
+    expect(r.status).toMatchObject({ status: 'ACTIVE', node: before.status?.node, flavor: { name: medium } });
+    expect(actionsOf(r, 'resize').at(-1)).toMatchObject({ result: 'Error' });
+    await env.patchServer(VM, { spec: { flavor: medium } });
   });
 
   it('a spawn failure ends in ERROR with a fault; resizing an ERROR server is refused', async () => {

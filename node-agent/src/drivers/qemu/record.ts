@@ -32,6 +32,11 @@ export interface GuestPaths {
   migrateSocket: string;
   /** Held while a QEMU is being started for this guest (cross-process guard). */
   launchLock: string;
+  /** Disk export of a cold migration: qemu-storage-daemon's pid file, and export.json (the DiskExport served). */
+  exportPid: string;
+  exportInfo: string;
+  /** What an unconfirmed resize keeps for a revert: guest.json, root.qcow2, ephemeral.qcow2, and `complete`. */
+  resizeOld: string;
 }
 
 export const GUESTS_DIR = 'guests';
@@ -60,6 +65,9 @@ export function guestPaths(stateDir: string, id: string): GuestPaths {
     stateFile: f('state.bin'),
     migrateSocket: f('migrate.sock'),
     launchLock: f('launch.lock'),
+    resizeOld: f('resize-old'),
+    exportPid: f('nbd.pid'),
+    exportInfo: f('export.json'),
   };
 }
 
@@ -132,6 +140,8 @@ export const GuestRecord = z.object({
   createdAt: z.string(),
   /** Present while the guest is suspended (its state saved to stateFile, no process). */
   suspended: z.object({ stateFile: z.string(), at: z.string(), bytes: z.int().min(0) }).optional(),
+  /** Set by a resize until it is confirmed or reverted (resize-old/ holds the previous definition and disks). */
+  resizePending: z.string().optional(),
   /** The last exit nobody asked for, until the guest is started again (state() reports its power state). */
   lastExit: z.object({ powerState: z.enum(['SHUTDOWN', 'CRASHED']), reason: z.string(), at: z.string() }).optional(),
 });
