@@ -1,5 +1,6 @@
 // The Stratus operator: nova-api/scheduler/conductor, neutron-server, cinder, glance and keystone as
 // controllers on one manager. `npm run operator -- --help` lists the flags.
+import { setTimeout as sleep } from 'node:timers/promises';
 import { KubeConfig } from '@kubernetes/client-node';
 import { OperatorConfig } from './config.ts';
 import { registerControllers } from './controllers/index.ts';
@@ -12,6 +13,7 @@ import {
   isAlreadyExists,
   isForbidden,
   KubeClient,
+  type Logger,
   loadConfig,
   Manager,
 } from './runtime/index.ts';
@@ -40,8 +42,10 @@ async function main(): Promise<void> {
     await installCRDs(kc);
     log.info('CRDs installed');
   }
-  // The leader Lease and the node agents' Leases live there.
-  await ensureNamespace(new KubeClient(kc), cfg.leaseNamespace);
+  // The leader Lease and the node agents' Leases live there. Made in the background, retried: the HTTP endpoints
+  // (/healthz, /readyz, /metrics) must answer while the API server does not, and the leader elector retries its
+  // Lease until the namespace exists.
+  void ensureNamespace(new KubeClient(kc), cfg.leaseNamespace, log);
 
   const mgr = new Manager({
     kubeConfig: kc,
@@ -82,14 +86,19 @@ async function main(): Promise<void> {
   log.info('leading: controllers started');
 }
 
-async function ensureNamespace(client: KubeClient, name: string): Promise<void> {
-  try {
-    await client.create(
-      { group: '', version: 'v1', plural: 'namespaces' },
-      { apiVersion: 'v1', kind: 'Namespace', metadata: { name } },
-    );
-  } catch (e) {
-    if (!isAlreadyExists(e) && !isForbidden(e)) throw e;
+async function ensureNamespace(client: KubeClient, name: string, log: Logger): Promise<void> {
+  for (let delayMs = 500; ; delayMs = Math.min(delayMs * 2, 30_000)) {
+    try {
+      await client.create(
+        { group: '', version: 'v1', plural: 'namespaces' },
+        { apiVersion: 'v1', kind: 'Namespace', metadata: { name } },
+      );
+      return;
+    } catch (e) {
+      if (isAlreadyExists(e) || isForbidden(e)) return;
+      log.warn({ err: e, namespace: name, retryInMs: delayMs }, 'cannot create the lease namespace yet');
+    }
+    await sleep(delayMs, undefined, { ref: false });
   }
 }
 
