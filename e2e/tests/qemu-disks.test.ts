@@ -12,7 +12,7 @@
 // Every Server has a nodeSelector on this run's label, so other hypervisors of the shared cluster are never chosen.
 // Needs root, qemu-system-x86_64, qemu-img and genisoimage; skipped (with a message) otherwise.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { mkdir, mkdtemp, rm, symlink } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, rm, symlink } from 'node:fs/promises';
 import path from 'node:path';
 import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -117,6 +117,7 @@ describe.skipIf(missing !== undefined)('Resize and cold migration keep the disks
   beforeAll(async () => {
     img = await ensureTestImage({ log });
     work = await mkdtemp('/tmp/stratus-e2e-disk-');
+    await chmod(work, 0o711); // QEMU drops to --qemu-user and must still reach its guest directory
     stateDir = path.join(work, 'state');
     const www = path.join(work, 'www');
     await mkdir(www);
