@@ -1193,13 +1193,7 @@ export class QemuDriver implements HypervisorDriver {
     live.crashing = false;
     if (!ended || this.#closed) return;
     this.#log.warn({ guest: live.id, pid: live.pid, reason }, 'guest crashed; its QEMU was ended');
-    for (const l of [...this.#listeners]) {
-      try {
-        l(exit);
-      } catch (err) {
-        this.#log.warn({ err }, 'guest exit listener failed');
-      }
-    }
+    this.#notifyExit(exit);
   }
 
   /** The QMP link of a running guest, connecting (adopting) if needed; undefined if QMP does not answer. */
@@ -1267,6 +1261,16 @@ export class QemuDriver implements HypervisorDriver {
     }
   }
 
+  #notifyExit(exit: GuestExit): void {
+    for (const l of [...this.#listeners]) {
+      try {
+        l(exit);
+      } catch (err) {
+        this.#log.warn({ err }, 'guest exit listener failed');
+      }
+    }
+  }
+
   /** The QMP connection ended: QEMU exited (or is exiting), or the driver detached. */
   async #onClose(live: Live): Promise<void> {
     if (live.detached) return;
@@ -1305,13 +1309,7 @@ export class QemuDriver implements HypervisorDriver {
     }).catch((err: unknown) => this.#log.warn({ err, guest: live.id }, 'cannot record the guest exit'));
     if (!unexpected || this.#closed) return;
     this.#log.warn({ guest: live.id, pid: live.pid, ...exit, qmpShutdown: live.shutdown }, 'guest exited on its own');
-    for (const l of [...this.#listeners]) {
-      try {
-        l(exit);
-      } catch (err) {
-        this.#log.warn({ err }, 'guest exit listener failed');
-      }
-    }
+    this.#notifyExit(exit);
   }
 
   async #waitDead(id: string, pid: number, timeoutMs: number): Promise<boolean> {
