@@ -34,6 +34,19 @@ describe('guestVerdict: when a guest whose server is not bound here may be destr
     }
   });
 
+  it('destroys the target copy of a move that was reverted (VERIFY_RESIZE revert back to the source)', () => {
+    const actions = [
+      { action: 'migrate', result: 'Success', message: 'n1 -> n2' },
+      { action: 'revertResize', result: 'Success', message: 'n2 -> n1' },
+    ];
+    expect(guestVerdict(srv({ label: 'n1', node: 'n1', actions }), UID, 'n2')).toEqual({
+      destroy: true,
+      reason: 'the server moved to n1 (revertResize)',
+    });
+    // the source, where the server is back, keeps it
+    expect(guestVerdict(srv({ label: 'n1', node: 'n1', actions }), UID, 'n1')).toMatchObject({ boundHere: true });
+  });
+
   it('keeps the guest on a label edit or a bad patch, whatever else the status says', () => {
     const cases: PlacedServer[] = [
       srv({ label: 'n2', node: 'n1' }), // kubectl label server x compute.stratus.io/node=n2 --overwrite

@@ -5,8 +5,9 @@
 // guest and its disks with it, so the agent destroys a guest only when
 //  - the Server is gone (NotFound, or its name now belongs to a new object with another uid), or being deleted;
 //  - or the operator has recorded a move away from this node: status.node names another node, the label agrees,
-//    and the newest resize/migrate action is `<this node> -> <that node>` and did not fail (the operator's record,
-//    operator/src/controllers/server.ts resizeOrMigrate).
+//    and the newest resize/migrate/revertResize action is `<this node> -> <that node>` and did not fail (the
+//    operator's record, operator/src/controllers/server.ts resizeOrMigrate and revertMove: a reverted move away from
+//    its source is a move away from the target).
 // Anything else keeps the guest running and is reported: an Event and the Server condition Placement False
 // NodeLabelMismatch (see docs/design/networking.md and node-agent.md).
 import { SERVER_NODE_LABEL } from '../../operator/src/api/index.ts';
@@ -29,13 +30,13 @@ export type GuestVerdict =
   | { destroy: false; boundHere: true; reason: string }
   | { destroy: false; boundHere: false; reason: string };
 
-/** The newest resize/migrate action recorded on a Server's status. */
+/** The newest resize/migrate/revertResize action recorded on a Server's status. */
 function lastMove(server: PlacedServer): { action: string; result?: string; message?: string } | undefined {
   const actions = (server.status as { actions?: unknown } | undefined)?.actions;
   if (!Array.isArray(actions)) return undefined;
   for (let i = actions.length - 1; i >= 0; i--) {
     const a = actions[i] as { action?: unknown; result?: unknown; message?: unknown };
-    if (a?.action === 'resize' || a?.action === 'migrate') {
+    if (a?.action === 'resize' || a?.action === 'migrate' || a?.action === 'revertResize') {
       return {
         action: a.action,
         ...(typeof a.result === 'string' ? { result: a.result } : {}),
