@@ -113,15 +113,18 @@ export function registerHypervisorController(mgr: Manager, opts: HypervisorContr
     const hv = hypervisors.get(req.name);
     if (!hv) return undefined;
     const v = liveness.verdict(req.name);
-    const up = v.up ?? hv.status?.state === 'up';
-    const state = up ? 'up' : 'down';
+    // No evidence yet and nothing recorded (a new hypervisor whose first renewal has not been seen): leave state
+    // unset, so the scheduler waits for it instead of reading "down" (docs/design/compute.md).
+    const recorded = hv.status?.state;
+    const up = v.up ?? (recorded === undefined ? undefined : recorded === 'up');
+    const state = up === undefined ? undefined : up ? 'up' : 'down';
     const enabled = hv.spec?.enabled !== false ? 'enabled' : 'disabled';
     if (hv.status?.state !== state || hv.status?.status !== enabled) {
       await patchStatus(
         mgr.client,
         HYPERVISORS,
         { apiVersion: HypervisorKind.apiVersion, kind: HypervisorKind.kind, metadata: hv.metadata },
-        { state, status: enabled },
+        { ...(state ? { state } : {}), status: enabled },
         { fieldManager: FIELD_MANAGER },
       );
       ctx.log.info({ state, status: enabled }, 'hypervisor state changed');

@@ -345,6 +345,18 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
       opts.scheduler,
     );
     if (!result.ok) {
+      // A hypervisor not judged up or down yet (its agent just started: no Lease renewal seen) may be the host this
+      // server needs. Failing now would put the server in ERROR for good (Nova does not retry NoValidHost): wait.
+      const pending = hypervisors.list().filter((h) => h.status?.state === undefined && h.spec?.enabled !== false);
+      if (pending.length > 0) {
+        ctx.log.info({ message: result.message, pending: pending.length }, 'no valid host yet; hypervisors pending');
+        await waitFor(
+          server,
+          'HypervisorsPending',
+          `${result.message}; ${pending.length} hypervisor(s) not judged up or down yet (no Lease renewal seen): waiting`,
+        );
+        return { requeueAfter: 1000 };
+      }
       ctx.log.info({ message: result.message }, 'no valid host');
       await fail(server, 'NoValidHost', result.message);
       return undefined;
