@@ -137,7 +137,13 @@ describe('withReport', () => {
       triggers: { softReboot: 'x' },
       compute: { node: 'a', vmState: 'active', taskState: 'powering-off', powerState: 'RUNNING' },
     };
-    const view = { ...st, vmState: 'stopped', status: 'SHUTOFF', powerState: 'SHUTDOWN', launchedAt: T1 };
+    const view: Record<string, unknown> = {
+      ...st,
+      vmState: 'stopped',
+      status: 'SHUTOFF',
+      powerState: 'SHUTDOWN',
+      launchedAt: T1,
+    };
     delete view.taskState;
     delete view.triggers;
     const out = withReport(structuredClone(st), view, 'a');
