@@ -2,7 +2,9 @@
 // image, key pair and group, creates or claims its Ports (Nova's network allocation; the addresses in
 // status come from them), schedules it with the claim ledger, binds it to a hypervisor, watches
 // for hypervisors going down and cleans up on delete. Once a server is bound its lifecycle (spawn,
-// power, reboot) belongs to the node agent on that hypervisor; see docs/design/compute.md.
+// power, reboot) belongs to the node agent on that hypervisor, which reports the guest's state in status.compute;
+// the operator alone writes the user-facing state fields, derived from that report (deriveServerState); see
+// docs/design/compute.md and docs/design/status-ownership.md.
 import { isIP } from 'node:net';
 import { PatchStrategy } from '@kubernetes/client-node';
 import {
@@ -816,8 +818,9 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
    * A resize or migration after its placement: records fencing of a down source (an admin annotated it
    * compute.stratus.io/fenced), turns the confirmResize / revertResize tokens of a server in VERIFY_RESIZE into the
    * tasks the agents carry out (resize_confirming on the new node; resize_reverting back on the old node, with the
-   * old flavor, claim and label), and drops the move's records once it is confirmed or reverted. Agent status writes
-   * do not requeue the server, so this polls while a move is in flight.
+   * old flavor, claim and label), and drops the move's records once it is confirmed or reverted. Each change of the
+   * agent's report requeues the server; this also polls while a move is in flight (the source agent's
+   * migrationSource and fencing do not).
    */
   async function followMove(server: Server, ctx: ReconcileContext): Promise<{ requeueAfter: number } | undefined> {
     const st = server.status ?? {};
@@ -932,7 +935,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     const condType = resize ? 'Resized' : 'Migrated';
     const settled = st.conditions?.find((c) => c.type === condType && c.observedGeneration === gen);
     if (resize && settled?.status === 'False') return undefined; // refused for this generation already
-    if (st.taskState) return { requeueAfter: 2000 }; // busy; status changes do not requeue by themselves
+    if (st.taskState) return { requeueAfter: 2000 }; // busy: retried once the task is over
     const node = st.node ?? '';
     const t = new Date(now()).toISOString();
 
