@@ -5,7 +5,11 @@
 // gets a second guest (spawn happens only when the driver has none for its uid).
 //
 // Every status write is updateStatus (resourceVersion-guarded merge patch of the agent's own fields, field manager
-// stratus-agent/<node>; who owns which field: docs/design/status-ownership.md). A write that
+// stratus-agent/<node>; who owns which field: docs/design/status-ownership.md). The agent never writes the
+// user-facing state fields (vmState, taskState, status, powerState, fault, actions: the operator's): it works on a
+// view of the Server whose state fields are its own report status.compute, or the operator's request it has not
+// taken up yet (server-state.ts stateView), and each write stores the view's state in status.compute (withReport),
+// from which the operator derives the user-facing fields. A write that
 // starts a step re-checks the decision against the object it is about to patch, so a stale cache or a concurrent
 // writer makes the step re-decide instead of acting twice. The agent's own status writes do not requeue the
 // Server (see serverChanged); operator writes that matter (binding, NOSTATE on node loss) do.
@@ -29,8 +33,10 @@ import {
   SERVER_NODE_LABEL,
   type Server,
   ServerKind,
+  stateView,
   toGiB,
   toMiB,
+  withReport,
 } from '../../operator/src/api/index.ts';
 import {
   addFinalizer,
@@ -226,6 +232,8 @@ export class ComputeService {
   readonly #hosted = new Map<string, ServerObject>();
   /** Guests kept although their Server is not bound here: the reason last reported, by guest id. */
   readonly #mismatch = new Map<string, string>();
+  /** The stored object behind each Server view this agent works on (the base of its status patches). */
+  readonly #stored = new WeakMap<Server, ServerObject>();
   #unsubscribe: (() => void) | undefined;
   #sweepTimer: TimerHandle | undefined;
   #stopped = false;
@@ -415,7 +423,7 @@ export class ComputeService {
       this.#networkWaits.delete(objectKey(cached ?? { metadata: { name: req.name, namespace: req.namespace } }));
       return this.#gone(req, ctx);
     }
-    let server = parseServer(cached);
+    let server = this.#view(cached);
     if (!server) {
       ctx.log.warn('server does not parse; ignored until it changes');
       return undefined;
@@ -552,9 +560,9 @@ export class ComputeService {
             server.metadata.name!,
             server.metadata.namespace,
             GUEST_FINALIZER,
-            { current: server as unknown as KubernetesObject },
+            { current: this.#stored.get(server) ?? (server as unknown as KubernetesObject) },
           );
-          return parseServer(obj);
+          return this.#view(obj as ServerObject);
         }
         if (d.kind === 'adopt') return this.#adopt(server, guest!, d.vmState, ctx);
         const net = await this.#plug(server, guest, d, ctx);
@@ -1239,14 +1247,15 @@ export class ComputeService {
     const want = check && JSON.stringify(check);
     const fn = (st: Status, obj: ServerObject): Status | undefined => {
       applied = false;
-      const fresh = parseServer(obj);
+      const fresh = this.#view(obj);
       if (!fresh) return undefined;
       if (want !== undefined && JSON.stringify(decide(fresh, guest, this.nodeName)) !== want) return undefined;
       applied = true;
-      mutate(st, fresh);
-      return st;
+      const view = this.#stateOf(st);
+      mutate(view, fresh);
+      return withReport(st, view, this.nodeName);
     };
-    const passed = server as unknown as ServerObject;
+    const passed = this.#stored.get(server) ?? (server as unknown as ServerObject);
     const opts = { fieldManager: agentFieldManager(this.nodeName) };
     let raw = await updateStatus(this.#client, SERVERS, passed, fn, opts);
     if (confirm && applied && raw === passed) {
@@ -1255,7 +1264,27 @@ export class ComputeService {
         raw = await updateStatus(this.#client, SERVERS, live, fn, opts);
       }
     }
-    return { server: parseServer(raw) ?? server, applied };
+    return { server: this.#view(raw) ?? server, applied };
+  }
+
+  /**
+   * The Server as this agent works on it: the stored object with its state fields replaced by the agent's view
+   * (its report, or the operator's request it has not taken up: stateView). Remembers the stored object behind it.
+   */
+  #view(raw: ServerObject): Server | undefined {
+    const server = parseServer({ ...raw, status: this.#stateOf(structuredClone(raw.status ?? {})) });
+    if (server) this.#stored.set(server, raw);
+    return server;
+  }
+
+  /** A copy of status `st` with the state fields of this agent's view. */
+  #stateOf(st: Status): Status {
+    const view: Status = { ...st };
+    for (const [k, v] of Object.entries(stateView(st, this.nodeName))) {
+      if (v === undefined) delete view[k];
+      else view[k] = v;
+    }
+    return view;
   }
 
   /**

@@ -1,6 +1,10 @@
-// The server lifecycle as the node agent sees it, without I/O: from a Server (as the API holds it) and the guest's
-// observed state, decide the next single step; plus the status bookkeeping helpers (actions, conditions, tokens).
-// compute.ts executes the steps; this file is tested exhaustively in lifecycle.test.ts.
+// The server lifecycle as the node agent sees it, without I/O: from a Server and the guest's observed state, decide
+// the next single step; plus the status bookkeeping helpers (actions, conditions, tokens). compute.ts executes the
+// steps; this file is tested exhaustively in lifecycle.test.ts. The Server decide() sees is the agent's view
+// (compute.ts): its state fields (vmState, taskState, powerState, fault, actions) are the agent's own report
+// status.compute, or the operator's fields while an operator request (bind, resize/migrate, confirm, revert) has not
+// been taken up (operator/src/api/server-state.ts stateView); the helpers below edit that view, which compute.ts
+// writes back into status.compute only.
 //
 // Order of concerns in decide():
 //  1. deletion (destroy the guest, then release the guest finalizer);

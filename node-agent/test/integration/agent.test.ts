@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
 import { waitFor as poll } from '../../../e2e/testing/wait.ts';
 import {
+  deriveServerState,
   GUEST_FINALIZER,
   type Hypervisor,
   NODE_LEASE_LABEL,
@@ -49,7 +50,21 @@ const hypervisors: string[] = [NODE];
 const waitFor = <T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> =>
   poll(what, fn, timeoutMs, 100);
 
-const getServer = (name: string) => client.get<Srv>(SERVERS, name, NS);
+/** The Server as stored. */
+const rawServer = (name: string) => client.get<Srv>(SERVERS, name, NS);
+/** The Server as the operator shows it (see derived). */
+const getServer = async (name: string) => derived(await rawServer(name));
+
+/**
+ * The Server as the operator shows it (no operator runs here): its state fields (vmState, taskState, status,
+ * powerState, fault, actions) derived from the agent's report status.compute, as the operator writes them.
+ */
+function derived<T extends { status?: unknown }>(s: T): T {
+  const st = structuredClone((s.status ?? {}) as Record<string, unknown>);
+  deriveServerState(st);
+  return { ...s, status: st };
+}
+
 const condition = (s: Srv, type: string) => s.status?.conditions?.find((c) => c.type === type);
 
 async function waitServer(name: string, what: string, ok: (s: Srv) => boolean, timeoutMs?: number): Promise<Srv> {
@@ -71,7 +86,7 @@ async function waitServer(name: string, what: string, ok: (s: Srv) => boolean, t
 async function agentSettled(name: string, seen: (s: Srv) => boolean): Promise<void> {
   await waitFor(`the agent to see ${name}`, async () => {
     const s = agent.agent.compute.servers.get(name, NS) as Srv | undefined;
-    return s !== undefined && seen(s);
+    return s !== undefined && seen(derived(s));
   });
   await agent.manager.idle();
 }
@@ -373,7 +388,7 @@ describe('node agent (fake driver) against kube-apiserver', () => {
     expect(destroys()).toBe(destroyed);
 
     // the operator records a move away from this node: only now is the guest removed here
-    await updateStatus(client, SERVERS, await getServer('broken'), (st) => ({
+    await updateStatus(client, SERVERS, await rawServer('broken'), (st) => ({
       ...st,
       node: 'elsewhere',
       taskState: 'resize_migrated',

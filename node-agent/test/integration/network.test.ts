@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
 import { waitFor as poll } from '../../../e2e/testing/wait.ts';
 import {
+  deriveServerState,
   GUEST_FINALIZER,
   HypervisorKind,
   NetworkKind,
@@ -62,7 +63,21 @@ let agent: RunningAgent;
 
 const waitFor = <T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> =>
   poll(what, fn, timeoutMs, 100);
-const getServer = (name: string) => client.get<Srv>(SERVERS, name, NS);
+/** The Server as stored. */
+const rawServer = (name: string) => client.get<Srv>(SERVERS, name, NS);
+/** The Server as the operator shows it (see derived). */
+const getServer = async (name: string) => derived(await rawServer(name));
+
+/**
+ * The Server as the operator shows it (no operator runs here): its state fields (vmState, taskState, status,
+ * powerState, fault, actions) derived from the agent's report status.compute, as the operator writes them.
+ */
+function derived<T extends { status?: unknown }>(s: T): T {
+  const st = structuredClone((s.status ?? {}) as Record<string, unknown>);
+  deriveServerState(st);
+  return { ...s, status: st };
+}
+
 const getPort = (name: string) => client.get<PortObj & Obj>(PORTS, name, NS);
 const condition = (conds: { type: string }[] | undefined, type: string) =>
   conds?.find((c) => c.type === type) as { status: string; reason: string; message: string } | undefined;

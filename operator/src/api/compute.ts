@@ -490,6 +490,39 @@ const Allocation = z
   })
   .describe('Resources claimed on a node.');
 
+const ServerFault = z
+  .object({
+    code: z.int().describe('HTTP-style code: 500 for errors, 400 for bad requests.'),
+    message: z.string().max(4096).describe('What went wrong.'),
+    time: timestamp('When.'),
+  })
+  .describe('A Nova fault: why a server is in ERROR.');
+
+/**
+ * What the node agent of a hypervisor reports about a server's guest (status.compute): the only status fields that
+ * agent writes about the guest's state. The operator alone writes the user-facing vmState, taskState, status,
+ * powerState, fault and actions, derived from this report while it is about the server's current node
+ * (docs/design/status-ownership.md).
+ */
+const ServerComputeReport = z
+  .object({
+    node: z.string().describe('The hypervisor this report is about; its node agent is the only writer of this object.'),
+    vmState: VmState.optional().describe('vm_state as the compute host sees it.'),
+    taskState: TaskState.optional().describe(
+      'task_state as the compute host sees it (the operation it runs, or the operator request it took up).',
+    ),
+    powerState: PowerState.optional().describe("The guest's power state as the hypervisor reports it."),
+    fault: ServerFault.optional().describe('Why the compute host put the server in ERROR.'),
+    actions: z
+      .array(ServerAction)
+      .max(20)
+      .optional()
+      .describe("The action history as the compute host keeps it (the operator's entries it took up, and its own)."),
+  })
+  .describe(
+    "The node agent's report on the guest (nova-compute's view). The operator derives the user-facing state fields from it while node is the server's status.node; a report from another node (e.g. the source of a move) is ignored.",
+  );
+
 export const ServerStatus = z
   .object({
     status: ServerStatusValue.optional().describe(
@@ -511,14 +544,7 @@ export const ServerStatus = z
       'Resources the scheduler claimed for the server on its node; rebuilt into claims after a restart.',
     ),
     launchedAt: timestamp('When the guest was first started.').optional(),
-    fault: z
-      .object({
-        code: z.int().describe('HTTP-style code: 500 for errors, 400 for bad requests.'),
-        message: z.string().max(4096).describe('What went wrong.'),
-        time: timestamp('When.'),
-      })
-      .optional()
-      .describe('Why the server is in ERROR (Nova fault).'),
+    fault: ServerFault.optional().describe('Why the server is in ERROR (Nova fault).'),
     triggers: ServerTriggers.optional().describe('The spec.triggers values already acted on.'),
     migration: z
       .object({
@@ -570,6 +596,9 @@ export const ServerStatus = z
         'Written only by the source node agent of a move: the guest is stopped there and where its disks are served.',
       ),
     actions: z.array(ServerAction).max(20).optional().describe('The most recent actions, newest last (bounded).'),
+    compute: ServerComputeReport.optional().describe(
+      "Written only by the node agent of compute.node (field manager stratus-agent/<node>): the guest's state as that compute host sees it. vmState, taskState, status, powerState, fault and actions are written only by the operator, which derives them from this report.",
+    ),
     observedGeneration: observedGeneration(),
     conditions: conditions(),
   })

@@ -15,6 +15,7 @@ export * from './meta.ts';
 export * from './network.ts';
 export * from './nova-actions.ts';
 export * from './nova-states.ts';
+export * from './server-state.ts';
 export * from './storage.ts';
 
 /** Every kind of the API, in the order documentation lists them. */

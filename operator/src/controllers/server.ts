@@ -2,11 +2,14 @@
 // image, key pair and group, creates or claims its Ports (Nova's network allocation; the addresses in
 // status come from them), schedules it with the claim ledger, binds it to a hypervisor, watches
 // for hypervisors going down and cleans up on delete. Once a server is bound its lifecycle (spawn,
-// power, reboot) belongs to the node agent on that hypervisor; see docs/design/compute.md.
+// power, reboot) belongs to the node agent on that hypervisor, which reports the guest's state in status.compute;
+// the operator alone writes the user-facing state fields, derived from that report (deriveServerState); see
+// docs/design/compute.md and docs/design/status-ownership.md.
 import { isIP } from 'node:net';
 import { PatchStrategy } from '@kubernetes/client-node';
 import {
   COMPUTE_GROUP,
+  deriveServerState,
   deriveServerStatus,
   FENCED_ANNOTATION,
   type Flavor,
@@ -33,6 +36,7 @@ import {
   ServerGroupKind,
   ServerKind,
   type ServerStatus,
+  sameJSON,
   serverPortName,
   toGiB,
 } from '../api/index.ts';
@@ -250,8 +254,10 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
   }
 
   /**
-   * Read-modify-write of status. `mutate` sees the freshest status (re-read after a conflict) and returns
-   * false to leave it alone, e.g. when the server got bound meanwhile and its status belongs to the agent.
+   * Read-modify-write of status. `mutate` sees the freshest status (re-read after a conflict), with the state fields
+   * derived from the agent's report (deriveServerState), and returns false to leave it alone, e.g. when the server
+   * got bound meanwhile. The operator is the only writer of vmState, taskState, status, powerState, fault and actions:
+   * after the mutation they are derived again (an operator request it just made stands until the agent takes it up).
    */
   async function writeStatus(server: Server, mutate: (st: Status) => undefined | false): Promise<Server> {
     return updateStatus<Server>(
@@ -259,7 +265,9 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
       SERVERS,
       server,
       (st) => {
+        deriveServerState(st);
         if (mutate(st as Status) === false) return undefined;
+        deriveServerState(st);
         if ((st as Status).vmState)
           (st as Status).status = deriveServerStatus((st as Status).vmState, (st as Status).taskState);
         return st;
@@ -437,6 +445,16 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         cur = await client.get<Server>(SERVERS, cur.metadata.name ?? '', cur.metadata.namespace);
       }
     }
+  }
+
+  /**
+   * The state fields of a bound server derived from its node agent's report (status.compute), written when they
+   * differ: the controller watches the report, so this follows each change of it.
+   */
+  async function syncState(server: Server): Promise<Server> {
+    const st = structuredClone(server.status ?? {}) as Record<string, unknown>;
+    if (!deriveServerState(st)) return server;
+    return writeStatus(server, () => undefined);
   }
 
   /** Marks a bound server's hypervisor reachability (NOSTATE when it stopped reporting). */
@@ -739,6 +757,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
           events.warning(server, 'LocalDelete', 'Delete', `hypervisor ${node ?? '(none)'} is down: deleted without it`);
           return undefined;
         }
+        await syncState(server); // the agent reports deleting, then deleted
         return { requeueAfter: opts.heartbeatGraceMs }; // the agent destroys the guest and releases its finalizer
       }
       if (hasFinalizer(server, SERVER_FINALIZER)) {
@@ -776,28 +795,32 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     if (claim && !ledger.get(key)) ledger.assume(claim);
     if (claim) ledger.confirm(key);
     await bindMetadata(server, server.status.node);
-    const net = await ensurePorts(parsed.data as Server, ctx);
-    if (server.status.vmState === 'building') {
+    // The user-facing state follows the agent's report first: every decision below reads the derived fields.
+    const synced = await syncState(server);
+    const cur = (ServerKind.schema.safeParse(synced).data ?? parsed.data) as Server;
+    const net = await ensurePorts(cur, ctx);
+    if (cur.status?.vmState === 'building') {
       const failed = net.kind === 'fail' ? net : failedPort(net.ports);
       if (failed) {
-        await abortBuild(parsed.data as Server, failed.reason, failed.message, ctx);
+        await abortBuild(cur, failed.reason, failed.message, ctx);
         return undefined;
       }
     }
     if (net.kind !== 'ok') ctx.log.info({ reason: net.reason, message: net.message }, 'ports not in place');
-    const following = await followMove(parsed.data as Server, ctx);
+    const following = await followMove(cur, ctx);
     if (following) return following;
-    const moved = await resizeOrMigrate(parsed.data as Server, ctx);
+    const moved = await resizeOrMigrate(cur, ctx);
     if (moved) return moved;
-    return trackHypervisor(await syncAddresses(server, net.ports), ctx);
+    return trackHypervisor(await syncAddresses(synced, net.ports), ctx);
   }
 
   /**
    * A resize or migration after its placement: records fencing of a down source (an admin annotated it
    * compute.stratus.io/fenced), turns the confirmResize / revertResize tokens of a server in VERIFY_RESIZE into the
    * tasks the agents carry out (resize_confirming on the new node; resize_reverting back on the old node, with the
-   * old flavor, claim and label), and drops the move's records once it is confirmed or reverted. Agent status writes
-   * do not requeue the server, so this polls while a move is in flight.
+   * old flavor, claim and label), and drops the move's records once it is confirmed or reverted. Each change of the
+   * agent's report requeues the server; this also polls while a move is in flight (the source agent's
+   * migrationSource and fencing do not).
    */
   async function followMove(server: Server, ctx: ReconcileContext): Promise<{ requeueAfter: number } | undefined> {
     const st = server.status ?? {};
@@ -912,7 +935,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     const condType = resize ? 'Resized' : 'Migrated';
     const settled = st.conditions?.find((c) => c.type === condType && c.observedGeneration === gen);
     if (resize && settled?.status === 'False') return undefined; // refused for this generation already
-    if (st.taskState) return { requeueAfter: 2000 }; // busy; status changes do not requeue by themselves
+    if (st.taskState) return { requeueAfter: 2000 }; // busy: retried once the task is over
     const node = st.node ?? '';
     const t = new Date(now()).toISOString();
 
@@ -1026,7 +1049,10 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
   }
 
   const controller = mgr.addController({ name: 'server', reconcile, maxConcurrentReconciles: opts.concurrency ?? 4 });
-  controller.for(servers, { updatePredicate: specOrMetaChanged });
+  // Spec and metadata changes, and each change of the node agent's report (the state fields follow it promptly).
+  controller.for(servers, {
+    updatePredicate: (a, b) => specOrMetaChanged(a, b) || !sameJSON(a.status?.compute, b.status?.compute),
+  });
   const waiting =
     (index: string, keyOf: (o: { metadata?: { name?: string; namespace?: string } }) => string) =>
     (o: { metadata?: { name?: string; namespace?: string } }) =>

@@ -3,7 +3,7 @@
 // (refused, nothing attempted), resize in place and to another node, cold migration, a spawn failure, and delete.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FakeDriver } from '../../../node-agent/src/drivers/fake.ts';
-import { GUEST_FINALIZER, SERVER_FINALIZER, SERVER_NODE_LABEL } from '../../src/api/index.ts';
+import { deriveServerState, GUEST_FINALIZER, SERVER_FINALIZER, SERVER_NODE_LABEL } from '../../src/api/index.ts';
 import { ComputeEnv, condition, type FakeNode, type Srv, waitFor } from './compute-env.ts';
 
 const env = new ComputeEnv('life');
@@ -32,7 +32,12 @@ let uid = '';
 let home: FakeNode;
 
 const actionsOf = (s: Srv, action: string) => s.status?.actions?.filter((a) => a.action === action) ?? [];
-const idle = (s: Srv) => s.status?.taskState === undefined;
+/**
+ * No task, and the operator's state fields caught up with the agent's report (the agent's own fields, e.g. triggers
+ * and conditions, are written with its report, before the operator derives the user-facing fields from it).
+ */
+const idle = (s: Srv) =>
+  s.status?.taskState === undefined && !deriveServerState(structuredClone(s.status ?? {}) as Record<string, unknown>);
 
 /** Sets spec.powerState and waits for the status it leads to. */
 async function power(to: string, status: string): Promise<Srv> {
