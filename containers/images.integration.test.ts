@@ -25,8 +25,8 @@ async function smallEntries(archive: string): Promise<Map<string, Buffer>> {
     extract.on('entry', (h, stream, next) => {
       const keep = (h.size ?? 0) < 1024 * 1024;
       const chunks: Buffer[] = [];
-      stream.on('data', (c: Buffer) => {
-        if (keep) chunks.push(c);
+      stream.on('data', (c: unknown) => {
+        if (keep) chunks.push(c as Buffer);
       });
       stream.on('end', () => {
         if (keep) out.set(h.name, Buffer.concat(chunks));

@@ -152,8 +152,8 @@ class Digester extends Transform {
   }
 }
 
-function header(e: LayerEntry): tar.Headers {
-  const h: tar.Headers = {
+function header(e: LayerEntry): Partial<tar.Header> & { name: string } {
+  const h: Partial<tar.Header> & { name: string } = {
     name: e.path,
     type: e.type,
     mode: e.mode,
@@ -181,9 +181,9 @@ export async function writeTar(entries: readonly LayerEntry[], sink: NodeJS.Writ
         await pipeline(createReadStream(e.source), entry);
       } else {
         await new Promise<void>((resolve, reject) => {
-          pack.entry(header(e), e.type === 'file' ? Buffer.from(e.data ?? new Uint8Array()) : undefined, (err) =>
-            err ? reject(err) : resolve(),
-          );
+          const cb = (err?: Error | null) => (err ? reject(err) : resolve());
+          if (e.type === 'file') pack.entry(header(e), e.data ?? new Uint8Array(), cb);
+          else pack.entry(header(e), cb);
         });
       }
     }
@@ -361,16 +361,16 @@ export async function writeOciArchive(
 }
 
 /** Reads a tar (uncompressed or gzipped) into memory: name → header and content (tests, checks of small archives). */
-export async function readTar(data: Uint8Array): Promise<Map<string, { header: tar.Headers; data: Buffer }>> {
+export async function readTar(data: Uint8Array): Promise<Map<string, { header: tar.Header; data: Buffer }>> {
   const { gunzipSync } = await import('node:zlib');
   const bytes = data[0] === 0x1f && data[1] === 0x8b ? gunzipSync(data) : Buffer.from(data);
   const extract = tar.extract();
-  const out = new Map<string, { header: tar.Headers; data: Buffer }>();
+  const out = new Map<string, { header: tar.Header; data: Buffer }>();
   const input = new PassThrough();
   const reading = new Promise<void>((resolve, reject) => {
     extract.on('entry', (h, stream, next) => {
       const chunks: Buffer[] = [];
-      stream.on('data', (c: Buffer) => chunks.push(c));
+      stream.on('data', (c: unknown) => chunks.push(c as Buffer));
       stream.on('end', () => {
         out.set(h.name, { header: h, data: Buffer.concat(chunks) });
         next();
