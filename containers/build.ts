@@ -13,7 +13,7 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync } from 'node:fs';
-import { chmod, mkdir, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
 import { parseArgs, promisify } from 'node:util';
@@ -148,7 +148,7 @@ async function layer(
   await mkdir(join(cacheDir(), 'layers'), { recursive: true });
   const { entries, meta, cleanup } = await make();
   try {
-    const tmp = join(cacheDir(), 'blobs', `layer-${key}.tmp`);
+    const tmp = join(cacheDir(), 'blobs', `layer-${key}.${process.pid}.tmp`);
     const info = await writeLayer(entries, tmp);
     await rename(tmp, blobPath(info.digest));
     const l: CachedLayer = { key, ...info, ...(meta ? { meta } : {}) };
@@ -506,6 +506,7 @@ export async function buildImages(opts: BuildOptions = {}): Promise<Partial<Buil
   const tag = opts.tag ?? (await defaultTag());
   if (!/^[\w][\w.-]{0,127}$/.test(tag)) throw new Error(`invalid tag ${JSON.stringify(tag)}`);
   await mkdir(out, { recursive: true });
+  await cleanDeadTemps();
   const started = Date.now();
   const result: Partial<BuiltImages> = {};
   const want = (n: Only) => opts.only === undefined || opts.only === n;
@@ -561,15 +562,30 @@ export async function buildImages(opts: BuildOptions = {}): Promise<Partial<Buil
     result.pause = await writeImage({ ref: PAUSE.ref, config, layers: [l] }, join(out, 'pause.oci.tar'), 0);
     log(`${PAUSE.ref} ${result.pause.digest}`);
   }
-  await cleanOldTemps();
   log(`done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
   return result;
 }
 
-async function cleanOldTemps(): Promise<void> {
-  const dir = join(cacheDir(), 'blobs');
-  if (!existsSync(dir)) return;
-  for (const n of await readdir(dir)) if (n.endsWith('.tmp')) await unlink(join(dir, n)).catch(() => undefined);
+/** Removes what builds killed half-way left behind (work directories and blob temp files named after a dead pid). */
+async function cleanDeadTemps(): Promise<void> {
+  const alive = (pid: number) => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch (err) {
+      return (err as NodeJS.ErrnoException).code === 'EPERM';
+    }
+  };
+  for (const [dir, re] of [
+    [join(cacheDir(), 'work'), /-(\d+)$/],
+    [join(cacheDir(), 'blobs'), /\.(\d+)\.tmp$/],
+  ] as const) {
+    if (!existsSync(dir)) continue;
+    for (const n of await readdir(dir)) {
+      const pid = re.exec(n)?.[1];
+      if (pid && !alive(Number(pid))) await rm(join(dir, n), { recursive: true, force: true });
+    }
+  }
 }
 
 async function main(): Promise<void> {
