@@ -13,8 +13,8 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync } from 'node:fs';
-import { chmod, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { homedir } from 'node:os';
+import { chmod, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { homedir, tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
 import { parseArgs, promisify } from 'node:util';
 import { parse as parseYaml } from 'yaml';
@@ -169,6 +169,26 @@ interface DebianState {
   epoch: number;
 }
 
+/** fetch, else apt's downloader (which follows apt's and the environment's proxy settings, unlike fetch). */
+async function download(url: string): Promise<Buffer> {
+  try {
+    const res = await fetch(url, { signal: AbortSignal.timeout(20_000) });
+    if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
+    return Buffer.from(await res.arrayBuffer());
+  } catch (err) {
+    const helper = '/usr/lib/apt/apt-helper';
+    if (!existsSync(helper)) throw err;
+    const dir = await mkdtemp(join(tmpdir(), 'stratus-inrelease-'));
+    try {
+      await chmod(dir, 0o755); // apt's _apt user writes there when it can
+      await run(helper, ['-q', 'download-file', url, join(dir, 'InRelease')]);
+      return await readFile(join(dir, 'InRelease'));
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+}
+
 async function debianState(): Promise<DebianState | undefined> {
   const mirror = (process.env.STRATUS_DEBIAN_MIRROR || DEBIAN.defaultMirror).replace(/\/+$/, '');
   const security = (process.env.STRATUS_DEBIAN_SECURITY || DEBIAN.defaultSecurity).replace(/\/+$/, '');
@@ -179,9 +199,7 @@ async function debianState(): Promise<DebianState | undefined> {
     for (const s of sources) {
       const [, uri, suite] = s.split(' ');
       const url = `${uri}/dists/${suite}/InRelease`;
-      const res = await fetch(url, { signal: AbortSignal.timeout(20_000) });
-      if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
-      const body = Buffer.from(await res.arrayBuffer());
+      const body = await download(url);
       releases[suite!] = sha256(body);
       const date = /^Date: (.+)$/m.exec(body.toString('utf8'))?.[1];
       if (date) epoch = Math.max(epoch, Math.floor(Date.parse(date) / 1000));
