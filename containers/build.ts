@@ -599,9 +599,15 @@ async function cleanDeadTemps(): Promise<void> {
     [join(cacheDir(), 'blobs'), /\.(\d+)\.tmp$/],
   ] as const) {
     if (!existsSync(dir)) continue;
+    // a killed mmdebstrap may leave /proc, /sys or /dev mounted inside its root: never remove through a mount
+    const mounts = (await readFile('/proc/self/mounts', 'utf8').catch(() => ''))
+      .split('\n')
+      .map((l) => l.split(' ')[1]);
     for (const n of await readdir(dir)) {
       const pid = re.exec(n)?.[1];
-      if (pid && !alive(Number(pid))) await rm(join(dir, n), { recursive: true, force: true });
+      const path = join(dir, n);
+      if (mounts.some((m) => m === path || m?.startsWith(`${path}/`))) continue;
+      if (pid && !alive(Number(pid))) await rm(path, { recursive: true, force: true });
     }
   }
 }
