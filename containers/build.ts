@@ -531,7 +531,9 @@ export async function buildImages(opts: BuildOptions = {}): Promise<Partial<Buil
 
   if (want('operator') || want('agent')) {
     const sde = await sourceDateEpoch();
-    const revision = (await git(['rev-parse', 'HEAD']))?.trim() ?? 'unknown';
+    // the app files are read from the worktree: a revision with local changes to them is marked -dirty
+    const dirty = Boolean((await git(['status', '--porcelain', '--', ...APP_PATHS]))?.trim());
+    const revision = `${(await git(['rev-parse', 'HEAD']))?.trim() ?? 'unknown'}${dirty ? '-dirty' : ''}`;
     const source = await sourceUrl();
     const state = await debianState();
     const node = await nodeLayer();

@@ -109,7 +109,7 @@ describe('npm run images', () => {
     expect(img.config.config.User).toBe(name === 'operator' ? '65532:65532' : '0:0');
     expect(img.config.config.WorkingDir).toBe(APP_DIR);
     expect(img.config.config.Labels?.['org.opencontainers.image.version']).toBe(tag);
-    expect(img.config.config.Labels?.['org.opencontainers.image.revision']).toMatch(/^[0-9a-f]{40}$/);
+    expect(img.config.config.Labels?.['org.opencontainers.image.revision']).toMatch(/^[0-9a-f]{40}(-dirty)?$/);
     // both images share the node, dependencies and app layers (containerd stores them once)
   });
 
