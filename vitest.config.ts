@@ -16,6 +16,7 @@ export default defineConfig({
             'node-agent/src/**/*.test.ts',
             'scripts/**/*.test.ts',
             'e2e/**/*.unit.test.ts',
+            'containers/**/*.unit.test.ts',
           ],
           // Makes node:child_process throw in the test worker: the unit tier runs no external binaries.
           setupFiles: ['e2e/testing/unit-setup.ts'],
@@ -29,6 +30,7 @@ export default defineConfig({
             'operator/test/integration/**/*.test.ts',
             'node-agent/test/integration/**/*.test.ts',
             'e2e/**/*.integration.test.ts',
+            'containers/**/*.integration.test.ts',
           ],
           globalSetup: ['e2e/controlplane/vitest-setup.ts'],
           testTimeout: 180_000,
