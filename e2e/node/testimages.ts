@@ -136,9 +136,9 @@ async function busyboxStatic(work: string): Promise<Buffer> {
 }
 
 /** Bumped when what the images hold changes (the cached archives are rebuilt). */
-const FORMAT = '2\n';
+const FORMAT = '3\n';
 
-const BUSYBOX_APPLETS = ['sh', 'cat', 'echo', 'env', 'id', 'ls', 'nc', 'sleep', 'wget', 'ip', 'ps', 'hostname'];
+const BUSYBOX_APPLETS = ['sh', 'cat', 'echo', 'env', 'id', 'ls', 'nc', 'sleep', 'wget', 'ip', 'ping', 'ps', 'hostname'];
 
 /** Builds both archives into `outDir` (default <cache>/node-images), reusing them when present. */
 export async function ensureTestImages(outDir = path.join(cacheRoot(), 'node-images')): Promise<TestImages> {

@@ -184,6 +184,43 @@ describe('real kubelet node', () => {
     );
   });
 
+  it('adds a second node in its own network namespace: DaemonSet pod, logs/exec, API and pod-to-pod across nodes', async () => {
+    const second = await startNode({
+      name: 'stratus-node2',
+      index: 2,
+      netns: 'stknode2',
+      pauseArchive: images.pause.archive,
+      images: [images.busybox.archive],
+      log,
+    });
+    try {
+      expect(second.nodeIP).not.toBe(node?.nodeIP);
+      // The DaemonSet of the previous test now has a pod on each node; hostNetwork puts it in the node's netns.
+      const pods = await readyPods('app=hostpod', 2);
+      const there = pods.find((p) => p.spec.nodeName === second.name);
+      expect(there?.status.podIP).toBe(second.nodeIP);
+      const name = there?.metadata.name as string;
+      expect(await kubectl(['-n', NS, 'logs', name])).toContain('hostpod-started');
+      const whoami = ['kubectl', 'auth', 'whoami', '-o', 'jsonpath={.status.userInfo.username}'];
+      expect(await kubectl(['-n', NS, 'exec', name, '--', ...whoami])).toBe(`system:serviceaccount:${NS}:default`);
+      // A pod on the first node's pod network reaches the second node (routed through the host).
+      const ping = ['ping', '-c', '1', '-W', '5', second.nodeIP];
+      expect(await kubectl(['-n', NS, 'exec', 'client', '--', ...ping])).toContain('1 packets received');
+    } finally {
+      await second.stop();
+    }
+    expect(await exists(second.dir)).toBe(false);
+    expect((await run('ip', ['netns', 'list'])).stdout).not.toContain('stknode2');
+    expect(await exists('/sys/class/net/stkv2')).toBe(false);
+    // The first node is untouched.
+    const n = await getJson<{ status: { conditions: { type: string; status: string }[] } }>([
+      'get',
+      'node',
+      node?.name as string,
+    ]);
+    expect(n.status.conditions).toContainEqual(expect.objectContaining({ type: 'Ready', status: 'True' }));
+  });
+
   it('stops and leaves nothing behind', async () => {
     const n = node as RealNode;
     await kubectl(['delete', 'namespace', NS, '--wait', '--timeout=120s']);
