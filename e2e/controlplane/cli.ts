@@ -1,4 +1,5 @@
 // npm run cluster -- up [--node] | down [--purge] | status | kubeconfig <user> [group...] | env | build
+import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { binariesDir, buildAll, helmPath, kubectlPath, readBuildInfo, repoRoot } from './build.ts';
 import {
@@ -20,7 +21,8 @@ const USAGE = `usage: npm run cluster -- <command>
   up --node [--name N] [--image ARCHIVE…]
                               also kube-scheduler, the workload controllers and a real node (containerd,
                               kubelet, kube-proxy; root) with the pause image (--pause ARCHIVE, default
-                              .images/pause.oci.tar) and the given OCI archives imported (see e2e/node/README.md)
+                              .images/pause.oci.tar, else e2e/node's own) and the given OCI archives
+                              imported (see e2e/node/README.md)
   down [--purge]              stop nodes and components; --purge also deletes the state directory
   status                      show each component, its pid and health (exit 1 unless all healthy)
   kubeconfig <user> [group…]  mint a client-certificate kubeconfig for <user> and print its path
@@ -58,9 +60,15 @@ async function main(argv: string[]): Promise<number> {
       );
       if (withNode) {
         const { startNode } = await import('../node/node.ts');
+        let pauseArchive = optionValues(rest, '--pause')[0] ?? path.join(repoRoot, '.images', 'pause.oci.tar');
+        if (!rest.includes('--pause') && !existsSync(pauseArchive)) {
+          // No `npm run images` output: the test node's own pause image (gcc -static).
+          const { ensureTestImages } = await import('../node/testimages.ts');
+          pauseArchive = (await ensureTestImages()).pause.archive;
+        }
         const node = await startNode({
           name: optionValues(rest, '--name')[0],
-          pauseArchive: optionValues(rest, '--pause')[0] ?? path.join(repoRoot, '.images', 'pause.oci.tar'),
+          pauseArchive,
           images: optionValues(rest, '--image'),
           log,
         });

@@ -325,6 +325,10 @@ async function rotateLog(file: string): Promise<void> {
 
 async function startComponent(cfg: ClusterConfig, pki: PkiPaths, c: Component, log: (m: string) => void) {
   for (const { port, env } of c.ports(cfg)) {
+    // A component just stopped may hold its port for a moment: a Go process's leader thread is a zombie (which
+    // pidAlive counts as gone) until its other threads have exited and closed its sockets.
+    const deadline = Date.now() + 5_000;
+    while ((await portInUse(port)) && Date.now() < deadline) await sleep(100);
     if (await portInUse(port)) {
       throw new Error(
         `cannot start ${c.name}: 127.0.0.1:${port} is already in use by another process ` +

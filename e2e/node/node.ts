@@ -77,6 +77,8 @@ export interface RealNode {
   podSubnet: string;
   /** containerd's socket (`ctr --address`). */
   containerdSocket: string;
+  /** The kubelet's API port (on nodeIP). */
+  kubeletPort: number;
   /** Seconds from the kubelet's start to the Node's Ready condition. */
   readySeconds: number;
   /** `ctr -n k8s.io images import <archive>` into this node's containerd. */
@@ -682,6 +684,7 @@ export async function startNode(opts: StartNodeOptions): Promise<RealNode> {
     nodeIP: st.nodeIP,
     netns: st.netns,
     podSubnet: st.podSubnet,
+    kubeletPort: st.kubeletPort,
     containerdSocket: d.socket,
     readySeconds,
     importImage: (archive) => importInto(d.socket, archive),

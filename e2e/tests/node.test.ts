@@ -6,8 +6,10 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { parse } from 'yaml';
 import { kubectlPath } from '../controlplane/build.ts';
-import { exists, run } from '../controlplane/util.ts';
+import { mintKubeconfig } from '../controlplane/controlplane.ts';
+import { exists, probe, run } from '../controlplane/util.ts';
 import { type RealNode, startNode } from '../node/node.ts';
 import { ensureTestImages, type TestImages } from '../node/testimages.ts';
 import { waitFor } from '../testing/wait.ts';
@@ -78,6 +80,22 @@ describe('real kubelet node', () => {
       const cur = await getJson<{ spec: { taints?: unknown[] } }>(['get', 'node', node?.name as string]);
       return (cur.spec.taints ?? []).length === 0;
     });
+  });
+
+  it('the kubelet API refuses anonymous clients (401) and clients RBAC does not allow (403)', async () => {
+    const url = `https://${node?.nodeIP}:${node?.kubeletPort}/pods`;
+    expect((await probe(url, { insecure: true })).status).toBe(401);
+    const kc = parse(await readFile(await mintKubeconfig('node-e2e-nobody'), 'utf8')) as {
+      users: { user: Record<string, string> }[];
+    };
+    const user = kc.users[0]?.user ?? {};
+    const b64 = (k: string) => Buffer.from(user[k] ?? '', 'base64');
+    const res = await probe(url, {
+      insecure: true,
+      cert: b64('client-certificate-data'),
+      key: b64('client-key-data'),
+    });
+    expect(res.status).toBe(403);
   });
 
   it('schedules and runs a 2-replica Deployment on the pod network', async () => {
