@@ -293,6 +293,13 @@ const scheduler: Component = {
   stopGraceMs: 10_000,
 };
 
+/** The command-line flags of a component in this configuration (for tests). */
+export function componentArgs(name: Binary, cfg: ClusterConfig, pki: PkiPaths): string[] {
+  const c = ALL_COMPONENTS.find((x) => x.name === name);
+  if (!c) throw new Error(`${name} is not a control-plane component`);
+  return c.args(cfg, pki);
+}
+
 /** Every component that may run, in start order (stop in reverse). */
 const ALL_COMPONENTS: readonly Component[] = [etcd, apiserver, controllerManager, scheduler];
 

@@ -90,7 +90,7 @@ export interface RealNode {
 }
 
 /** What node.json records: enough to tear the node down with nothing else. */
-interface NodeState {
+export interface NodeState {
   name: string;
   dir: string;
   netns?: string;
@@ -168,7 +168,7 @@ const p = (st: NodeState) => ({
   log: (c: Proc) => path.join(st.dir, 'logs', `${c}.log`),
 });
 
-function containerdConfig(st: NodeState): string {
+export function containerdConfig(st: NodeState): string {
   const d = p(st);
   // kubelet.md §1; runc's state under the node's own directory (Root) instead of /run/containerd/runc.
   return `version = 2
@@ -200,7 +200,7 @@ state = "${d.containerdDir}/state"
 `;
 }
 
-function cniConflist(st: NodeState): string {
+export function cniConflist(st: NodeState): string {
   // No ipMasq: pods only talk to the API host address and to each other, and without it CNI adds no iptables rules.
   return `${JSON.stringify(
     {
@@ -228,7 +228,7 @@ function cniConflist(st: NodeState): string {
   )}\n`;
 }
 
-function kubeletConfig(st: NodeState, cfg: ClusterConfig): string {
+export function kubeletConfig(st: NodeState, cfg: ClusterConfig): string {
   const d = p(st);
   return stringify({
     apiVersion: 'kubelet.config.k8s.io/v1beta1',
@@ -421,7 +421,11 @@ async function removeCgroupRoot(root: string, log: (m: string) => void): Promise
 
 /** Mount points at or under `dir`, deepest first. */
 async function mountsUnder(dir: string): Promise<string[]> {
-  const text = await readFile('/proc/self/mountinfo', 'utf8');
+  return mountPointsUnder(await readFile('/proc/self/mountinfo', 'utf8'), dir);
+}
+
+/** Mount points (field 5 of mountinfo, octal escapes decoded) at or under `dir`, deepest first. */
+export function mountPointsUnder(text: string, dir: string): string[] {
   const decode = (s: string) =>
     s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8)));
   const mps = text
@@ -488,6 +492,15 @@ async function recordHostState(cfg: ClusterConfig): Promise<void> {
   await writeFile(file, `${JSON.stringify(state, null, 2)}\n`);
 }
 
+/**
+ * True for an nft table that the nodes made (and that did not exist before): kube-proxy's, or an iptables-nft table
+ * holding nothing but the kubelet's KUBE-* (and CNI-*) chains besides the base chains.
+ */
+export function madeByNodes(table: string, chains: readonly string[]): boolean {
+  if (table === 'ip kube-proxy' || table === 'ip6 kube-proxy') return true;
+  return chains.every((c) => /^(KUBE-|CNI-)/.test(c) || /^(INPUT|OUTPUT|FORWARD|PREROUTING|POSTROUTING)$/.test(c));
+}
+
 /** Restores what the first node recorded; called when no node is left. */
 async function restoreHostState(cfg: ClusterConfig, log: (m: string) => void): Promise<void> {
   const file = hostStateFile(cfg);
@@ -506,10 +519,7 @@ async function restoreHostState(cfg: ClusterConfig, log: (m: string) => void): P
   for (const t of await nftTables()) {
     if (state.nftTables.includes(t)) continue;
     const chains = (await quiet(() => nftChains(t))) ?? [];
-    const ours =
-      t.endsWith(' kube-proxy') ||
-      chains.every((c) => /^(KUBE-|CNI-)/.test(c) || /^(INPUT|OUTPUT|FORWARD|PREROUTING|POSTROUTING)$/.test(c));
-    if (!ours) {
+    if (!madeByNodes(t, chains)) {
       log(`nft table ${t} holds foreign chains (${chains.join(', ')}): left alone`);
       continue;
     }
