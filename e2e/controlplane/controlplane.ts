@@ -1,12 +1,14 @@
 // Lifecycle of the local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) used by the
 // integration and e2e tests and by people: `npm run cluster -- up|down|status|kubeconfig|env|build`.
+// In node mode (`up({ node: true })`, for e2e/node) it also runs kube-scheduler and the workload controllers, and
+// serves the API on a non-loopback host address so that pods reach it through the `kubernetes` Service.
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { type Binary, binaryPath, buildAll, repoRoot } from './build.ts';
 import { ensurePki, FRONT_PROXY_CLIENT, mintUserKubeconfig, type PkiPaths, pkiPaths, writeKubeconfig } from './pki.ts';
-import { exists, pidAlive, portInUse, probe, readPid, sleep, tail, waitFor, withLock } from './util.ts';
+import { exists, pidAlive, portInUse, probe, readPid, run, sleep, tail, waitFor, withLock } from './util.ts';
 
 export { helmPath, kubectlPath } from './build.ts';
 
@@ -23,12 +25,42 @@ export const CONTROLLERS = [
   'root-ca-certificate-publisher-controller',
 ] as const;
 
+/**
+ * Controllers added in node mode: what Deployments, DaemonSets, Services and PodDisruptionBudgets need (helm install
+ * --wait of the chart), the node lifecycle (removes the not-ready taint, marks dead nodes) and pod GC.
+ */
+export const NODE_CONTROLLERS = [
+  'deployment-controller',
+  'replicaset-controller',
+  'daemonset-controller',
+  'node-lifecycle-controller',
+  'taint-eviction-controller',
+  'endpoints-controller',
+  'endpointslice-controller',
+  'pod-garbage-collector-controller',
+  'disruption-controller',
+] as const;
+
+/**
+ * Where pods and nodes reach the API server in node mode: a /32 on an interface of its own on the host (a bridge
+ * without ports: these kernels have no `dummy` driver).
+ */
+export interface ApiHost {
+  iface: string;
+  address: string;
+}
+
 export interface ClusterConfig {
   stateDir: string;
   etcdPort: number;
   etcdPeerPort: number;
   apiserverPort: number;
   controllerManagerPort: number;
+  schedulerPort: number;
+  /** The API host address of node mode (configured even when node mode is off: it is in the serving cert). */
+  apiHost: ApiHost;
+  /** Node mode on: scheduler, workload controllers, API served on apiHost too. */
+  node: boolean;
 }
 
 function envPort(name: string, fallback: number): number {
@@ -47,7 +79,47 @@ export function clusterConfig(): ClusterConfig {
     etcdPeerPort: envPort('STRATUS_ETCD_PEER_PORT', 23800),
     apiserverPort: envPort('STRATUS_APISERVER_PORT', 16443),
     controllerManagerPort: envPort('STRATUS_KCM_PORT', 16457),
+    schedulerPort: envPort('STRATUS_SCHEDULER_PORT', envPort('STRATUS_KCM_PORT', 16457) + 100),
+    apiHost: {
+      iface: process.env.STRATUS_API_HOST_IFACE || 'stkapi0',
+      address: process.env.STRATUS_API_HOST_ADDRESS || '172.31.253.1',
+    },
+    node: false,
   };
+}
+
+/** Records that the cluster runs in node mode, until `down`. */
+function nodeModeFile(cfg: ClusterConfig): string {
+  return path.join(cfg.stateDir, 'node-mode.json');
+}
+
+/** The configuration with `node` as recorded in the state directory (by `up({ node: true })`). */
+export async function effectiveConfig(cfg = clusterConfig()): Promise<ClusterConfig> {
+  return { ...cfg, node: await exists(nodeModeFile(cfg)) };
+}
+
+/** `https://<api host address>:<port>`: the URL nodes (also in other network namespaces) use. */
+export function nodeApiserverUrl(cfg = clusterConfig()): string {
+  return `https://${cfg.apiHost.address}:${cfg.apiserverPort}`;
+}
+
+async function linkExists(iface: string): Promise<boolean> {
+  return exists(path.join('/sys/class/net', iface));
+}
+
+/** Creates the interface holding the API host address (idempotent; needs root). */
+async function ensureApiHost(h: ApiHost): Promise<void> {
+  if (!(await linkExists(h.iface))) await run('ip', ['link', 'add', h.iface, 'type', 'bridge']);
+  const { stdout } = await run('ip', ['-j', 'addr', 'show', 'dev', h.iface]);
+  const addrs = (JSON.parse(stdout) as { addr_info?: { local?: string }[] }[]).flatMap((l) => l.addr_info ?? []);
+  if (!addrs.some((a) => a.local === h.address)) await run('ip', ['addr', 'add', `${h.address}/32`, 'dev', h.iface]);
+  await run('ip', ['link', 'set', h.iface, 'up']);
+}
+
+async function removeApiHost(h: ApiHost, log: (m: string) => void): Promise<void> {
+  if (!(await linkExists(h.iface))) return;
+  await run('ip', ['link', 'del', h.iface]);
+  log(`removed ${h.iface} (${h.address})`);
 }
 
 /** The documented admin kubeconfig (CN=stratus-admin, O=system:masters). */
@@ -61,6 +133,10 @@ export function apiserverUrl(cfg = clusterConfig()): string {
 
 function kcmKubeconfigPath(cfg: ClusterConfig): string {
   return path.join(cfg.stateDir, 'kube-controller-manager.kubeconfig');
+}
+
+function schedulerKubeconfigPath(cfg: ClusterConfig): string {
+  return path.join(cfg.stateDir, 'kube-scheduler.kubeconfig');
 }
 
 // ---- components ----
@@ -118,8 +194,16 @@ const apiserver: Component = {
   name: 'kube-apiserver',
   ports: (cfg) => [{ port: cfg.apiserverPort, env: 'STRATUS_APISERVER_PORT' }],
   args: (cfg, pki) => [
-    '--bind-address=127.0.0.1',
-    '--advertise-address=127.0.0.1',
+    // Node mode: pods and nodes (also in other network namespaces) reach it on the API host address, which the
+    // lease endpoint reconciler publishes as the `kubernetes` Service's endpoint (kube-proxy does the rest).
+    ...(cfg.node
+      ? ['--bind-address=0.0.0.0', `--advertise-address=${cfg.apiHost.address}`]
+      : [
+          '--bind-address=127.0.0.1',
+          '--advertise-address=127.0.0.1',
+          // The `kubernetes` Endpoints may not hold a loopback address, and nothing in this cluster dials the Service.
+          '--endpoint-reconciler-type=none',
+        ]),
     `--secure-port=${cfg.apiserverPort}`,
     `--etcd-servers=http://127.0.0.1:${cfg.etcdPort}`,
     // ConfigMaps are watched straight from etcd (no watch cache), so after a compaction a watch from an old
@@ -135,8 +219,11 @@ const apiserver: Component = {
     `--service-cluster-ip-range=${SERVICE_CIDR}`,
     '--allow-privileged=true',
     '--profiling=false',
-    // The `kubernetes` Endpoints may not hold a loopback address, and nothing in this cluster dials the Service.
-    '--endpoint-reconciler-type=none',
+    // logs/exec/port-forward: the kubelets authenticate this client (x509) and authorize it (system:masters).
+    `--kubelet-client-certificate=${pki.kubeletClientCert}`,
+    `--kubelet-client-key=${pki.kubeletClientKey}`,
+    // Test nodes' names do not resolve: dial their InternalIP.
+    '--kubelet-preferred-address-types=InternalIP,Hostname',
     `--requestheader-client-ca-file=${pki.frontProxyCaCert}`,
     `--requestheader-allowed-names=${FRONT_PROXY_CLIENT}`,
     '--requestheader-username-headers=X-Remote-User',
@@ -167,7 +254,7 @@ const controllerManager: Component = {
     `--secure-port=${cfg.controllerManagerPort}`,
     `--cert-dir=${path.join(cfg.stateDir, 'pki', 'kube-controller-manager-serving')}`,
     '--leader-elect=false',
-    `--controllers=${CONTROLLERS.join(',')}`,
+    `--controllers=${controllers(cfg).join(',')}`,
     // Each controller acts as its own service account with the bootstrap system:controller:* roles.
     '--use-service-account-credentials=true',
     `--service-account-private-key-file=${pki.saKey}`,
@@ -182,7 +269,44 @@ const controllerManager: Component = {
   stopGraceMs: 10_000,
 };
 
-const COMPONENTS: readonly Component[] = [etcd, apiserver, controllerManager];
+export function controllers(cfg: ClusterConfig): string[] {
+  return cfg.node ? [...CONTROLLERS, ...NODE_CONTROLLERS] : [...CONTROLLERS];
+}
+
+const scheduler: Component = {
+  name: 'kube-scheduler',
+  ports: (cfg) => [{ port: cfg.schedulerPort, env: 'STRATUS_SCHEDULER_PORT' }],
+  args: (cfg) => [
+    `--kubeconfig=${schedulerKubeconfigPath(cfg)}`,
+    `--authentication-kubeconfig=${schedulerKubeconfigPath(cfg)}`,
+    `--authorization-kubeconfig=${schedulerKubeconfigPath(cfg)}`,
+    '--bind-address=127.0.0.1',
+    `--secure-port=${cfg.schedulerPort}`,
+    '--leader-elect=false',
+  ],
+  healthUrl: (cfg) => `https://127.0.0.1:${cfg.schedulerPort}/healthz`,
+  healthy: async (cfg) => {
+    const r = await probe(`https://127.0.0.1:${cfg.schedulerPort}/healthz`, { insecure: true });
+    return r.status === 200 && r.body.trim() === 'ok';
+  },
+  startTimeoutMs: 60_000,
+  stopGraceMs: 10_000,
+};
+
+/** The command-line flags of a component in this configuration (for tests). */
+export function componentArgs(name: Binary, cfg: ClusterConfig, pki: PkiPaths): string[] {
+  const c = ALL_COMPONENTS.find((x) => x.name === name);
+  if (!c) throw new Error(`${name} is not a control-plane component`);
+  return c.args(cfg, pki);
+}
+
+/** Every component that may run, in start order (stop in reverse). */
+const ALL_COMPONENTS: readonly Component[] = [etcd, apiserver, controllerManager, scheduler];
+
+/** The components of this mode, in start order. */
+function components(cfg: ClusterConfig): readonly Component[] {
+  return cfg.node ? ALL_COMPONENTS : [etcd, apiserver, controllerManager];
+}
 
 function pidFile(cfg: ClusterConfig, c: Component): string {
   return path.join(cfg.stateDir, `${c.name}.pid`);
@@ -208,6 +332,10 @@ async function rotateLog(file: string): Promise<void> {
 
 async function startComponent(cfg: ClusterConfig, pki: PkiPaths, c: Component, log: (m: string) => void) {
   for (const { port, env } of c.ports(cfg)) {
+    // A component just stopped may hold its port for a moment: a Go process's leader thread is a zombie (which
+    // pidAlive counts as gone) until its other threads have exited and closed its sockets.
+    const deadline = Date.now() + 5_000;
+    while ((await portInUse(port)) && Date.now() < deadline) await sleep(100);
     if (await portInUse(port)) {
       throw new Error(
         `cannot start ${c.name}: 127.0.0.1:${port} is already in use by another process ` +
@@ -306,6 +434,13 @@ async function writeKubeconfigs(cfg: ClusterConfig, pki: PkiPaths): Promise<void
     clientKey: pki.kcmKey,
     user: 'system:kube-controller-manager',
   });
+  await writeKubeconfig(schedulerKubeconfigPath(cfg), {
+    server,
+    caCert: pki.caCert,
+    clientCert: pki.schedulerCert,
+    clientKey: pki.schedulerKey,
+    user: 'system:kube-scheduler',
+  });
 }
 
 function lockPath(cfg: ClusterConfig): string {
@@ -319,6 +454,12 @@ async function locked<T>(cfg: ClusterConfig, fn: () => Promise<T>): Promise<T> {
 
 export interface UpOptions {
   log?: (msg: string) => void;
+  /**
+   * Node mode (for e2e/node): kube-scheduler, the workload controllers, and the API served on the API host address
+   * (an interface of its own; needs root). Recorded in the state directory: later `up()` calls without the option keep
+   * it, until `down`. Undefined keeps the recorded mode.
+   */
+  node?: boolean;
 }
 
 function clientsDir(cfg: ClusterConfig): string {
@@ -351,6 +492,8 @@ export interface UpResult {
   started: Binary[];
   /** True when nothing was running before this call (a cold start). */
   fresh: boolean;
+  /** Node mode is on. */
+  node: boolean;
   kubeconfig: string;
   server: string;
   seconds: number;
@@ -398,22 +541,39 @@ export async function up(opts: UpOptions = {}): Promise<UpResult> {
   return upInternal(opts, 'user');
 }
 
-async function upInternal(opts: UpOptions, owner: 'user' | 'tests'): Promise<UpResult> {
+/**
+ * For e2e/node: `up` in node mode without changing who owns the cluster (a test run that cold-started it still stops
+ * it at the end; a cluster someone started stays theirs).
+ */
+export async function ensureNodeMode(opts: Omit<UpOptions, 'node'> = {}): Promise<UpResult> {
+  return upInternal({ ...opts, node: true }, 'unchanged');
+}
+
+async function upInternal(opts: UpOptions, owner: 'user' | 'tests' | 'unchanged'): Promise<UpResult> {
   const log = opts.log ?? ((m: string) => console.error(m));
-  const cfg = clusterConfig();
+  const cfg0 = clusterConfig();
   const t0 = Date.now();
   await buildAll(log);
-  return locked(cfg, async () => {
-    const pki = await ensurePki(cfg.stateDir);
+  return locked(cfg0, async () => {
+    const recorded = await effectiveConfig(cfg0);
+    const cfg: ClusterConfig = { ...recorded, node: opts.node ?? recorded.node };
+    if (cfg.node) {
+      await ensureApiHost(cfg.apiHost);
+      await writeFile(nodeModeFile(cfg), `${JSON.stringify({ apiHost: cfg.apiHost }, null, 2)}\n`);
+    } else {
+      await rm(nodeModeFile(cfg), { force: true });
+    }
+    const pki = await ensurePki(cfg.stateDir, [cfg.apiHost.address]);
     await writeKubeconfigs(cfg, pki);
-    const wasRunning = await Promise.all(COMPONENTS.map(async (c) => (await runningPid(cfg, c)) !== undefined));
+    const wasRunning = await Promise.all(ALL_COMPONENTS.map(async (c) => (await runningPid(cfg, c)) !== undefined));
     const fresh = !wasRunning.some(Boolean);
     const started: Binary[] = [];
-    for (const c of COMPONENTS) if (await ensureComponent(cfg, pki, c, log)) started.push(c.name);
+    for (const c of components(cfg)) if (await ensureComponent(cfg, pki, c, log)) started.push(c.name);
+    if (!cfg.node) await stopComponent(cfg, scheduler, log);
     if (owner === 'user') {
       // Someone asked for the cluster explicitly: test runs must leave it running.
       await rm(startedByTestsMarker(cfg), { force: true });
-    } else {
+    } else if (owner === 'tests') {
       // Only a cold start makes the cluster the tests' to stop; repairing a running one does not.
       if (fresh) await writeFile(startedByTestsMarker(cfg), `${process.pid}\n`);
       await mkdir(clientsDir(cfg), { recursive: true });
@@ -422,6 +582,7 @@ async function upInternal(opts: UpOptions, owner: 'user' | 'tests'): Promise<UpR
     return {
       started,
       fresh,
+      node: cfg.node,
       kubeconfig: adminKubeconfigPath(cfg),
       server: apiserverUrl(cfg),
       seconds: (Date.now() - t0) / 1000,
@@ -457,7 +618,9 @@ export async function releaseCluster(opts: { keep?: boolean; log?: (msg: string)
       log('STRATUS_KEEP_CLUSTER is set: leaving the cluster running (npm run cluster -- down stops it)');
       return false;
     }
-    for (const c of [...COMPONENTS].reverse()) await stopComponent(cfg, c, log);
+    await stopNodes(cfg, log);
+    for (const c of [...ALL_COMPONENTS].reverse()) await stopComponent(cfg, c, log);
+    await leaveNodeMode(cfg, log);
     await rm(startedByTestsMarker(cfg), { force: true });
     return true;
   });
@@ -468,13 +631,32 @@ export interface DownOptions {
   log?: (msg: string) => void;
 }
 
-/** Stops kube-controller-manager, kube-apiserver and etcd (SIGTERM, SIGKILL after a grace). Keeps pki and data. */
+/** Stops the nodes of e2e/node recorded in the state directory (a no-op when there are none). */
+async function stopNodes(cfg: ClusterConfig, log: (m: string) => void): Promise<void> {
+  if (!(await exists(path.join(cfg.stateDir, 'nodes')))) return;
+  // Imported lazily: node.ts builds on this module.
+  const { stopAllNodes } = await import('../node/node.ts');
+  await stopAllNodes({ log });
+}
+
+async function leaveNodeMode(cfg: ClusterConfig, log: (m: string) => void): Promise<void> {
+  if (!(await exists(nodeModeFile(cfg)))) return;
+  await removeApiHost(cfg.apiHost, log);
+  await rm(nodeModeFile(cfg), { force: true });
+}
+
+/**
+ * Stops the test nodes (if any), kube-scheduler, kube-controller-manager, kube-apiserver and etcd (SIGTERM, SIGKILL
+ * after a grace) and leaves node mode. Keeps pki and data.
+ */
 export async function down(opts: DownOptions = {}): Promise<void> {
   const log = opts.log ?? ((m: string) => console.error(m));
   const cfg = clusterConfig();
   if (!(await exists(cfg.stateDir))) return;
+  await stopNodes(cfg, log);
   await locked(cfg, async () => {
-    for (const c of [...COMPONENTS].reverse()) await stopComponent(cfg, c, log);
+    for (const c of [...ALL_COMPONENTS].reverse()) await stopComponent(cfg, c, log);
+    await leaveNodeMode(cfg, log);
     await rm(startedByTestsMarker(cfg), { force: true });
   });
   if (opts.purge) {
@@ -493,11 +675,11 @@ export interface ComponentStatus {
 }
 
 export async function status(): Promise<ComponentStatus[]> {
-  const cfg = clusterConfig();
+  const cfg = await effectiveConfig();
   const pki = pkiPaths(cfg.stateDir);
   const havePki = await exists(pki.adminKey);
   return Promise.all(
-    COMPONENTS.map(async (c) => {
+    components(cfg).map(async (c) => {
       const pid = await runningPid(cfg, c);
       const healthy = pid !== undefined && havePki ? await c.healthy(cfg, pki) : false;
       return {
@@ -514,7 +696,7 @@ export async function status(): Promise<ComponentStatus[]> {
 
 /** Stops kube-apiserver only (etcd and the controller manager keep running), for restart tests. */
 export async function stopApiserver(log: (m: string) => void = () => {}): Promise<void> {
-  const cfg = clusterConfig();
+  const cfg = await effectiveConfig();
   await locked(cfg, async () => {
     await stopComponent(cfg, apiserver, log);
   });
@@ -522,7 +704,7 @@ export async function stopApiserver(log: (m: string) => void = () => {}): Promis
 
 /** Starts kube-apiserver again (if stopped) and waits for /readyz. */
 export async function startApiserver(log: (m: string) => void = () => {}): Promise<void> {
-  const cfg = clusterConfig();
+  const cfg = await effectiveConfig();
   await locked(cfg, async () => {
     const pki = pkiPaths(cfg.stateDir);
     await ensureComponent(cfg, pki, apiserver, log);

@@ -31,6 +31,11 @@ export interface PkiPaths {
   adminKey: string;
   kcmCert: string;
   kcmKey: string;
+  schedulerCert: string;
+  schedulerKey: string;
+  /** kube-apiserver's client identity towards kubelets (logs, exec, port-forward): O=system:masters. */
+  kubeletClientCert: string;
+  kubeletClientKey: string;
   saKey: string;
   saPub: string;
   frontProxyCaCert: string;
@@ -52,6 +57,10 @@ export function pkiPaths(stateDir: string): PkiPaths {
     adminKey: p('admin.key'),
     kcmCert: p('kube-controller-manager.crt'),
     kcmKey: p('kube-controller-manager.key'),
+    schedulerCert: p('kube-scheduler.crt'),
+    schedulerKey: p('kube-scheduler.key'),
+    kubeletClientCert: p('apiserver-kubelet-client.crt'),
+    kubeletClientKey: p('apiserver-kubelet-client.key'),
     saKey: p('sa.key'),
     saPub: p('sa.pub'),
     frontProxyCaCert: p('front-proxy-ca.crt'),
@@ -182,15 +191,23 @@ async function ensureCa(pki: PkiPaths, certFile: string, keyFile: string, cn: st
   return true;
 }
 
-/** Creates whatever is missing (or expiring) of the CA, serving/client certificates and the SA key pair. */
-export async function ensurePki(stateDir: string): Promise<PkiPaths> {
+/**
+ * Creates whatever is missing (or expiring) of the CA, serving/client certificates and the SA key pair.
+ * `extraServerIps` are added to the API server certificate's SANs (the address pods reach it on, see
+ * controlplane.ts); the certificate is reissued when that list changes.
+ */
+export async function ensurePki(stateDir: string, extraServerIps: readonly string[] = []): Promise<PkiPaths> {
   const pki = pkiPaths(stateDir);
   await mkdir(pki.dir, { recursive: true, mode: 0o700 });
   const conf = path.join(pki.dir, 'openssl.cnf');
   if ((await readFile(conf, 'utf8').catch(() => '')) !== OPENSSL_CONF) await writeFile(conf, OPENSSL_CONF);
 
   const caFresh = await ensureCa(pki, pki.caCert, pki.caKey, 'stratus-local-ca');
-  if (caFresh || !(await certValid(pki.serverCert))) {
+  const serverIps = ['127.0.0.1', '::1', FIRST_SERVICE_IP, ...extraServerIps];
+  const sansFile = path.join(pki.dir, 'apiserver.ips');
+  const sansChanged =
+    (await readFile(sansFile, 'utf8').catch(() => '127.0.0.1\n::1\n10.96.0.1\n')) !== `${serverIps.join('\n')}\n`;
+  if (caFresh || sansChanged || !(await certValid(pki.serverCert))) {
     await issueLeaf(pki, pki.serverCert, pki.serverKey, {
       cn: 'kube-apiserver',
       server: {
@@ -201,15 +218,25 @@ export async function ensurePki(stateDir: string): Promise<PkiPaths> {
           'kubernetes.default.svc',
           'kubernetes.default.svc.cluster.local',
         ],
-        ips: ['127.0.0.1', '::1', FIRST_SERVICE_IP],
+        ips: serverIps,
       },
     });
+    await writeFile(sansFile, `${serverIps.join('\n')}\n`);
   }
   if (caFresh || !(await certValid(pki.adminCert))) {
     await issueLeaf(pki, pki.adminCert, pki.adminKey, { cn: 'stratus-admin', orgs: ['system:masters'] });
   }
   if (caFresh || !(await certValid(pki.kcmCert))) {
     await issueLeaf(pki, pki.kcmCert, pki.kcmKey, { cn: 'system:kube-controller-manager' });
+  }
+  if (caFresh || !(await certValid(pki.schedulerCert))) {
+    await issueLeaf(pki, pki.schedulerCert, pki.schedulerKey, { cn: 'system:kube-scheduler' });
+  }
+  if (caFresh || !(await certValid(pki.kubeletClientCert))) {
+    await issueLeaf(pki, pki.kubeletClientCert, pki.kubeletClientKey, {
+      cn: 'kube-apiserver-kubelet-client',
+      orgs: ['system:masters'],
+    });
   }
   // Front-proxy (request-header) CA: the aggregation layer's client identity, and what delegated authentication in
   // kube-controller-manager (and any aggregated API server) expects to find in extension-apiserver-authentication.
