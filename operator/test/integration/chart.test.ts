@@ -71,13 +71,14 @@ function find(objs: Obj[], kind: string, suffix = ''): Obj {
   return o;
 }
 
-/** The rows of the "Host paths" table of charts/stratus/README.md: path → backend ('' = every backend). */
-function documentedHostPaths(): Map<string, string> {
+/** The rows of the "Host paths" table of charts/stratus/README.md: host path → [path in the pod, backend ('': all)]. */
+function documentedHostPaths(): Map<string, [string, string]> {
   const readme = readFileSync(resolve(CHART, 'README.md'), 'utf8');
   const section = readme.split(/^## /m).find((s) => s.startsWith('Host paths'));
   if (!section) throw new Error('charts/stratus/README.md has no "## Host paths" section');
-  const rows = new Map<string, string>();
-  for (const m of section.matchAll(/^\| `(\/[^`]*)` \|[^|]*\|[^|]*\| ([a-z]*) *\|/gm)) rows.set(m[1]!, m[2]!);
+  const rows = new Map<string, [string, string]>();
+  for (const m of section.matchAll(/^\| `(\/[^`]*)` \| `(\/[^`]*)` \|[^|]*\| ([a-z]*) *\|/gm))
+    rows.set(m[1]!, [m[2]!, m[3]!]);
   return rows;
 }
 
@@ -104,6 +105,7 @@ describe('helm lint and template', () => {
     await helm('lint', CHART);
     await helm('lint', CHART, '--strict');
     await helm('lint', CHART, '--strict', '-f', resolve(CHART, 'ci/test-values.yaml'));
+    await helm('lint', CHART, '--strict', '--set', 'flavors.defaults=true', '--set', 'networkBackend=ovs');
   });
 
   const variants: Record<string, string[]> = {
@@ -177,13 +179,17 @@ describe('rendered workloads', () => {
         spec.volumes.map((v: Obj) => [v.name as string, v.hostPath?.path as string]),
       );
       expect([...volumes.values()].every((p) => typeof p === 'string')).toBe(true);
-      const want = [...documented].filter(([, b]) => b === '' || b === backend).map(([p]) => p);
-      expect([...volumes.values()].sort()).toEqual(want.sort());
-      // Each mounted at the same path inside the container; network namespaces propagate both ways.
+      const want = [...documented].filter(([, [, b]]) => b === '' || b === backend);
+      expect([...volumes.values()].sort()).toEqual(want.map(([host]) => host).sort());
+      // Each mounted where the table says; network namespaces propagate both ways.
       const mounts: Obj[] = spec.containers[0].volumeMounts;
-      expect(mounts.map((m) => [volumes.get(m.name), m.mountPath]).every(([h, c]) => h === c)).toBe(true);
+      expect(mounts.map((m) => [volumes.get(m.name), m.mountPath]).sort()).toEqual(
+        want.map(([host, [pod]]) => [host, pod]).sort(),
+      );
       expect(mounts.find((m) => m.mountPath === '/run/netns')?.mountPropagation).toBe('Bidirectional');
-      expect(mounts.find((m) => m.mountPath === '/lib/modules')?.readOnly).toBe(true);
+      const args: string[] = spec.containers[0].args;
+      expect(args).toContain(`--host-cgroup-root=${documented.get('/sys/fs/cgroup')?.[0]}`);
+      if (backend === 'ovs') expect(args).toContain('--ovs-db=unix:/run/openvswitch/db.sock');
     }
   });
 
@@ -242,6 +248,8 @@ describe('rendered workloads', () => {
     expect([c.livenessProbe.httpGet.path, c.readinessProbe.httpGet.path]).toEqual(['/healthz', '/readyz']);
     expect(c.image).toBe('stratus.local/stratus-operator:0.2.0');
     expect(find(objs, 'PodDisruptionBudget').spec.minAvailable).toBe(1);
+    const single = parse(await helm('template', release, CHART, '--set', 'operator.replicas=1'));
+    expect(single.some((o) => o.kind === 'PodDisruptionBudget')).toBe(false);
     expect(find(objs, 'Service', '-metrics').spec.ports[0]).toMatchObject({ name: 'metrics', port: 8080 });
     // Soft spreading: a single-node cluster still runs both replicas.
     expect(pod.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution).toBeUndefined();
