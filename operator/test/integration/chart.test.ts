@@ -15,10 +15,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseAllDocuments } from 'yaml';
 import { adminKubeconfigFile, helmPath, kubectlPath, mintKubeconfig } from '../../../e2e/controlplane/testenv.ts';
 import { waitFor } from '../../../e2e/testing/wait.ts';
-import { startAgent } from '../../../node-agent/src/agent.ts';
+import { AgentConfig, startAgent } from '../../../node-agent/src/agent.ts';
+import { OperatorConfig } from '../../src/config.ts';
 import { registerControllers } from '../../src/controllers/index.ts';
 import { installCRDs } from '../../src/crdgen/install.ts';
-import { KubeClient, Manager } from '../../src/runtime/index.ts';
+import { KubeClient, loadConfig, Manager } from '../../src/runtime/index.ts';
 
 const root = resolve(import.meta.dirname, '../../..');
 const CHART = resolve(root, 'charts/stratus');
@@ -156,6 +157,7 @@ describe('values.schema.json', () => {
     ['a relative host path', ['--set', 'agent.hostPaths[0].path=var/lib'], /\/agent\/hostPaths\/0\/path/],
     ['an unknown launcher', ['--set', 'agent.launcher=docker'], /\/agent\/launcher/],
     ['a device name too long', ['--set', 'underlayDevice=averyveryverylongname'], /\/underlayDevice/],
+    ['a reserved RAM that is no quantity', ['--set', 'agent.reserved.ram=2GB'], /\/agent\/reserved\/ram/],
     ['a pull policy typo', ['--set', 'image.pullPolicy=never'], /\/image\/pullPolicy/],
     ['an extra arg that is no flag', ['--set', 'agent.extraArgs={foo}'], /\/agent\/extraArgs\/0/],
   ];
@@ -255,6 +257,52 @@ describe('rendered workloads', () => {
     expect(pod.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution).toBeUndefined();
     expect(pod.topologySpreadConstraints[0].whenUnsatisfiable).toBe('ScheduleAnyway');
   });
+});
+
+describe('component flags', () => {
+  /** A container's args with $(VAR) references expanded as the kubelet does (here: sample values). */
+  const expand = (args: string[]) =>
+    args.map((a) =>
+      a.replace(
+        /\$\((\w+)\)/g,
+        (_, v: string) => ({ NODE_NAME: 'node-1', HOST_IP: '192.0.2.7', POD_NAME: 'op-1' })[v] ?? '',
+      ),
+    );
+  const variants: Record<string, string[]> = {
+    defaults: [],
+    'OVS, underlay device, tcg, CIDRs, extra args': [
+      '--set',
+      'networkBackend=ovs',
+      '--set',
+      'underlayDevice=eth1',
+      '--set',
+      'accelerator=tcg',
+      '--set',
+      'imageUrl.allowCidrs={127.0.0.0/8,192.0.2.0/24}',
+      '--set',
+      'agent.extraArgs={--reserved-ram=2Gi}',
+      '--set',
+      'operator.extraArgs={--heartbeat-grace-seconds=90}',
+      '--set',
+      'operator.installCrds=false',
+    ],
+    'e2e values': ['-f', resolve(CHART, 'ci/test-values.yaml')],
+  };
+  for (const [name, args] of Object.entries(variants)) {
+    it(`the operator and the agent accept every flag the chart gives them (${name})`, async () => {
+      const objs = parse(await helm('template', release, CHART, '-n', ns, ...args));
+      const op = loadConfig(OperatorConfig, {
+        argv: expand(find(objs, 'Deployment').spec.template.spec.containers[0].args),
+        env: {},
+      });
+      expect(op).toMatchObject({ leaderElect: true, leaseNamespace: ns, identity: 'op-1', metricsPort: 8080 });
+      const agentArgs = expand(find(objs, 'DaemonSet').spec.template.spec.containers[0].args);
+      const agent = loadConfig(AgentConfig, { argv: agentArgs, env: {} });
+      expect(agent).toMatchObject({ nodeName: 'node-1', hostIP: '192.0.2.7', driver: 'qemu', leaseNamespace: ns });
+      expect(agent.launcher).toBe('auto');
+      expect([agent.reservedRam, agent.cpuAllocationRatio]).toEqual(['2Gi', '4.0']);
+    });
+  }
 });
 
 describe('RBAC', () => {
