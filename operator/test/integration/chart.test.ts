@@ -98,6 +98,8 @@ function loadAdmin(): KubeConfig {
 }
 
 afterAll(async () => {
+  // The uninstall test's kept default flavors, should it have failed half-way (examples/ define an m1.tiny too).
+  await kubectl('delete', 'flavors', '-l', 'app.kubernetes.io/part-of=stratus', '--wait').catch(() => {});
   await kubectl('delete', 'namespace', ns, '--ignore-not-found', '--wait=false').catch(() => {});
 });
 
@@ -419,5 +421,73 @@ describe('RBAC', () => {
       await apply('delete').catch(() => {});
     }
     expect(refused()).toEqual([]);
+  });
+});
+
+describe('helm install and uninstall', () => {
+  it('uninstall removes the release objects and leaves CRDs, custom resources and kept flavors (as documented)', async () => {
+    const rel = `u${randomBytes(3).toString('hex')}`;
+    const kubeconfig = ['--kubeconfig', adminKubeconfigFile()];
+    // No kubelet here: the objects are created, nothing runs; what matters is what Helm creates and deletes.
+    // Kept flavors of an aborted earlier run belong to its release: Helm would refuse to adopt them.
+    await kubectl('delete', 'flavors', '-l', 'app.kubernetes.io/part-of=stratus', '--wait');
+    await helm('install', rel, CHART, '-n', ns, ...kubeconfig, '--set', 'flavors.defaults=true');
+    const owned = async () =>
+      (
+        await kubectl(
+          'get',
+          'deployments,daemonsets,services,serviceaccounts,roles,rolebindings,poddisruptionbudgets',
+          '-n',
+          ns,
+          '-l',
+          `app.kubernetes.io/instance=${rel}`,
+          '-o',
+          'name',
+        )
+      )
+        .split('\n')
+        .filter(Boolean);
+    const cluster = async () =>
+      (
+        await kubectl(
+          'get',
+          'clusterroles,clusterrolebindings',
+          '-l',
+          `app.kubernetes.io/instance=${rel}`,
+          '-o',
+          'name',
+        )
+      )
+        .split('\n')
+        .filter(Boolean);
+    // Deployment, DaemonSet, metrics Service, 2 ServiceAccounts, 2 lease Roles and their bindings, the PDB.
+    expect(await owned()).toHaveLength(10);
+    expect(await cluster()).toHaveLength(4);
+    // A custom resource a user made meanwhile.
+    await kubectlIn(
+      JSON.stringify({
+        apiVersion: 'compute.stratus.io/v1alpha1',
+        kind: 'KeyPair',
+        metadata: { name: 'k', namespace: ns },
+        spec: { publicKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl u@h' },
+      }),
+      'apply',
+      '-f',
+      '-',
+    );
+
+    await helm('uninstall', rel, '-n', ns, ...kubeconfig, '--wait');
+    expect(await owned()).toEqual([]);
+    expect(await cluster()).toEqual([]);
+    // Left: the CRDs (and so every custom resource), the default flavors (resource-policy keep), the namespace.
+    expect(await kubectl('get', 'crd', 'servers.compute.stratus.io', '-o', 'name')).toContain(
+      'servers.compute.stratus.io',
+    );
+    expect(await kubectl('-n', ns, 'get', 'keypair', 'k', '-o', 'name')).toContain('keypair');
+    const flavors = await kubectl('get', 'flavors', '-l', `app.kubernetes.io/instance=${rel}`, '-o', 'name');
+    expect(flavors.split('\n').filter(Boolean)).toHaveLength(5);
+    // The documented command removes them.
+    await kubectl('delete', 'flavors', '-l', 'app.kubernetes.io/part-of=stratus', '--wait');
+    expect(await kubectl('get', 'flavors', '-l', 'app.kubernetes.io/part-of=stratus', '-o', 'name')).toBe('');
   });
 });
