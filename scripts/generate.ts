@@ -1,12 +1,19 @@
-// npm run generate            writes crds/*.yaml and docs/api.md from the zod schemas
+// npm run generate            writes crds/*.yaml, charts/stratus/crds/*.yaml (the same CRDs, for `helm install`)
+//                             and docs/api.md from the zod schemas
 // npm run generate -- --check exits 1 if any committed file differs from a fresh generation
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { generatedFiles } from '../operator/src/crdgen/index.ts';
 
+/** The Helm chart's copy of the CRDs (Helm installs crds/ before the templates, and never upgrades them). */
+const CHART_CRDS_DIR = 'charts/stratus/crds';
+
 const root = resolve(import.meta.dirname, '..');
 const check = process.argv.includes('--check');
-const files = generatedFiles();
+const files = new Map(generatedFiles());
+for (const [rel, content] of [...files]) {
+  if (rel.startsWith('crds/')) files.set(`${CHART_CRDS_DIR}/${rel.slice('crds/'.length)}`, content);
+}
 const stale: string[] = [];
 
 for (const [rel, content] of files) {
@@ -20,11 +27,14 @@ for (const [rel, content] of files) {
   }
 }
 // CRDs of kinds that no longer exist.
-for (const f of readdirSync(join(root, 'crds'), { withFileTypes: true })) {
-  const rel = `crds/${f.name}`;
-  if (f.isFile() && f.name.endsWith('.yaml') && !files.has(rel)) {
-    stale.push(rel);
-    if (!check) rmSync(join(root, rel));
+for (const dir of ['crds', CHART_CRDS_DIR]) {
+  if (!existsSync(join(root, dir))) continue;
+  for (const f of readdirSync(join(root, dir), { withFileTypes: true })) {
+    const rel = `${dir}/${f.name}`;
+    if (f.isFile() && f.name.endsWith('.yaml') && !files.has(rel)) {
+      stale.push(rel);
+      if (!check) rmSync(join(root, rel));
+    }
   }
 }
 

@@ -10,6 +10,14 @@ import { StructuralSchemaError, toStructural, walkProperties } from './structura
 const root = resolve(import.meta.dirname, '../../..');
 
 describe('structural schema rewriting', () => {
+  it('leaves out an empty properties map (the API server drops it, so the stored CRD would differ from the file)', () => {
+    // A difference between a CRD file and the stored CRD makes a second server-side applier (helm install of
+    // charts/stratus/crds, kubectl apply --server-side) conflict with the operator's --install-crds field manager.
+    const s = toStructural(z.object({ status: z.object({}).describe('none') }).describe('root'));
+    const status = (s.properties as Record<string, Record<string, unknown>>).status;
+    expect(status).toEqual({ type: 'object', description: 'none' });
+  });
+
   it('drops what CRDs may not carry and keeps x-kubernetes extensions', () => {
     const s = toStructural(
       z

@@ -81,7 +81,10 @@ function rewrite(node: JSONSchema, path: string): JSONSchema {
       }
       const rewritten: Record<string, JSONSchema> = {};
       for (const [name, child] of Object.entries(props)) rewritten[name] = rewrite(child, `${path}.${name}`);
-      out.properties = rewritten;
+      // An empty map is dropped by the API server: keeping it makes the file differ from the stored CRD, and a
+      // second server-side applier (helm's crds/, kubectl) then conflicts with the operator's CRD installer.
+      if (Object.keys(rewritten).length > 0) out.properties = rewritten;
+      else delete out.properties;
     } else if (extra !== undefined && extra !== false) {
       if (isEmpty(extra)) {
         delete out.additionalProperties;
