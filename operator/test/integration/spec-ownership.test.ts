@@ -167,7 +167,9 @@ beforeAll(async () => {
   for (const k of KINDS) {
     const cluster = k === FlavorKind || k === ProjectKind;
     const path = `/apis/${k.group}/${k.version}/${cluster ? '' : `namespaces/${env.ns}/`}${k.plural}`;
-    const query = cluster ? { labelSelector: Object.entries(env.scopeLabels)[0]!.join('=') } : {};
+    const query: Record<string, string> = cluster
+      ? { labelSelector: Object.entries(env.scopeLabels)[0]!.join('=') }
+      : {};
     watches.push({ kind: k.kind, w: await recordWatch<Obj>(kc, path, query) });
   }
   nodes = await env.startNodes(2, 'n', { slots: 4, pool: 'p' });
