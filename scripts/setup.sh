@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Debian packages the project needs. Extend this list (qemu-system-x86, qemu-utils, nftables, ...) as features land.
-APT_PACKAGES=(busybox ca-certificates conntrack dnsmasq-base dosfstools ethtool fdisk genisoimage iproute2 iputils-ping mtools nftables openssh-client openssl openvswitch-switch qemu-system-x86 qemu-utils syslinux syslinux-common unzip)
+APT_PACKAGES=(busybox ca-certificates conntrack dnsmasq-base dosfstools ethtool fdisk genisoimage iproute2 iputils-ping lua5.4 mtools nftables openssh-client openssl openvswitch-switch qemu-system-x86 qemu-utils shellcheck syslinux syslinux-common unzip)
 
 MIN_GO_MAJOR=1
 MIN_GO_MINOR=24
