@@ -3,8 +3,6 @@
 // object is handed to the script as the global `obj`, as Argo CD does, and the returned hs.status / hs.message are
 // checked.
 import { execFile } from 'node:child_process';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import type {
@@ -17,58 +15,7 @@ import type {
   VolumeStatus,
 } from '../../operator/src/api/index.ts';
 import { requireTools } from '../testing/tools.ts';
-
-const HEALTH_DIR = join(import.meta.dirname, '../../docs/gitops/health');
-const LUA = 'lua5.4';
-
-/** A JSON value as a Lua expression (objects as tables with string keys, arrays as sequences, null as nil). */
-function toLua(v: unknown): string {
-  if (v === null || v === undefined) return 'nil';
-  if (typeof v === 'boolean' || typeof v === 'number') return String(v);
-  if (typeof v === 'string') {
-    // Byte-wise decimal escapes for everything outside printable ASCII, and for quote and backslash.
-    let out = '"';
-    for (const b of Buffer.from(v, 'utf8')) {
-      out += b >= 0x20 && b < 0x7f && b !== 0x22 && b !== 0x5c ? String.fromCharCode(b) : `\\${b}`;
-    }
-    return `${out}"`;
-  }
-  if (Array.isArray(v)) return `{${v.map(toLua).join(', ')}}`;
-  const fields = Object.entries(v as Record<string, unknown>)
-    .filter(([, x]) => x !== undefined && x !== null)
-    .map(([k, x]) => `[${toLua(k)}] = ${toLua(x)}`);
-  return `{${fields.join(', ')}}`;
-}
-
-interface Health {
-  status: string;
-  message: string;
-}
-
-/** Runs one health script on each object (one interpreter per script) and returns hs per object. */
-async function health(script: string, objects: readonly unknown[]): Promise<Health[]> {
-  const body = readFileSync(join(HEALTH_DIR, script), 'utf8');
-  const program = [
-    `local cases = {${objects.map(toLua).join(',\n')}}`,
-    'local function check()',
-    body,
-    'end',
-    'for _, o in ipairs(cases) do',
-    '  obj = o',
-    '  hs = nil',
-    '  local h = check()',
-    '  io.write(tostring(h.status), "\\t", (tostring(h.message or "")):gsub("[\\t\\n]", " "), "\\n")',
-    'end',
-  ].join('\n');
-  const { stdout } = await promisify(execFile)(LUA, ['-e', program]);
-  return stdout
-    .split('\n')
-    .filter((l) => l !== '')
-    .map((l) => {
-      const [status = '', message = ''] = l.split('\t');
-      return { status, message };
-    });
-}
+import { health, LUA, toLua } from './lua.ts';
 
 type Obj<S, St> = { metadata: { name: string; generation: number }; spec?: Partial<S>; status?: St };
 const meta = (generation = 1) => ({ name: 'x', generation });
@@ -97,7 +44,7 @@ async function expectHealth<T>(script: string, cases: readonly [string, T, strin
 describe('Argo CD health checks (docs/gitops/health/*.lua) under lua5.4', () => {
   it('toLua writes any JSON value as a Lua literal', async () => {
     requireTools(LUA);
-    const v = { a: [1, 2.5, true], s: 'quote " back \\ nl \n tab \t é', n: null, e: {} };
+    const v = { a: [1, 2.5, true], s: 'quote " back \\ nl \n tab \t é "9 \n1', n: null, e: {} };
     const program = `local v = ${toLua(v)}; io.write(#v.a, "|", v.a[2], "|", tostring(v.a[3]), "|", v.s, "|", tostring(v.n))`;
     const { stdout } = await promisify(execFile)(LUA, ['-e', program]);
     expect(stdout).toBe(`3|2.5|true|${v.s}|nil`);

@@ -9,12 +9,15 @@
 //    labels and annotations too, except the controller labels listed in ALLOWED_LABELS;
 //  - every managedFields entry of another manager is either on the status subresource or touches only
 //    metadata.finalizers (values in ALLOWED_FINALIZERS) and metadata.labels (keys in ALLOWED_LABELS).
+// Along the way the Argo CD health checks of docs/gitops/health/ (lua5.4) are run on the live objects: each state
+// reached maps to the health docs/gitops.md promises.
 // Objects the test did not create must be the controllers' own (a controller ownerReference, or
 // app.kubernetes.io/managed-by=stratus): those are not in Git, their spec is the controller's to write.
 import type { KubernetesObject, V1ManagedFieldsEntry } from '@kubernetes/client-node';
 import { PatchStrategy } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
+import { health, scriptOf } from '../../../e2e/gitops/lua.ts';
 import {
   FlavorKind,
   GUEST_FINALIZER,
@@ -139,6 +142,22 @@ const settled = (s: Srv) => s.status?.taskState === undefined;
 const waitStatus = (name: string, status: string, timeoutMs?: number) =>
   env.waitServer(name, status, (s) => s.status?.status === status && settled(s), timeoutMs);
 
+/**
+ * The Argo CD health check of docs/gitops/health/ (run by lua5.4) on the live object reaches `status` (and a message
+ * matching `message`): the checks are tested on what the controllers really write, not only on samples.
+ */
+async function expectHealth(gvr: GVR, kind: string, name: string, status: string, message = /./) {
+  let last = '';
+  await waitFor(`${kind}/${name} health ${status}`, async () => {
+    const o = await env.client.get<Obj>(gvr, name, env.ns);
+    const [h] = await health(scriptOf(kind), [o]);
+    last = `${h?.status}: ${h?.message}`;
+    return h?.status === status && message.test(h.message);
+  }).catch((e: unknown) => {
+    throw new Error(`${String(e)} (last: ${last})`);
+  });
+}
+
 async function deleteAndWait(gvr: GVR, name: string) {
   await env.client.delete(gvr, name, env.ns).catch((e: unknown) => {
     if (!isNotFound(e)) throw e;
@@ -211,7 +230,15 @@ describe('controllers never write spec', () => {
       subnets: [{ name: 'v4', cidr: '10.91.0.0/24', enableDHCP: true }],
     });
     await create(NETWORKS, NetworkKind, 'net-full', {
-      subnets: [{ name: 'v4', cidr: '10.92.0.0/29', allocationPools: [{ start: '10.92.0.2', end: '10.92.0.2' }] }],
+      // one address, no DHCP port: the filler port takes it, the next port gets none
+      subnets: [
+        {
+          name: 'v4',
+          cidr: '10.92.0.0/29',
+          enableDHCP: false,
+          allocationPools: [{ start: '10.92.0.2', end: '10.92.0.2' }],
+        },
+      ],
     });
     await create(PORTS, PortKind, 'filler', { network: 'net-full' });
     await create(PORTS, PortKind, 'user-port', { network: 'net-a' });
@@ -219,14 +246,21 @@ describe('controllers never write spec', () => {
     // --- a server through its life ---
     await createServer('vm', { serverGroup: 'spread', networks: [{ network: 'net-a' }], securityGroups: ['default'] });
     await waitStatus('vm', 'ACTIVE');
+    await expectHealth(SERVERS, 'Server', 'vm', 'Healthy', /^ACTIVE$/);
+    await expectHealth(PORTS, 'Port', 'vm-0', 'Healthy', /Wired on/);
+    await expectHealth(NETWORKS, 'Network', 'net-a', 'Healthy');
+    await expectHealth(gvrOf(ImageKind), 'Image', 'cirros', 'Healthy');
+    await expectHealth(gvrOf(VolumeKind), 'Volume', 'data', 'Healthy');
     await patchServer('vm', { powerState: 'Stopped' });
     await waitStatus('vm', 'SHUTOFF');
+    await expectHealth(SERVERS, 'Server', 'vm', 'Healthy', /^SHUTOFF$/);
     await patchServer('vm', { powerState: 'Running' });
     await waitStatus('vm', 'ACTIVE');
     for (const t of ['softReboot', 'hardReboot', 'rebuild'] as const) {
       await patchServer('vm', { triggers: { [t]: `${t}-1` } });
       await env.waitServer('vm', `${t} done`, (s) => s.status?.triggers?.[t] === `${t}-1` && settled(s));
     }
+    await expectHealth(SERVERS, 'Server', 'vm', 'Healthy', /^ACTIVE$/); // every trigger token recorded as done
     // security groups changed: the operator keeps its own port's groups (its object, not the user's)
     await patchServer('vm', { securityGroups: ['default', 'web'] });
     await env.waitServer('vm', 'regrouped', (s) => settled(s));
@@ -237,28 +271,40 @@ describe('controllers never write spec', () => {
     // resize, confirm; migrate, confirm
     await patchServer('vm', { flavor: flavors.medium });
     await waitStatus('vm', 'VERIFY_RESIZE');
+    await expectHealth(SERVERS, 'Server', 'vm', 'Suspended', /confirmResize/);
     await patchServer('vm', { triggers: { confirmResize: 'confirm-1' } });
     await waitStatus('vm', 'ACTIVE');
+    await expectHealth(SERVERS, 'Server', 'vm', 'Healthy', /^ACTIVE$/);
     await patchServer('vm', { triggers: { migrate: 'migrate-1' } });
     await waitStatus('vm', 'VERIFY_RESIZE');
+    await expectHealth(SERVERS, 'Server', 'vm', 'Suspended');
     await patchServer('vm', { triggers: { confirmResize: 'confirm-2' } });
     await waitStatus('vm', 'ACTIVE');
+    await expectHealth(SERVERS, 'Server', 'vm', 'Healthy', /^ACTIVE$/);
 
     // a server that claims the user's port (the operator labels it), and one that finds it in use
     await createServer('claimer', { networks: [{ port: 'user-port' }] });
     await waitStatus('claimer', 'ACTIVE');
+    await expectHealth(SERVERS, 'Server', 'claimer', 'Healthy');
+    await expectHealth(PORTS, 'Port', 'user-port', 'Healthy', /Wired on/);
     await createServer('thief', { networks: [{ port: 'user-port' }] });
     await env.waitServer('thief', 'PortInUse', (s) =>
       (s.status?.conditions ?? []).some((c) => c.reason === 'PortInUse'),
     );
+    await expectHealth(SERVERS, 'Server', 'thief', 'Degraded', /in use by server claimer/);
 
     // --- error paths ---
     await createServer('too-big', { flavor: flavors.huge });
     await waitStatus('too-big', 'ERROR');
+    await expectHealth(SERVERS, 'Server', 'too-big', 'Degraded');
     await createServer('no-addr', { networks: [{ network: 'net-full' }] });
     await waitStatus('no-addr', 'ERROR');
+    await expectHealth(SERVERS, 'Server', 'no-addr', 'Degraded');
+    await expectHealth(PORTS, 'Port', 'no-addr-0', 'Degraded');
+    await expectHealth(PORTS, 'Port', 'filler', 'Healthy', /not bound/);
     await createServer('dangling', { image: 'no-such-image' });
     await env.waitServer('dangling', 'waiting for its image', (s) => (s.status?.conditions ?? []).length > 0);
+    await expectHealth(SERVERS, 'Server', 'dangling', 'Progressing');
     // the network cannot go while ports use it
     await env.client.delete(NETWORKS, 'net-a', env.ns);
     await waitFor('net-a NetworkInUse', async () => {
@@ -269,6 +315,7 @@ describe('controllers never write spec', () => {
       );
       return (n.status?.conditions ?? []).some((c) => c.reason === 'NetworkInUse');
     });
+    await expectHealth(NETWORKS, 'Network', 'net-a', 'Healthy');
 
     // --- delete: the claimed port is released (label removed), everything goes ---
     for (const s of ['claimer', 'thief', 'vm', 'too-big', 'no-addr', 'dangling']) await deleteAndWait(SERVERS, s);
