@@ -199,6 +199,15 @@ beforeAll(async () => {
 afterAll(async () => {
   for (const { w } of watches) w.stop();
   await env.teardown();
+  // A failed run can leave Ports and Networks holding the operator's finalizers: nothing of it may outlive the run.
+  for (const gvr of [PORTS, NETWORKS]) {
+    const left = await env.client.list<Obj>(gvr, { namespace: env.ns }).catch(() => ({ items: [] as Obj[] }));
+    for (const o of left.items) {
+      await env.client
+        .patch(gvr, o.metadata!.name!, env.ns, { metadata: { finalizers: null } }, PatchStrategy.MergePatch)
+        .catch(() => {});
+    }
+  }
   for (const c of clusterScoped) {
     await env.client.delete(c.gvr, c.name).catch(() => {});
     await env.client
