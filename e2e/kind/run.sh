@@ -7,6 +7,7 @@
 #   4. examples/ applied (the Server's user-data also prints STRATUS-GUEST-READY on the serial console)
 #   5. waits for the server ACTIVE and STRATUS-GUEST-READY in its console log on the worker, then cleans up
 # Usage: e2e/kind/run.sh            (from anywhere; needs docker, kind, helm, kubectl, Node 24 and npm install done)
+#        e2e/kind/run.sh --print-kind-config   prints the kind cluster config and exits
 # Env:   KIND_CLUSTER (stratus-e2e), KEEP_CLUSTER=1 (leave the cluster up), IMAGES_DIR (.images/kind),
 #        ACTIVE_TIMEOUT (20m), READY_TIMEOUT_SECONDS (900), IMAGES_IN_DOCKER=1 (build the images in a Debian 12
 #        container even on a Debian host), BUILDER_IMAGE, BUILDER_PACKAGES
@@ -25,6 +26,30 @@ state_dir=/var/lib/stratus # the chart's agent.stateDir
 builder_image=${BUILDER_IMAGE:-debian:bookworm}
 # What npm run images needs from Debian (scripts/setup.sh installs the same on a Debian host).
 builder_packages=${BUILDER_PACKAGES:-ca-certificates umoci mmdebstrap}
+
+# The kind cluster: a control plane and one worker labelled as a hypervisor, with the host's /dev/kvm and
+# /dev/net/tun when it has them.
+kind_config() {
+  local mounts=() dev
+  printf 'kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\nnodes:\n'
+  printf '  - role: control-plane\n'
+  printf '  - role: worker\n    labels:\n      stratus.io/hypervisor: "true"\n'
+  for dev in /dev/kvm /dev/net/tun; do
+    if [[ -e $dev ]]; then mounts+=("$dev"); fi
+  done
+  if ((${#mounts[@]} > 0)); then
+    printf '    extraMounts:\n'
+    for dev in "${mounts[@]}"; do
+      printf '      - hostPath: %s\n        containerPath: %s\n' "$dev" "$dev"
+    done
+  fi
+}
+
+if [[ ${1:-} == --print-kind-config ]]; then
+  kind_config
+  exit 0
+fi
+
 work=$(mktemp -d)
 export KUBECONFIG="$work/kubeconfig"
 
@@ -67,21 +92,7 @@ tag=$(sed -n 's/^appVersion:[[:space:]]*"\{0,1\}\([^"]*\)"\{0,1\}[[:space:]]*$/\
 [[ -n $tag ]] || die "no appVersion in charts/stratus/Chart.yaml"
 
 # ---- 1. the cluster ----
-{
-  printf 'kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\nnodes:\n'
-  printf '  - role: control-plane\n'
-  printf '  - role: worker\n    labels:\n      stratus.io/hypervisor: "true"\n'
-  mounts=()
-  for dev in /dev/kvm /dev/net/tun; do
-    [[ -e $dev ]] && mounts+=("$dev")
-  done
-  if ((${#mounts[@]} > 0)); then
-    printf '    extraMounts:\n'
-    for dev in "${mounts[@]}"; do
-      printf '      - hostPath: %s\n        containerPath: %s\n' "$dev" "$dev"
-    done
-  fi
-} >"$work/kind.yaml"
+kind_config >"$work/kind.yaml"
 log "creating kind cluster $cluster"
 cat "$work/kind.yaml"
 kind create cluster --name "$cluster" --config "$work/kind.yaml" --kubeconfig "$KUBECONFIG" --wait 5m
@@ -112,10 +123,8 @@ done
 log "helm install stratus charts/stratus"
 helm install stratus charts/stratus \
   --namespace "$namespace" --create-namespace \
-  --set image.registry=stratus.local \
+  --values e2e/kind/values.yaml \
   --set image.tag="$tag" \
-  --set image.pullPolicy=Never \
-  --set accelerator=auto \
   --wait --timeout 10m
 kubectl -n "$namespace" rollout status deploy/stratus-operator --timeout 5m
 kubectl -n "$namespace" rollout status ds/stratus-agent --timeout 5m
