@@ -172,6 +172,51 @@ describe('Argo CD health checks (docs/gitops/health/*.lua) under lua5.4', () => 
         'Progressing',
         /m1.small/,
       ],
+      [
+        'resize refused for this generation',
+        {
+          metadata: meta(3),
+          spec: { ...spec, flavor: 'm1.huge' },
+          status: st({
+            status: 'ACTIVE',
+            vmState: 'active',
+            conditions: [
+              { ...condition('Resized', 'False', 'NoValidHost', 'No valid host was found'), observedGeneration: 3 },
+            ],
+          }),
+        },
+        'Degraded',
+        /Flavor m1.huge not applied: No valid host/,
+      ],
+      [
+        'resize refused for an older generation: a new try is pending',
+        {
+          metadata: meta(4),
+          spec: { ...spec, flavor: 'm1.huge' },
+          status: st({
+            status: 'ACTIVE',
+            vmState: 'active',
+            conditions: [
+              { ...condition('Resized', 'False', 'NoValidHost', 'No valid host was found'), observedGeneration: 3 },
+            ],
+          }),
+        },
+        'Progressing',
+      ],
+      [
+        'power state refused',
+        {
+          metadata: meta(),
+          spec: { ...spec, powerState: 'Paused' },
+          status: st({
+            status: 'SHUTOFF',
+            vmState: 'stopped',
+            conditions: [condition('ActionRefused', 'True', 'Refused', 'cannot pause a stopped server')],
+          }),
+        },
+        'Degraded',
+        /SHUTOFF but spec.powerState is Paused: cannot pause/,
+      ],
       ['shelved', { metadata: meta(), spec, status: st({ status: 'SHELVED', vmState: 'shelved' }) }, 'Suspended'],
       ['hypervisor gone', { metadata: meta(), spec, status: st({ status: 'UNKNOWN' }) }, 'Unknown'],
     ]);

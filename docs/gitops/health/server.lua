@@ -47,8 +47,27 @@ if spec.triggers ~= nil then
     end
   end
 end
--- A flavor change (resize) the operator has not placed yet.
+local gen = obj.metadata and obj.metadata.generation
+-- The condition of a type, when it is about the current generation.
+local function current(type)
+  if st.conditions ~= nil then
+    for _, c in ipairs(st.conditions) do
+      if c.type == type and c.observedGeneration == gen then
+        return c
+      end
+    end
+  end
+  return nil
+end
+-- A flavor change (resize): not placed yet, or refused or reverted for this generation (the operator does not
+-- retry it until spec changes again).
 if spec.flavor ~= nil and st.flavor ~= nil and st.flavor.name ~= nil and st.flavor.name ~= spec.flavor then
+  local resized = current("Resized")
+  if resized ~= nil and resized.status == "False" then
+    hs.status = "Degraded"
+    hs.message = "Flavor " .. spec.flavor .. " not applied: " .. tostring(resized.message or resized.reason)
+    return hs
+  end
   hs.status = "Progressing"
   hs.message = "Waiting for the resize to flavor " .. spec.flavor
   return hs
@@ -82,4 +101,9 @@ end
 -- ACTIVE, SHUTOFF, PAUSED or SUSPENDED, but not what spec.powerState asks, with no task under way.
 hs.status = "Degraded"
 hs.message = st.status .. " but spec.powerState is " .. want
+for _, c in ipairs(st.conditions or {}) do
+  if c.type == "ActionRefused" and c.status == "True" and c.message ~= nil then
+    hs.message = hs.message .. ": " .. c.message
+  end
+end
 return hs

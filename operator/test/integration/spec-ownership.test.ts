@@ -1,7 +1,7 @@
 // GitOps: the controllers never write `spec` (docs/gitops.md). Against a real API server with the operator and fake
 // node agents in-process, the test plays the user (and Argo CD/Flux): it creates every kind of examples/ and drives
 // every controller action it can reach (create → ACTIVE, stop/start, reboot and rebuild triggers, resize and migrate
-// with confirm, a claimed port, security groups changed, delete) and the error paths (no valid host, a missing
+// with confirm, a resize no host can take, a claimed port, security groups changed, delete) and the error paths (no valid host, a missing
 // reference, a port in use, a network without free addresses, a network deleted while in use), writing only under its
 // own field manager. Meanwhile it records every watch event of every object in its namespace (and its cluster-scoped
 // Flavors and Project). Then, for every object the test created:
@@ -289,6 +289,11 @@ describe('controllers never write spec', () => {
     await expectHealth(SERVERS, 'Server', 'vm', 'Suspended');
     await patchServer('vm', { triggers: { confirmResize: 'confirm-2' } });
     await waitStatus('vm', 'ACTIVE');
+    await expectHealth(SERVERS, 'Server', 'vm', 'Healthy', /^ACTIVE$/);
+    // a resize no host can take is refused for this generation: spec.flavor stays unapplied until spec changes
+    await patchServer('vm', { flavor: flavors.huge });
+    await expectHealth(SERVERS, 'Server', 'vm', 'Degraded', /not applied/);
+    await patchServer('vm', { flavor: flavors.medium });
     await expectHealth(SERVERS, 'Server', 'vm', 'Healthy', /^ACTIVE$/);
 
     // a server that claims the user's port (the operator labels it), and one that finds it in use
