@@ -5,6 +5,7 @@
 // writes the limits: the host's cgroup mounts as the agent sees them, --host-cgroup-root).
 import { mkdir, readdir, readFile, rmdir, stat, writeFile } from 'node:fs/promises';
 import { join, posix } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 export const GUESTS_CGROUP = 'stratus-guests';
 const MiB = 1024 ** 2;
@@ -167,13 +168,23 @@ export async function createGuestCgroups(cgs: readonly GuestCgroup[], memoryByte
   }
 }
 
-/** Removes the guest's cgroup directories (empty ones: a cgroup with a process in it stays). */
-export async function removeGuestCgroups(cgs: readonly GuestCgroup[]): Promise<void> {
+/**
+ * Removes the guest's cgroup directories once QEMU has ended. A killed QEMU keeps its cgroups busy (EBUSY) until its
+ * parent — init or a subreaper, once the agent that started it is gone — has reaped it: retried for up to `waitMs`.
+ */
+export async function removeGuestCgroups(cgs: readonly GuestCgroup[], waitMs = 10_000): Promise<void> {
+  const deadline = Date.now() + waitMs;
   for (const cg of cgs) {
-    try {
-      await rmdir(cg.agentDir);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    for (;;) {
+      try {
+        await rmdir(cg.agentDir);
+        break;
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === 'ENOENT') break;
+        if (code !== 'EBUSY' || Date.now() >= deadline) throw err;
+        await sleep(50);
+      }
     }
   }
 }
