@@ -1,14 +1,25 @@
 // Unit tests of guest placement (docs/design/guest-placement.md): the host launcher's argv, host discovery on fake
 // /proc data, cgroup paths from mountinfo samples, the runtime bundle's file list, --launcher=auto.
-import { describe, expect, it } from 'vitest';
-import { bundleArgv, bundleFiles, bundleOfCmdline, parseDataDirs, parseLddOutput } from './bundle.ts';
-import { agentPath, cgroupMounts, guestCgroups, memoryLimitBytes } from './cgroups.ts';
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { bundleArgv, bundleFiles, bundleOfCmdline, collectBundles, parseDataDirs, parseLddOutput } from './bundle.ts';
+import {
+  agentPath,
+  cgroupMounts,
+  createGuestCgroups,
+  guestCgroups,
+  memoryLimitBytes,
+  pruneGuestCgroups,
+} from './cgroups.ts';
 import { chooseLauncher, findHostNs, hostRootOf, nsenterHost, type ProcNs, parseStatPpid } from './hostns.ts';
 import { resetFailedArgv, systemdRunArgv } from './launcher.ts';
 import { CGROUP_WRAPPER, hostArgv } from './launcher-host.ts';
 import { isGuestCmdline } from './proc.ts';
 
 const A = '3f6a1c2e-8b4d-4e7f-9a1b-2c3d4e5f6a7b';
+const STALE_ID = '0badcafe-0000-4000-8000-000000000001';
 const BUNDLE = `/var/lib/stratus/runtime/${'ab'.repeat(32)}`;
 
 /** This machine's mountinfo (cgroup v1 hybrid, controllers mounted separately, hugetlb on the unified mount). */
@@ -322,5 +333,60 @@ describe('runtime bundle', () => {
       { path: 'share/qemu/kvmvapic.bin', source: '/usr/share/qemu/kvmvapic.bin' },
       { path: 'share/seabios/bios-256k.bin', source: '/usr/share/seabios/bios-256k.bin' },
     ]);
+  });
+});
+
+describe('on disk (a fake cgroup tree and runtime directory)', () => {
+  let dir: string;
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'stratus-place-'));
+  });
+  afterEach(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('makes the guest cgroups with the parent cpuset and the memory limit, and prunes the empty ones', async () => {
+    const root = join(dir, 'cg');
+    for (const h of ['cpuset', 'memory', 'unified']) await mkdir(join(root, h), { recursive: true });
+    await writeFile(join(root, 'cpuset', 'cpuset.cpus'), '0-1\n');
+    await writeFile(join(root, 'cpuset', 'cpuset.mems'), '0\n');
+    // A new v1 cpuset comes with empty cpuset files; plain directories do not, so they are made empty here.
+    for (const d of ['stratus-guests', `stratus-guests/${A}`]) {
+      await mkdir(join(root, 'cpuset', d), { recursive: true });
+      for (const f of ['cpuset.cpus', 'cpuset.mems']) await writeFile(join(root, 'cpuset', d, f), '');
+    }
+    const mounts = cgroupMounts(HYBRID).filter((m) => /cpuset|memory|unified/.test(m.mountPoint));
+    const cgs = guestCgroups(mounts, { hostCgroupRoot: root }, A);
+    await createGuestCgroups(cgs, memoryLimitBytes(512, 'kvm'));
+    expect(await readFile(join(root, 'cpuset', 'stratus-guests', A, 'cpuset.cpus'), 'utf8')).toBe('0-1');
+    expect(await readFile(join(root, 'cpuset', 'stratus-guests', 'cpuset.mems'), 'utf8')).toBe('0');
+    expect(await readFile(join(root, 'memory', 'stratus-guests', A, 'memory.limit_in_bytes'), 'utf8')).toBe(
+      String(memoryLimitBytes(512, 'kvm')),
+    );
+    // The unified hierarchy of a hybrid host has no memory controller: no limit there.
+    expect(await readdir(join(root, 'unified', 'stratus-guests', A))).toEqual([]);
+    // Prune: a busy cgroup (here: not empty) stays, an empty one goes.
+    const stale = join(root, 'unified', 'stratus-guests', STALE_ID);
+    await mkdir(stale);
+    const pruned = await pruneGuestCgroups(mounts, { hostCgroupRoot: root });
+    expect(pruned).toContain(stale);
+    expect(pruned).toContain(join(root, 'unified', 'stratus-guests', A));
+    expect(pruned).not.toContain(join(root, 'memory', 'stratus-guests', A));
+  });
+
+  it('removes bundles no running process uses, keeps the current one and the ones in use', async () => {
+    const runtime = join(dir, 'runtime');
+    const [cur, old, unused] = ['aa', 'bb', 'cc'].map((x) => x.repeat(32));
+    for (const n of [cur, old, unused, '.tmp-123', 'notes']) await mkdir(join(runtime, n!), { recursive: true });
+    const removed = await collectBundles({
+      runtimeDir: runtime,
+      keep: cur!,
+      cmdlines: async () => [
+        [`${runtime}/${old}/lib64/ld-linux-x86-64.so.2`, '--library-path', `${runtime}/${old}/lib`, '-uuid', A],
+        ['bash'],
+      ],
+    });
+    expect(removed.sort()).toEqual(['.tmp-123', unused].sort());
+    expect((await readdir(runtime)).sort()).toEqual([cur, old, 'notes'].sort());
   });
 });
