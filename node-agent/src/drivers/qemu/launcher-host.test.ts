@@ -149,6 +149,10 @@ describe('host launcher argv', () => {
     expect(argv.slice(0, 8)).toEqual(['nsenter', '-t', '812', '-m', '-u', '-i', '-p', '--']);
     expect(argv).toContain(`--setenv=QEMU_MODULE_DIR=${BUNDLE}/lib/x86_64-linux-gnu/qemu`);
     expect(argv.slice(argv.lastIndexOf('--') + 1)).toEqual(bundleArgv({ dir: BUNDLE }, req.args).argv);
+    expect(argv.some((a) => a.startsWith('--property=MemoryMax'))).toBe(false);
+    expect(systemdRunArgv({ ...req, memoryMiB: 1024, accelerator: 'kvm' }, { nsenter: false })).toContain(
+      `--property=MemoryMax=${memoryLimitBytes(1024, 'kvm')}`,
+    );
     expect(resetFailedArgv(A, true, 812).slice(0, 3)).toEqual(['nsenter', '-t', '812']);
     expect(resetFailedArgv(A, true).slice(0, 3)).toEqual(['nsenter', '-t', '1']);
   });

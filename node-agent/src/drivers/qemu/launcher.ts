@@ -23,6 +23,7 @@ import { execFile, spawn } from 'node:child_process';
 import { open } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import { bundleArgv } from './bundle.ts';
+import { memoryLimitBytes } from './cgroups.ts';
 
 const execFileP = promisify(execFile);
 
@@ -162,6 +163,10 @@ export function systemdRunArgv(req: LaunchRequest, o: Omit<SystemdLauncherOption
     `--property=StandardOutput=append:${checkProperty(req.logFile)}`,
     `--property=StandardError=append:${checkProperty(req.logFile)}`,
     ...(req.netns === undefined ? [] : [`--property=NetworkNamespacePath=/run/netns/${checkNetnsName(req.netns)}`]),
+    // The same limit the host launcher sets (guest-placement.md); systemd maps it to memory.limit_in_bytes on v1.
+    ...(req.memoryMiB === undefined
+      ? []
+      : [`--property=MemoryMax=${memoryLimitBytes(req.memoryMiB, req.accelerator)}`]),
   );
   if (o.bundle) {
     const b = bundleArgv(o.bundle, req.args);
