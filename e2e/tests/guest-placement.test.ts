@@ -34,6 +34,14 @@ import { e2eAccelerator } from '../testing/qemu.ts';
 import { waitFor } from '../testing/wait.ts';
 
 const log = (m: string) => console.error(`[guest-placement] ${m}`);
+/** SIGKILL, a process that is already gone included. */
+const killQuietly = (pid: number) => {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    // exited meanwhile
+  }
+};
 
 function missing(): string | undefined {
   if (process.getuid?.() !== 0) return 'not root';
@@ -80,10 +88,16 @@ describe.skipIf(why !== undefined)('guest placement: QEMU outlives its agent con
   };
   /** The "container runtime" deletes the pod: SIGKILL to everything in its cgroups, then removes them. */
   const deletePod = async () => {
-    for (const dir of ctrDirs()) for (const p of await procsOf(dir)) process.kill(p, 'SIGKILL');
+    // Until empty, as runc does (a process of the pod may fork or exit meanwhile).
     await waitFor('the pod cgroups empty', async () => {
-      for (const dir of ctrDirs()) if ((await procsOf(dir)).length > 0) return false;
-      return true;
+      let left = 0;
+      for (const dir of ctrDirs()) {
+        for (const p of await procsOf(dir)) {
+          left++;
+          killQuietly(p);
+        }
+      }
+      return left === 0;
     });
     for (const dir of ctrDirs()) await rmdir(dir);
     agent = undefined;
@@ -157,7 +171,7 @@ describe.skipIf(why !== undefined)('guest placement: QEMU outlives its agent con
       await waitFor('QEMU gone', async () => (await processOf(procReader, qemuPid!, UID)).kind !== 'running');
     }
     for (const dir of ctrDirs()) {
-      for (const pid of await procsOf(dir)) process.kill(pid, 'SIGKILL');
+      for (const pid of await procsOf(dir)) killQuietly(pid);
     }
     for (const dir of [...ctrDirs(), ...guestDirs(), ...guestDirs(STALE), ...guestDirs(UID_DRIVER)]) {
       await waitFor(`${dir} removable`, async () => {
