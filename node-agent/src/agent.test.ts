@@ -75,6 +75,13 @@ describe('AgentConfig', () => {
     ).toEqual({ allowCidrs: ['127.0.0.0/8', '::1'], denyCidrs: ['10.96.0.0/12', '10.244.0.0/16'] });
     expect(() => load(['--image-url-deny-cidr=10.0.0.0/33'])).toThrow(/--image-url-deny-cidr.*must be a CIDR/);
     expect(() => load(['--launcher=docker'])).toThrow(/--launcher/);
+    // Guest placement (docs/design/guest-placement.md).
+    expect(
+      qemuOptionsFrom(load(['--launcher=auto', '--host-cgroup-root=/host/sys/fs/cgroup', '--host-mount-ns-pid=812'])),
+    ).toMatchObject({ launcher: 'auto', hostCgroupRoot: '/host/sys/fs/cgroup', hostMountNsPid: 812 });
+    expect(qemuOptionsFrom(load(['--launcher=host'])).launcher).toBe('host');
+    expect(() => load(['--host-cgroup-root=host/cg'])).toThrow(/--host-cgroup-root/);
+    expect(() => load(['--host-mount-ns-pid=0'])).toThrow(/--host-mount-ns-pid/);
   });
 
   it('rejects bad values naming the flag', () => {

@@ -196,10 +196,24 @@ export const AgentConfig = z.object({
       "qemu driver: addresses image URLs may not reach besides loopback, link-local and unspecified ones (CIDRs; repeatable or comma separated): the cluster's service and pod ranges (the Helm chart fills them in).",
     ),
   launcher: z
-    .enum(['direct', 'systemd'])
+    .enum(['auto', 'direct', 'systemd', 'host'])
     .default('direct')
     .describe(
-      'qemu driver: how QEMU is started so guests outlive the agent: direct (detached child; local runs) or systemd (a transient unit per guest on the host; the DaemonSet).',
+      'qemu driver: how QEMU is started so guests outlive the agent: direct (detached child; local runs), systemd (a transient unit per guest on the host), host (from a container on a host without systemd: a QEMU bundle copied to the host, the host mount namespace, a cgroup per guest under stratus-guests/), or auto (systemd when the host runs systemd, else host in a container, else direct; the DaemonSet). docs/design/guest-placement.md.',
+    ),
+  hostMountNsPid: z
+    .int()
+    .min(1)
+    .optional()
+    .describe(
+      'qemu driver: a host process whose namespaces the agent enters to start QEMU on the host; default PID 1 when its namespaces can be read, else the nearest ancestor in another mount namespace (the container shim).',
+    ),
+  hostCgroupRoot: z
+    .string()
+    .regex(/^\//, 'must be an absolute path')
+    .optional()
+    .describe(
+      "qemu driver, host launcher: where the agent sees the host's /sys/fs/cgroup (a hostPath mount); default /sys/fs/cgroup through /proc/<host pid>/root.",
     ),
   cpuAllocationRatio: decimalRatio('spec.cpuAllocationRatio')
     .default('4.0')
@@ -510,6 +524,8 @@ export function qemuOptionsFrom(cfg: AgentConfig): QemuDriverOptions {
     qemuBinary: cfg.qemuBinary,
     qemuUser: cfg.qemuUser,
     launcher: cfg.launcher,
+    ...(cfg.hostMountNsPid !== undefined ? { hostMountNsPid: cfg.hostMountNsPid } : {}),
+    ...(cfg.hostCgroupRoot !== undefined ? { hostCgroupRoot: cfg.hostCgroupRoot } : {}),
     powerOffTimeoutMs: cfg.powerOffTimeoutSeconds * 1000,
     ...(cfg.netns ? { netns: cfg.netns } : {}),
     ...(cfg.imageUrlAllowCidr.length > 0 || cfg.imageUrlDenyCidr.length > 0

@@ -595,6 +595,7 @@ describe('NICs and network namespaces', () => {
     function driver(links: Record<string, string>, netns = 'e2en1') {
       const launches: LaunchRequest[] = [];
       const execs: string[][] = [];
+      const hooks: string[] = [];
       const d = new QemuDriver(
         { stateDir, accelerator: 'tcg', netns },
         {
@@ -603,9 +604,15 @@ describe('NICs and network namespaces', () => {
           detectAccelerator: async () => ({ accelerator: 'tcg', reason: 'configured: tcg' }),
           launcher: {
             name: 'direct',
+            init: async () => {
+              hooks.push('init');
+            },
             launch: async (req) => {
               launches.push(req);
               return { exited: Promise.resolve({ code: 1, signal: null }) };
+            },
+            release: async (id) => {
+              hooks.push(`release ${id}`);
             },
           },
           exec: {
@@ -625,7 +632,7 @@ describe('NICs and network namespaces', () => {
           },
         },
       );
-      return { d, launches, execs };
+      return { d, launches, execs, hooks };
     }
 
     const withNics = () => {
@@ -671,6 +678,18 @@ describe('NICs and network namespaces', () => {
         'stt-0123456789a',
         'stt-bbbbbbbbbbb',
       ]);
+    });
+
+    it('gives the launcher the guest memory and accelerator, initialises it once and releases a destroyed guest', async () => {
+      await put(withNics());
+      const { d, launches, hooks } = driver({ 'stt-0123456789a': 'tun/tap', 'stt-bbbbbbbbbbb': 'tun/tap' });
+      await d.init();
+      await d.init();
+      expect(hooks).toEqual(['init']);
+      await expect(d.powerOn(A)).rejects.toThrow(/QEMU exited during start-up/);
+      expect(launches[0]).toMatchObject({ memoryMiB: withNics().spec.ramMiB, accelerator: 'tcg' });
+      await d.destroy(A);
+      expect(hooks).toEqual(['init', `release ${A}`]);
     });
 
     it('refuses to start a guest whose tap is missing or not a tap, without launching QEMU', async () => {

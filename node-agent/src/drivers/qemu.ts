@@ -56,16 +56,18 @@ import { QmpClient, type QmpEvent, type QmpStatus } from '../qemu/qmp.ts';
 import { writeConfigDriveIso } from '../seed/configdrive.ts';
 import type { GuestNicInput } from '../seed/nic.ts';
 import { writeNoCloudIso } from '../seed/nocloud.ts';
+import { collectBundles, ensureBundle, RUNTIME_DIR } from './qemu/bundle.ts';
 import { hostFacts, mebibytes, qemuVersion } from './qemu/host.ts';
+import { chooseLauncher, findHostNs, hostRunsSystemd, procNs } from './qemu/hostns.ts';
 import {
   checkNetnsName,
   DirectLauncher,
   type Launched,
   type Launcher,
   type LauncherName,
-  needsNsenter,
   SystemdLauncher,
 } from './qemu/launcher.ts';
+import { HostLauncher } from './qemu/launcher-host.ts';
 import { type GuestProcess, guestProcess, type ProcReader, processOf, procReader, startedAtOf } from './qemu/proc.ts';
 import {
   diskGiBOf,
@@ -104,10 +106,17 @@ export interface QemuDriverOptions {
   acceleratorCacheFile?: string;
   /** Default qemu-system-x86_64 (from PATH). */
   qemuBinary?: string;
-  /** How QEMU is started (default direct; systemd for the DaemonSet). */
-  launcher?: LauncherName;
-  /** systemd launcher: run systemd-run through nsenter into PID 1's namespaces (default: when they differ). */
+  /**
+   * How QEMU is started (default direct). auto: systemd when the host runs systemd, host when the agent runs in a
+   * container, direct otherwise (docs/design/guest-placement.md).
+   */
+  launcher?: LauncherName | 'auto';
+  /** systemd launcher: run systemd-run through nsenter into the host's namespaces (default: when they differ). */
   nsenter?: boolean;
+  /** The host process whose namespaces host commands enter (default: found, see qemu/hostns.ts). */
+  hostMountNsPid?: number;
+  /** host launcher: where the agent sees the host's /sys/fs/cgroup (default: /proc/<host pid>/root/sys/fs/cgroup). */
+  hostCgroupRoot?: string;
   /** Grace of the ACPI power off inside a soft reboot (default 60 s); powerOff gets its own from the caller. */
   powerOffTimeoutMs?: number;
   /** Time QEMU gets to come up (pid file + QMP) and, for resume, to load the saved state (default 120 s). */
@@ -340,10 +349,8 @@ export class QemuDriver implements HypervisorDriver {
       this.#evictTimer.unref();
     }
     if (!this.#launcher) {
-      if (this.#deps.launcher) this.#launcher = this.#deps.launcher;
-      else if (this.#o.launcher === 'systemd') {
-        this.#launcher = new SystemdLauncher({ nsenter: this.#o.nsenter ?? (await needsNsenter()) });
-      } else this.#launcher = new DirectLauncher();
+      this.#launcher = this.#deps.launcher ?? (await this.#makeLauncher());
+      await this.#launcher.init?.();
     }
     this.#log.info(
       {
@@ -380,6 +387,39 @@ export class QemuDriver implements HypervisorDriver {
         this.#log.info({ guest: id, why: proc.why }, 'found a stopped guest');
       }
     }
+  }
+
+  /** The launcher --launcher asks for (auto: see QemuDriverOptions.launcher). */
+  async #makeLauncher(): Promise<Launcher> {
+    const requested = this.#o.launcher ?? 'direct';
+    if (requested === 'direct') return new DirectLauncher();
+    const host = await findHostNs(procNs, this.#o.hostMountNsPid);
+    const choice = chooseLauncher({
+      requested,
+      hostSystemd: requested === 'auto' ? await hostRunsSystemd(host) : false,
+      inContainer: host.inContainer,
+    });
+    if (choice === 'direct') return new DirectLauncher();
+    if (choice === 'host') {
+      return new HostLauncher({
+        host,
+        stateDir: this.stateDir,
+        qemuBinary: this.#qemu,
+        ...(this.#o.hostCgroupRoot !== undefined ? { hostCgroupRoot: this.#o.hostCgroupRoot } : {}),
+        logger: this.#log,
+      });
+    }
+    const nsenter = this.#o.nsenter ?? host.inContainer;
+    // From a container, the unit runs QEMU from the runtime bundle (the container's files are not the host's).
+    const bundle = host.inContainer
+      ? await ensureBundle({ qemuBinary: this.#qemu, runtimeDir: join(this.stateDir, RUNTIME_DIR) })
+      : undefined;
+    if (bundle) await collectBundles({ runtimeDir: join(this.stateDir, RUNTIME_DIR), keep: bundle.hash });
+    return new SystemdLauncher({
+      nsenter,
+      ...(host.pid !== undefined ? { hostPid: host.pid } : {}),
+      ...(bundle ? { bundle } : {}),
+    });
   }
 
   /**
@@ -563,6 +603,10 @@ export class QemuDriver implements HypervisorDriver {
     await this.#withLock(id, async () => {
       const p = this.paths(id);
       await this.#kill(id);
+      await this.#launcher!.release?.(id).catch((err: unknown) => {
+        // Left for the next agent start (empty guest cgroups are pruned then).
+        this.#log.warn({ err, guest: id }, 'cannot remove the guest cgroups');
+      });
       await this.#endExport(id);
       await rm(p.dir, { recursive: true, force: true });
       this.#log.info({ guest: id }, 'guest destroyed');
@@ -1439,6 +1483,8 @@ export class QemuDriver implements HypervisorDriver {
         dir: p.dir,
         logFile: p.qemuLog,
         ...(this.#o.netns !== undefined ? { netns: this.#o.netns } : {}),
+        memoryMiB: rec.spec.ramMiB,
+        accelerator: rec.accelerator,
       });
       let live: Live | undefined;
       try {

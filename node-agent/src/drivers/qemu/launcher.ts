@@ -6,8 +6,12 @@
 //             (systemd's default KillMode=control-group, a container runtime stopping the pod) kills the guests
 //             too: for local runs and tests.
 //  - systemd: a transient systemd service per guest (`systemd-run --unit=stratus-guest-<uid>`), run in the host's
-//             namespaces (nsenter into PID 1's mount/UTS/IPC/PID namespaces when the agent is in a container with
-//             hostPID). QEMU then lives in its own cgroup under machine.slice, independent of the agent's pod.
+//             namespaces (nsenter into a host process' mount/UTS/IPC/PID namespaces when the agent is in a container
+//             with hostPID; hostns.ts finds that process). QEMU then lives in its own cgroup under machine.slice,
+//             independent of the agent's pod.
+//  - host:    (launcher-host.ts) for a container on a host without systemd: QEMU from a runtime bundle copied to
+//             the host, in the host's mount namespace, in a cgroupfs cgroup of its own per guest
+//             (stratus-guests/<uid>). docs/design/guest-placement.md.
 //
 // Both can start QEMU inside a named network namespace (LaunchRequest.netns; the simulated nodes of the e2e tier, one
 // netns per node): direct runs `ip netns exec <ns> <qemu> …`, which execs QEMU in place (same pid, QEMU's own command
@@ -16,12 +20,14 @@
 // Neither uses QEMU's -daemonize (incompatible with the full seccomp sandbox; see ../../qemu/README.md). QEMU writes
 // its pid file itself (-pidfile) in both cases; the driver finds and adopts guests through it.
 import { execFile, spawn } from 'node:child_process';
-import { open, readlink } from 'node:fs/promises';
+import { open } from 'node:fs/promises';
 import { promisify } from 'node:util';
+import { bundleArgv } from './bundle.ts';
+import { memoryLimitBytes } from './cgroups.ts';
 
 const execFileP = promisify(execFile);
 
-export type LauncherName = 'direct' | 'systemd';
+export type LauncherName = 'direct' | 'systemd' | 'host';
 
 export interface LaunchRequest {
   /** Guest uid. */
@@ -37,6 +43,10 @@ export interface LaunchRequest {
   logFile: string;
   /** Network namespace (a name under /run/netns) QEMU runs in; undefined: the launcher's own. */
   netns?: string;
+  /** Guest RAM (the host launcher's cgroup memory limit adds QEMU's overhead to it). */
+  memoryMiB?: number;
+  /** kvm or tcg (TCG's translation cache counts in the overhead). */
+  accelerator?: string;
 }
 
 /** Network namespace names as `ip netns` accepts them (a file name under /run/netns). */
@@ -67,7 +77,11 @@ export interface Launched {
 
 export interface Launcher {
   readonly name: LauncherName;
+  /** Once, before the driver adopts or launches anything. */
+  init?(): Promise<void>;
   launch(req: LaunchRequest): Promise<Launched>;
+  /** After the guest's QEMU has ended for good (destroy): frees what the launcher made for it. */
+  release?(id: string): Promise<void>;
 }
 
 /** Spawns QEMU detached from the agent. */
@@ -101,8 +115,12 @@ export class DirectLauncher implements Launcher {
 }
 
 export interface SystemdLauncherOptions {
-  /** Run systemd-run/systemctl through `nsenter -t 1 -m -u -i -p --` (agent in a container with hostPID). */
+  /** Run systemd-run/systemctl through `nsenter -t <hostPid> -m -u -i -p --` (agent in a container with hostPID). */
   nsenter: boolean;
+  /** The host process whose namespaces nsenter enters (default 1; hostns.ts findHostNs). */
+  hostPid?: number;
+  /** Run QEMU from this runtime bundle (bundle.ts) instead of req.binary: an agent in a container. */
+  bundle?: { dir: string };
   /** Slice of the guest units (default machine.slice, as libvirt and systemd-machined use). */
   slice?: string;
   /** Seconds systemd waits after SIGTERM to QEMU before SIGKILL when the unit is stopped (default 30). */
@@ -116,7 +134,10 @@ export function unitName(id: string): string {
   return `stratus-guest-${id}.service`;
 }
 
-const NSENTER = ['nsenter', '-t', '1', '-m', '-u', '-i', '-p', '--'] as const;
+function nsenterArgv(hostPid = 1): string[] {
+  if (!Number.isInteger(hostPid) || hostPid < 1) throw new Error(`invalid host pid ${hostPid}`);
+  return ['nsenter', '-t', String(hostPid), '-m', '-u', '-i', '-p', '--'];
+}
 
 /** systemd quotes: a property value must not contain newlines; paths with spaces are fine in append:. */
 function checkProperty(v: string): string {
@@ -126,7 +147,7 @@ function checkProperty(v: string): string {
 
 /** The argv that starts a guest as a transient systemd service. */
 export function systemdRunArgv(req: LaunchRequest, o: Omit<SystemdLauncherOptions, 'run'>): string[] {
-  const argv: string[] = o.nsenter ? [...NSENTER] : [];
+  const argv: string[] = o.nsenter ? nsenterArgv(o.hostPid) : [];
   argv.push(
     'systemd-run',
     `--unit=${unitName(req.id)}`,
@@ -142,16 +163,22 @@ export function systemdRunArgv(req: LaunchRequest, o: Omit<SystemdLauncherOption
     `--property=StandardOutput=append:${checkProperty(req.logFile)}`,
     `--property=StandardError=append:${checkProperty(req.logFile)}`,
     ...(req.netns === undefined ? [] : [`--property=NetworkNamespacePath=/run/netns/${checkNetnsName(req.netns)}`]),
-    '--',
-    req.binary,
-    ...req.args,
+    // The same limit the host launcher sets (guest-placement.md); systemd maps it to memory.limit_in_bytes on v1.
+    ...(req.memoryMiB === undefined
+      ? []
+      : [`--property=MemoryMax=${memoryLimitBytes(req.memoryMiB, req.accelerator)}`]),
   );
+  if (o.bundle) {
+    const b = bundleArgv(o.bundle, req.args);
+    for (const [k, v] of Object.entries(b.env)) argv.push(`--setenv=${k}=${checkProperty(v)}`);
+    argv.push('--', ...b.argv);
+  } else argv.push('--', req.binary, ...req.args);
   return argv;
 }
 
 /** argv that clears a failed unit of the same name left from an earlier run (errors are ignored). */
-export function resetFailedArgv(id: string, nsenter: boolean): string[] {
-  return [...(nsenter ? NSENTER : []), 'systemctl', 'reset-failed', unitName(id)];
+export function resetFailedArgv(id: string, nsenter: boolean, hostPid?: number): string[] {
+  return [...(nsenter ? nsenterArgv(hostPid) : []), 'systemctl', 'reset-failed', unitName(id)];
 }
 
 async function runCommand(argv: readonly string[]): Promise<string> {
@@ -177,10 +204,10 @@ export class SystemdLauncher implements Launcher {
 
   async launch(req: LaunchRequest): Promise<Launched> {
     const run = this.#o.run ?? runCommand;
-    await run(resetFailedArgv(req.id, this.#o.nsenter)).catch(() => '');
+    await run(resetFailedArgv(req.id, this.#o.nsenter, this.#o.hostPid)).catch(() => '');
     await run(systemdRunArgv(req, this.#o));
     const show = [
-      ...(this.#o.nsenter ? NSENTER : []),
+      ...(this.#o.nsenter ? nsenterArgv(this.#o.hostPid) : []),
       'systemctl',
       'show',
       '--property=ActiveState,Result,ExecMainStatus',
@@ -202,17 +229,4 @@ export function unitEnded(show: string): string | undefined {
   const state = props.ActiveState;
   if (state !== 'inactive' && state !== 'failed') return undefined;
   return `unit ${state} (result ${props.Result ?? '?'}, exit status ${props.ExecMainStatus ?? '?'})`;
-}
-
-/**
- * Whether the agent runs in another mount namespace than PID 1 (a container sharing the host's PID namespace), so
- * host commands need nsenter. False when that cannot be told (no hostPID: PID 1 is the container's own init).
- */
-export async function needsNsenter(): Promise<boolean> {
-  try {
-    const [self, init] = await Promise.all([readlink('/proc/self/ns/mnt'), readlink('/proc/1/ns/mnt')]);
-    return self !== init;
-  } catch {
-    return false;
-  }
 }
