@@ -24,8 +24,9 @@ namespace=stratus-system
 worker="$cluster-worker"
 state_dir=/var/lib/stratus # the chart's agent.stateDir
 builder_image=${BUILDER_IMAGE:-debian:bookworm}
-# What npm run images needs from Debian (scripts/setup.sh installs the same on a Debian host).
-builder_packages=${BUILDER_PACKAGES:-ca-certificates umoci mmdebstrap}
+# What npm run images needs from Debian: mmdebstrap for the root filesystems, gcc and libc6-dev for the static pause
+# (scripts/setup.sh installs them on a Debian host).
+builder_packages=${BUILDER_PACKAGES:-ca-certificates mmdebstrap gcc libc6-dev}
 
 # The kind cluster: a control plane and one worker labelled as a hypervisor, with the host's /dev/kvm and
 # /dev/net/tun when it has them.
@@ -105,7 +106,8 @@ if [[ -f /etc/debian_version ]] && grep -qs '^ID=debian' /etc/os-release && [[ $
   npm run images -- --out "$images_dir" --tag "$tag"
 else
   log "not a Debian host: building inside $builder_image"
-  docker run --rm -v "$root:$root" -w "$root" -e DEBIAN_FRONTEND=noninteractive "$builder_image" bash -c '
+  # --privileged: mmdebstrap --mode=root mounts /proc and /dev in the root filesystems it builds.
+  docker run --rm --privileged -v "$root:$root" -w "$root" -e DEBIAN_FRONTEND=noninteractive "$builder_image" bash -c '
     set -euo pipefail
     apt-get update -q
     apt-get install -y -q --no-install-recommends $0
