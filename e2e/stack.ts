@@ -10,6 +10,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { KubernetesObject } from '@kubernetes/client-node';
+import { parseAllDocuments } from 'yaml';
 import {
   FlavorKind,
   HypervisorKind,
@@ -448,4 +449,63 @@ export async function deleteIgnore(client: KubeClient, gvr: GVR, name: string, n
   } catch (e) {
     if (!isNotFound(e)) throw e;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// examples/ on a test machine
+// ---------------------------------------------------------------------------------------------------------------
+
+/** The manifests of examples/ that make the demo server, in apply order (the Volume is left out). */
+export const EXAMPLE_FILES = [
+  '00-project.yaml',
+  '01-flavor.yaml',
+  '02-keypair.yaml',
+  '03-image.yaml',
+  '04-network.yaml',
+  '05-securitygroup.yaml',
+  '06-servergroup.yaml',
+  '07-server.yaml',
+] as const;
+
+/** Name the adapted examples give their Image. */
+export const EXAMPLE_IMAGE = 'stratus-test';
+
+/**
+ * examples/ adapted to a machine without the Internet: the Image is the test image served at `imageUrl` (checked by
+ * its sha256) instead of Debian's cloud image, the Server boots it, is pinned with `nodeSelector` and runs short user
+ * data; every object gets `labels`. Networks, security groups and the (anti-affinity) server group stay as written.
+ */
+export async function exampleManifests(o: {
+  imageUrl: string;
+  sha256: string;
+  nodeSelector: Record<string, string>;
+  labels?: Record<string, string>;
+}): Promise<(KubernetesObject & { spec?: Record<string, unknown> })[]> {
+  const out: (KubernetesObject & { spec?: Record<string, unknown> })[] = [];
+  for (const f of EXAMPLE_FILES) {
+    for (const doc of parseAllDocuments(await readFile(path.join(root, 'examples', f), 'utf8'))) {
+      const obj = doc.toJS() as (KubernetesObject & { spec: Record<string, unknown> }) | null;
+      if (!obj) continue;
+      if (o.labels) obj.metadata = { ...obj.metadata, labels: { ...obj.metadata?.labels, ...o.labels } };
+      if (obj.kind === 'Image') {
+        obj.metadata = { ...obj.metadata, name: EXAMPLE_IMAGE };
+        obj.spec = {
+          source: { url: o.imageUrl },
+          diskFormat: 'qcow2',
+          checksum: { algorithm: 'sha256', value: o.sha256 },
+          properties: { hw_architecture: 'x86_64' },
+        };
+      }
+      if (obj.kind === 'Server') {
+        obj.spec = {
+          ...obj.spec,
+          image: EXAMPLE_IMAGE,
+          nodeSelector: o.nodeSelector,
+          userData: '#!/bin/sh\necho "hello from $(hostname), user data ran"\n',
+        };
+      }
+      out.push(obj);
+    }
+  }
+  return out;
 }

@@ -20,11 +20,11 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { KubeConfig, type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
-import { parseAllDocuments } from 'yaml';
 import { clusterConfig, down as clusterDown, up as clusterUp } from '../e2e/controlplane/controlplane.ts';
 import { ensureTestImage } from '../e2e/images/build.ts';
 import { start as serveFiles } from '../e2e/images/serve.ts';
 import {
+  exampleManifests,
   FLAVORS,
   guestDir,
   HYPERVISORS,
@@ -57,7 +57,6 @@ const DEMO_LABEL = 'stratus.io/demo';
 const NODE_LABEL = 'stratus.io/demo-node';
 const NS = 'demo';
 const SERVER = 'demo-vm';
-const IMAGE = 'stratus-test';
 const LEASE = 'stratus-demo';
 const LEASE_NS = 'stratus-system';
 const FIELD_MANAGER = 'stratus-demo';
@@ -177,44 +176,8 @@ const GVR_BY_KIND: Record<string, GVR> = {
 };
 
 /** examples/ adapted to this machine: the local test image, the server pinned to the demo's hypervisor. */
-async function manifests(imageUrl: string, sha256: string): Promise<KubernetesObject[]> {
-  const files = [
-    '00-project.yaml',
-    '01-flavor.yaml',
-    '02-keypair.yaml',
-    '03-image.yaml',
-    '04-network.yaml',
-    '05-securitygroup.yaml',
-    '06-servergroup.yaml',
-    '07-server.yaml',
-  ];
-  const out: KubernetesObject[] = [];
-  for (const f of files) {
-    const text = await readFile(path.join(root, 'examples', f), 'utf8');
-    for (const doc of parseAllDocuments(text)) {
-      const o = doc.toJS() as KubernetesObject & { spec: Record<string, unknown> };
-      if (!o) continue;
-      o.metadata = { ...o.metadata, labels: { ...o.metadata?.labels, [DEMO_LABEL]: 'true' } };
-      if (o.kind === 'Image') {
-        o.metadata.name = IMAGE;
-        o.spec = {
-          source: { url: imageUrl },
-          diskFormat: 'qcow2',
-          checksum: { algorithm: 'sha256', value: sha256 },
-          properties: { hw_architecture: 'x86_64' },
-        };
-      }
-      if (o.kind === 'Server') {
-        o.spec.image = IMAGE;
-        // Networks, security groups and the (anti-affinity) server group stay as in examples/: one member fits on
-        // one node.
-        o.spec.nodeSelector = { [NODE_LABEL]: NODE };
-        o.spec.userData = '#!/bin/sh\necho "hello from $(hostname), user data ran"\n';
-      }
-      out.push(o);
-    }
-  }
-  return out;
+function manifests(imageUrl: string, sha256: string): Promise<KubernetesObject[]> {
+  return exampleManifests({ imageUrl, sha256, nodeSelector: { [NODE_LABEL]: NODE }, labels: { [DEMO_LABEL]: 'true' } });
 }
 
 /** Runs a command; returns stdout; throws with its stderr on failure. */

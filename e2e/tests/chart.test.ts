@@ -17,14 +17,14 @@ import { execFileSync } from 'node:child_process';
 import { copyFile, mkdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parse, parseAllDocuments, stringify } from 'yaml';
+import { parse, stringify } from 'yaml';
 import { buildImages } from '../../containers/build.ts';
 import { helmPath, kubectlPath } from '../controlplane/build.ts';
 import { run } from '../controlplane/util.ts';
 import { ensureTestImage, type TestImage } from '../images/build.ts';
 import { type FileServer, start as serveFiles } from '../images/serve.ts';
 import { type RealNode, startNode } from '../node/node.ts';
-import { consoleText, count, isQemuOf, qemuPid, root, waitConsole } from '../stack.ts';
+import { consoleText, count, exampleManifests, isQemuOf, qemuPid, root, waitConsole } from '../stack.ts';
 import { e2eAccelerator, missingQemuPrerequisite } from '../testing/qemu.ts';
 import { waitFor } from '../testing/wait.ts';
 
@@ -46,7 +46,6 @@ const HV_LABEL = 'test.stratus.io/e2e';
 const HV_LABEL_VALUE = 'chart';
 const PROJECT = 'demo';
 const SERVER = 'demo-vm';
-const IMAGE = 'stratus-test';
 
 interface Obj {
   apiVersion: string;
@@ -190,39 +189,10 @@ describe.skipIf(missing !== undefined)('the Helm chart on a real node', () => {
   };
 
   /** examples/ adapted to this test: the local test image, the server pinned to this node's Hypervisor. */
-  const examples = async (imageUrl: string): Promise<string> => {
-    const docs: Obj[] = [];
-    for (const f of [
-      '00-project.yaml',
-      '01-flavor.yaml',
-      '02-keypair.yaml',
-      '03-image.yaml',
-      '04-network.yaml',
-      '05-securitygroup.yaml',
-      '06-servergroup.yaml',
-      '07-server.yaml',
-    ]) {
-      for (const d of parseAllDocuments(await readFile(path.join(root, 'examples', f), 'utf8'))) {
-        const o = d.toJS() as Obj | null;
-        if (!o) continue;
-        if (o.kind === 'Image') {
-          o.metadata.name = IMAGE;
-          o.spec = {
-            source: { url: imageUrl },
-            diskFormat: 'qcow2',
-            checksum: { algorithm: 'sha256', value: testImage.sha256 },
-            properties: { hw_architecture: 'x86_64' },
-          };
-        }
-        if (o.kind === 'Server') {
-          o.spec = { ...o.spec, image: IMAGE, nodeSelector: { [HV_LABEL]: HV_LABEL_VALUE } };
-          o.spec.userData = '#!/bin/sh\necho "hello from $(hostname), user data ran"\n';
-        }
-        docs.push(o);
-      }
-    }
-    return docs.map((d) => stringify(d)).join('---\n');
-  };
+  const examples = async (imageUrl: string): Promise<string> =>
+    (await exampleManifests({ imageUrl, sha256: testImage.sha256, nodeSelector: { [HV_LABEL]: HV_LABEL_VALUE } }))
+      .map((d) => stringify(d))
+      .join('---\n');
 
   beforeAll(async () => {
     const images = await buildImages({ log: (m) => log(`images: ${m}`) });

@@ -9,8 +9,7 @@
 //    before it allocates guest memory, and keeps the pid nsenter was started with (nsenter, sh and the loader exec
 //    in place), so the driver's pid-file adoption works as with the direct launcher.
 // Spawned detached, stdio to the guest's qemu.log, like the direct launcher.
-import { spawn } from 'node:child_process';
-import { open, readFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { type Bundle, bundleArgv, collectBundles, ensureBundle, RUNTIME_DIR } from './bundle.ts';
@@ -25,7 +24,7 @@ import {
   removeGuestCgroups,
 } from './cgroups.ts';
 import { type HostNs, hostRootOf, nsenterHost } from './hostns.ts';
-import { checkNetnsName, type Launched, type Launcher, type LaunchRequest } from './launcher.ts';
+import { checkNetnsName, type Launched, type Launcher, type LaunchRequest, spawnDetached } from './launcher.ts';
 
 /**
  * Enters the directory given first (in the host's mount namespace), writes its pid into each file before `--`, then
@@ -144,28 +143,7 @@ export class HostLauncher implements Launcher {
       procsFiles: cgs.map((c) => `${c.hostDir}/cgroup.procs`),
       command: q.argv,
     });
-    const out = await open(req.logFile, 'a', 0o600);
-    try {
-      const [bin, ...args] = argv;
-      const child = spawn(bin!, args, {
-        cwd: req.dir,
-        detached: true,
-        stdio: ['ignore', out.fd, out.fd],
-        env: { ...process.env, ...q.env },
-      });
-      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-        child.once('exit', (code, signal) => resolve({ code, signal }));
-        child.once('error', () => resolve({ code: null, signal: null }));
-      });
-      await new Promise<void>((resolve, reject) => {
-        child.once('spawn', () => resolve());
-        child.once('error', (err) => reject(new Error(`cannot start ${bin}: ${err.message}`, { cause: err })));
-      });
-      child.unref();
-      return { ...(child.pid !== undefined ? { pid: child.pid } : {}), exited };
-    } finally {
-      await out.close();
-    }
+    return spawnDetached(argv, { cwd: req.dir, logFile: req.logFile, env: { ...process.env, ...q.env } });
   }
 
   /** Removes the guest's cgroups (its QEMU has ended). */

@@ -89,28 +89,40 @@ export class DirectLauncher implements Launcher {
   readonly name = 'direct';
 
   async launch(req: LaunchRequest): Promise<Launched> {
-    const out = await open(req.logFile, 'a', 0o600);
-    try {
-      const [bin, ...args] = directArgv(req);
-      const child = spawn(bin!, args, {
-        cwd: req.dir,
-        detached: true,
-        stdio: ['ignore', out.fd, out.fd],
-      });
-      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-        child.once('exit', (code, signal) => resolve({ code, signal }));
-        child.once('error', () => resolve({ code: null, signal: null }));
-      });
-      await new Promise<void>((resolve, reject) => {
-        child.once('spawn', () => resolve());
-        child.once('error', (err) => reject(new Error(`cannot start ${bin}: ${err.message}`, { cause: err })));
-      });
-      // The handle stays (node reaps the child when it exits, so no zombie lingers), but keeps nothing alive.
-      child.unref();
-      return { ...(child.pid !== undefined ? { pid: child.pid } : {}), exited };
-    } finally {
-      await out.close();
-    }
+    return spawnDetached(directArgv(req), { cwd: req.dir, logFile: req.logFile });
+  }
+}
+
+/**
+ * Spawns `argv` detached from the agent (own session and process group, stdio appended to `logFile`, unref'd): it
+ * outlives the agent. Resolves once the process has started, with its pid and a promise of its exit.
+ */
+export async function spawnDetached(
+  argv: readonly string[],
+  o: { cwd: string; logFile: string; env?: NodeJS.ProcessEnv },
+): Promise<Launched> {
+  const out = await open(o.logFile, 'a', 0o600);
+  try {
+    const [bin, ...args] = argv;
+    const child = spawn(bin!, args, {
+      cwd: o.cwd,
+      detached: true,
+      stdio: ['ignore', out.fd, out.fd],
+      ...(o.env ? { env: o.env } : {}),
+    });
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+      child.once('exit', (code, signal) => resolve({ code, signal }));
+      child.once('error', () => resolve({ code: null, signal: null }));
+    });
+    await new Promise<void>((resolve, reject) => {
+      child.once('spawn', () => resolve());
+      child.once('error', (err) => reject(new Error(`cannot start ${bin}: ${err.message}`, { cause: err })));
+    });
+    // The handle stays (node reaps the child when it exits, so no zombie lingers), but keeps nothing alive.
+    child.unref();
+    return { ...(child.pid !== undefined ? { pid: child.pid } : {}), exited };
+  } finally {
+    await out.close();
   }
 }
 
