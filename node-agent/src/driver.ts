@@ -25,6 +25,73 @@ export type GuestNetworkInterface = GuestNicInput & {
   device: string;
 };
 
+/**
+ * How a QEMU opens a volume (Cinder's connection_info): built by the volume backend (volumes/backend.ts) or the NBD
+ * exporter, consumed by the hypervisor driver.
+ */
+export interface VolumeConnection {
+  /** Volume metadata.uid. */
+  volumeId: string;
+  /** Serial the guest sees (/dev/disk/by-id/*<serial>): volumeSerial(volumeId), at most 20 characters. */
+  serial: string;
+  /**
+   * The blockdev-add argument tree of the volume's top node, without node names (the driver names the nodes), e.g.
+   * {driver:'qcow2', file:{driver:'file', filename}}, {driver:'raw', file:{driver:'nbd', server, export,
+   * 'tls-creds', 'reconnect-delay'}} or {driver:'raw', file:{driver:'rbd', pool, image, user, server, 'key-secret'}}.
+   */
+  blockdev: Record<string, unknown>;
+  /**
+   * QOM objects the tree refers to, created (object-add) before it and removed after it: a `secret` for an RBD key, a
+   * `tls-creds-psk` for NBD. Each has `qom-type` and `id`; ids are unique per volume (they embed the serial).
+   */
+  objects?: Record<string, unknown>[];
+  readOnly?: boolean;
+}
+
+/** Cinder front-end QoS specs, per volume (QEMU throttle limits; 0 or absent: unlimited). */
+export interface VolumeQos {
+  totalBytesSec?: number;
+  readBytesSec?: number;
+  writeBytesSec?: number;
+  totalIopsSec?: number;
+  readIopsSec?: number;
+  writeIopsSec?: number;
+  totalBytesSecMax?: number;
+  readBytesSecMax?: number;
+  writeBytesSecMax?: number;
+  totalIopsSecMax?: number;
+  readIopsSecMax?: number;
+  writeIopsSecMax?: number;
+  /** Cinder size_iops_sec: requests larger than this count as several (QEMU iops-size). */
+  sizeIopsSec?: number;
+}
+
+/** A volume attached to a guest, as the driver is asked to attach it (Nova's block device mapping). */
+export interface VolumeAttachmentSpec {
+  connection: VolumeConnection;
+  /** virtio: virtio-blk-pci on a spare PCIe root port; scsi: scsi-hd on the guest's virtio-scsi controller. */
+  bus: 'virtio' | 'scsi';
+  /** Boot order (0 first); only for a boot volume or when asked. */
+  bootIndex?: number;
+  qos?: VolumeQos;
+}
+
+/** A volume attached to a guest, as the driver observes it (QEMU's block graph when it runs, its record otherwise). */
+export interface AttachedVolume {
+  volumeId: string;
+  serial: string;
+  bus: 'virtio' | 'scsi';
+  /** qdev id of the guest device. */
+  device: string;
+  /** Virtual size QEMU sees, in bytes (when running). */
+  sizeBytes?: number;
+}
+
+/** The guest-visible serial of a volume: its uid without dashes, cut to the 20 bytes a virtio-blk serial holds. */
+export function volumeSerial(volumeId: string): string {
+  return volumeId.replaceAll('-', '').slice(0, 20);
+}
+
 /** What to boot: the Server's uid plus everything the guest needs, resolved by the agent. */
 export interface GuestSpec {
   /** Stable guest id: the Server's metadata.uid. */
@@ -36,6 +103,13 @@ export interface GuestSpec {
   ramMiB: number;
   /** Root disk (0: sized to the image), ephemeral disk (0: none), swap (0: none). */
   disk: { rootGiB: number; ephemeralGiB: number; swapMiB: number };
+  /**
+   * Boot from this volume instead of an image (Server spec.bootVolume): it is the root disk; disk.rootGiB and image
+   * are then ignored and no root disk file is made.
+   */
+  rootVolume?: VolumeAttachmentSpec;
+  /** Volumes attached when the guest boots (then kept in its definition; hot-plug changes go through attachVolume). */
+  volumes?: VolumeAttachmentSpec[];
   /** Image to build the root disk from (Image name in the Server's namespace). */
   image?: string;
   /**
@@ -150,6 +224,10 @@ export const DRIVER_OPS = [
   'exportDisks',
   'unexportDisks',
   'importDisks',
+  'attachVolume',
+  'detachVolume',
+  'extendVolume',
+  'setVolumeQos',
 ] as const;
 export type DriverOp = (typeof DRIVER_OPS)[number];
 
@@ -204,6 +282,23 @@ export interface HypervisorDriver {
    * definition, left stopped (SHUTDOWN); the caller starts it. A guest that already exists is left alone.
    */
   importDisks(spec: GuestSpec, from: DiskExport): Promise<GuestState>;
+  /**
+   * Attaches a volume: hot-plugged into a running or paused guest (blockdev-add, device_add), recorded in the
+   * definition of a stopped one so its next boot has it. Attaching a volume already attached returns it unchanged.
+   */
+  attachVolume(id: string, att: VolumeAttachmentSpec): Promise<AttachedVolume>;
+  /**
+   * Detaches a volume (device_del, DEVICE_DELETED, blockdev-del and its objects) and drops it from the definition.
+   * A volume not attached (or an unknown id) succeeds. A guest that does not release the device in time is a
+   * DriverError (the caller retries; nothing is half removed).
+   */
+  detachVolume(id: string, volumeId: string): Promise<void>;
+  /** Volumes attached to the guest: read back from QEMU when it runs (query-block), from its definition otherwise. */
+  volumes(id: string): Promise<AttachedVolume[]>;
+  /** Online extend: tells the guest's QEMU the volume grew (block_resize); a stopped guest needs nothing. */
+  extendVolume(id: string, volumeId: string, sizeBytes: number): Promise<void>;
+  /** Sets (or with {} clears) the QoS limits of an attached volume, live. */
+  setVolumeQos(id: string, volumeId: string, qos: VolumeQos): Promise<void>;
   /** The guest's state, or undefined when no guest with this id exists. */
   state(id: string): Promise<GuestState | undefined>;
   list(): Promise<GuestInfo[]>;

@@ -11,6 +11,7 @@ import * as z from 'zod';
 import { byteQuantity, type PowerState, RESIZE_DOWN_MESSAGE } from '../../../operator/src/api/index.ts';
 import { type Clock, sleep, systemClock } from '../../../operator/src/runtime/index.ts';
 import {
+  type AttachedVolume,
   type DiskExport,
   DRIVER_OPS,
   DriverError,
@@ -24,6 +25,8 @@ import {
   type HypervisorDriver,
   InvalidGuestStateError,
   type PowerOffOptions,
+  type VolumeAttachmentSpec,
+  type VolumeQos,
 } from '../driver.ts';
 
 export const FAKE_FAIL_ANNOTATION = 'fake.stratus.io/fail';
@@ -245,6 +248,27 @@ export class FakeDriver implements HypervisorDriver {
     const key = `${host}/${id}`;
     FAKE_EXPORTS.set(key, { rootGiB: g.rootGiB, ephemeralGiB: g.ephemeralGiB, data: g.data });
     return { host, port: 10_809, disks: { root: id, ...(g.ephemeralGiB > 0 ? { ephemeral: `${id}-eph` } : {}) } };
+  }
+
+  // Volume attachment (driver.ts): not implemented yet in this driver.
+  async attachVolume(id: string, _att: VolumeAttachmentSpec): Promise<AttachedVolume> {
+    throw new DriverError('attachVolume', id, 'volume attachment is not implemented by this driver');
+  }
+
+  async detachVolume(id: string, _volumeId: string): Promise<void> {
+    throw new DriverError('detachVolume', id, 'volume attachment is not implemented by this driver');
+  }
+
+  async volumes(_id: string): Promise<AttachedVolume[]> {
+    return [];
+  }
+
+  async extendVolume(id: string, _volumeId: string, _sizeBytes: number): Promise<void> {
+    throw new DriverError('extendVolume', id, 'volume attachment is not implemented by this driver');
+  }
+
+  async setVolumeQos(id: string, _volumeId: string, _qos: VolumeQos): Promise<void> {
+    throw new DriverError('setVolumeQos', id, 'volume attachment is not implemented by this driver');
   }
 
   async unexportDisks(id: string): Promise<void> {

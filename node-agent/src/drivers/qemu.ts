@@ -29,6 +29,7 @@ import { RESIZE_DOWN_MESSAGE } from '../../../operator/src/api/index.ts';
 import { silentLogger } from '../../../operator/src/runtime/index.ts';
 import {
   type Accelerator,
+  type AttachedVolume,
   type DiskExport,
   DriverError,
   type DriverOp,
@@ -41,6 +42,8 @@ import {
   type HypervisorDriver,
   InvalidGuestStateError,
   type PowerOffOptions,
+  type VolumeAttachmentSpec,
+  type VolumeQos,
 } from '../driver.ts';
 import { type CachedImage, ImageCache, ImageError, type ImageSource } from '../images/cache.ts';
 import { copyDisk, createBlankDisk, createRootDisk, growDisk } from '../images/disks.ts';
@@ -972,6 +975,27 @@ export class QemuDriver implements HypervisorDriver {
       throw lastErr;
     });
     return out!;
+  }
+
+  // Volume attachment (driver.ts): not implemented yet in this driver.
+  async attachVolume(id: string, _att: VolumeAttachmentSpec): Promise<AttachedVolume> {
+    throw new DriverError('attachVolume', id, 'volume attachment is not implemented by this driver');
+  }
+
+  async detachVolume(id: string, _volumeId: string): Promise<void> {
+    throw new DriverError('detachVolume', id, 'volume attachment is not implemented by this driver');
+  }
+
+  async volumes(_id: string): Promise<AttachedVolume[]> {
+    return [];
+  }
+
+  async extendVolume(id: string, _volumeId: string, _sizeBytes: number): Promise<void> {
+    throw new DriverError('extendVolume', id, 'volume attachment is not implemented by this driver');
+  }
+
+  async setVolumeQos(id: string, _volumeId: string, _qos: VolumeQos): Promise<void> {
+    throw new DriverError('setVolumeQos', id, 'volume attachment is not implemented by this driver');
   }
 
   async unexportDisks(id: string): Promise<void> {
