@@ -151,6 +151,19 @@ export const HypervisorStatus = z
       .enum(['linuxbridge', 'ovs', 'noop'])
       .optional()
       .describe('Network backend the agent wires ports with.'),
+    volumeBackends: z
+      .array(
+        z
+          .object({
+            name: z.string().describe('Backend name: local, rbd.'),
+            ok: z.boolean().describe('Whether this node can run the backend and attach its volumes.'),
+            reason: z.string().max(1024).optional().describe('Why not.'),
+          })
+          .describe('A volume backend as this node can use it.'),
+      )
+      .max(8)
+      .optional()
+      .describe('Volume backends this node can reach (from each backend probe).'),
     agentVersion: z.string().max(64).optional().describe('Version of the node agent.'),
     qemuVersion: z.string().max(64).optional().describe('Version of QEMU on the node.'),
     driver: z.string().max(32).optional().describe('Hypervisor driver: qemu or fake.'),
@@ -368,6 +381,21 @@ export const SecretKeyRef = z
   })
   .describe('A key of a Secret.');
 
+/** A volume attached to the server (Nova block device mapping, destination volume). */
+export const ServerVolume = z
+  .object({
+    volume: objectName('Volume to attach (same namespace).'),
+    bus: z
+      .enum(['virtio', 'scsi'])
+      .default('virtio')
+      .describe(
+        'Disk bus: virtio (virtio-blk on a spare PCIe port, /dev/vdX) or scsi (virtio-scsi, /dev/sdX; unplugs without guest help).',
+      ),
+    bootIndex: z.int().min(0).max(64).optional().describe('Boot order of the disk (lower first).'),
+    deleteOnTermination: z.boolean().default(false).describe('Delete the volume when the server is deleted.'),
+  })
+  .describe('A volume attached to the server. Adding an entry hot-plugs it; removing it unplugs it.');
+
 export const ServerSpec = z
   .object({
     flavor: objectName('Flavor of the server. Changing it resizes the server.'),
@@ -375,6 +403,22 @@ export const ServerSpec = z
       'Image to boot from (in the server namespace). Changing it rebuilds the root disk. Exactly one of image and bootVolume.',
     ).optional(),
     bootVolume: immutable(objectName('Volume to boot from instead of an image. Immutable.'), 'bootVolume').optional(),
+    bootVolumeDeleteOnTermination: immutable(
+      z.boolean().default(false).describe('Delete the boot volume when the server is deleted. Immutable.'),
+      'bootVolumeDeleteOnTermination',
+    ),
+    volumes: z
+      .array(ServerVolume)
+      .max(16)
+      .optional()
+      .describe(
+        'Volumes attached to the server (besides bootVolume). Adding an entry hot-plugs it; removing one unplugs it.',
+      )
+      .meta({
+        'x-kubernetes-validations': [
+          { rule: 'self.all(v, self.exists_one(w, w.volume == v.volume))', message: 'each volume may be listed once' },
+        ],
+      }),
     keyPair: immutable(
       objectName('KeyPair whose public key is installed in the guest. Immutable.'),
       'keyPair',
@@ -428,6 +472,10 @@ export const ServerSpec = z
     'x-kubernetes-validations': [
       { rule: 'has(self.image) != has(self.bootVolume)', message: 'exactly one of image and bootVolume must be set' },
       {
+        rule: '!has(self.bootVolume) || !has(self.volumes) || self.volumes.all(v, v.volume != self.bootVolume)',
+        message: 'bootVolume must not be listed in volumes',
+      },
+      {
         rule: '!(has(self.userData) && has(self.userDataSecretRef))',
         message: 'userData and userDataSecretRef are mutually exclusive',
       },
@@ -447,6 +495,12 @@ export const ServerSpec = z
     }
     if (s.userData !== undefined && s.userDataSecretRef !== undefined) {
       ctx.addIssue({ code: 'custom', message: 'userData and userDataSecretRef are mutually exclusive' });
+    }
+    const names = (s.volumes ?? []).map((v) => v.volume);
+    if (new Set(names).size !== names.length)
+      ctx.addIssue({ code: 'custom', message: 'each volume may be listed once' });
+    if (s.bootVolume !== undefined && names.includes(s.bootVolume)) {
+      ctx.addIssue({ code: 'custom', message: 'bootVolume must not be listed in volumes' });
     }
   });
 
@@ -518,6 +572,24 @@ const ServerComputeReport = z
       .max(20)
       .optional()
       .describe("The action history as the compute host keeps it (the operator's entries it took up, and its own)."),
+    volumes: z
+      .array(
+        z
+          .object({
+            volume: z.string().describe('Volume name.'),
+            volumeUID: z.string().describe('Volume uid.'),
+            serial: z.string().optional().describe('Serial the guest sees (/dev/disk/by-id/*<serial>).'),
+            bus: z.enum(['virtio', 'scsi']).optional().describe('Disk bus.'),
+            device: z.string().optional().describe('QEMU device id.'),
+            state: z.enum(['attached', 'error']).describe('attached, or error (fault says why).'),
+            fault: z.string().max(4096).optional().describe('Why attaching or detaching failed.'),
+            size: z.string().optional().describe('Size the guest sees, as a quantity.'),
+          })
+          .describe('A volume as the compute host sees it on the guest.'),
+      )
+      .max(17)
+      .optional()
+      .describe('Volumes attached to the guest, as the hypervisor reports them.'),
   })
   .describe(
     "The node agent's report on the guest (nova-compute's view). The operator derives the user-facing state fields from it while node is the server's status.node; a report from another node (e.g. the source of a move) is ignored.",
@@ -596,6 +668,23 @@ export const ServerStatus = z
         'Written only by the source node agent of a move: the guest is stopped there and where its disks are served.',
       ),
     actions: z.array(ServerAction).max(20).optional().describe('The most recent actions, newest last (bounded).'),
+    volumesAttached: z
+      .array(
+        z
+          .object({
+            volume: z.string().describe('Volume name.'),
+            device: z.string().optional().describe('QEMU device id.'),
+            bus: z.enum(['virtio', 'scsi']).optional().describe('Disk bus.'),
+            bootIndex: z.int().min(0).optional().describe('Boot order.'),
+            deleteOnTermination: z.boolean().optional().describe('Deleted with the server.'),
+          })
+          .describe('An attached volume.'),
+      )
+      .max(17)
+      .optional()
+      .describe(
+        "Volumes attached to the server (Nova's os-extended-volumes:volumes_attached), written by the operator.",
+      ),
     compute: ServerComputeReport.optional().describe(
       "Written only by the node agent of compute.node (field manager stratus-agent/<node>): the guest's state as that compute host sees it. vmState, taskState, status, powerState, fault and actions are written only by the operator, which derives them from this report.",
     ),

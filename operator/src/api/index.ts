@@ -5,7 +5,7 @@ import { ProjectKind } from './identity.ts';
 import { ImageKind } from './image.ts';
 import type { KindDefinition } from './kind.ts';
 import { IPAllocationKind, NetworkKind, PortKind, SecurityGroupKind, SegmentAllocationKind } from './network.ts';
-import { VolumeKind, VolumeSnapshotKind } from './storage.ts';
+import { VolumeKind, VolumeSnapshotKind, VolumeTypeKind } from './storage.ts';
 
 export * from './compute.ts';
 export * from './identity.ts';
@@ -34,4 +34,5 @@ export const ALL_KINDS: readonly KindDefinition[] = [
   SegmentAllocationKind,
   VolumeKind,
   VolumeSnapshotKind,
+  VolumeTypeKind,
 ];
