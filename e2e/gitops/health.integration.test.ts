@@ -370,7 +370,11 @@ describe('Argo CD health checks (docs/gitops/health/*.lua) under lua5.4', () => 
     await expectHealth<V>('volume.lua', [
       ['no status (not reported today)', { metadata: meta() }, 'Healthy', /No status/],
       ['available', { metadata: meta(), status: { status: 'available' } }, 'Healthy'],
-      ['in-use', { metadata: meta(), status: { status: 'in-use', attachments: [{ server: 'vm', state: 'attached' }] } }, 'Healthy'],
+      [
+        'in-use',
+        { metadata: meta(), status: { status: 'in-use', attachments: [{ server: 'vm', state: 'attached' }] } },
+        'Healthy',
+      ],
       ['creating', { metadata: meta(), status: { status: 'creating' } }, 'Progressing'],
       ['extending', { metadata: meta(), status: { status: 'extending' } }, 'Progressing'],
       [
