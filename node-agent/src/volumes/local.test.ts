@@ -39,6 +39,11 @@ describe('local volume locations', () => {
     await expect(b.deleteSnapshot(`local://node-a/${UID}`)).rejects.toThrow(/is a volume, not a snapshot/);
   });
 
+  it('resolves a relative state directory (backing files are absolute paths)', () => {
+    const b = new LocalBackend({ stateDir: 'state', node: 'n' });
+    expect(b.snapshotPath(UID)).toBe(`${process.cwd()}/state/volumes/snapshots/${UID}.qcow2`);
+  });
+
   it('refuses a depth below 1', () => {
     expect(() => new LocalBackend({ stateDir: '/x', node: 'n', maxSnapshotDepth: 0 })).toThrow(RangeError);
   });

@@ -11,7 +11,7 @@
 // Nothing here touches a file QEMU has open: qemu-img without -U fails on QEMU's write lock (storage.md §1.6), and that
 // failure is turned into VolumeInUseError; only inspect() reads with -U. docs/design/storage.md "Backend: local".
 import { chmod, chown, link, mkdir, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import type { VolumeConnection } from '../driver.ts';
 import { volumeSerial } from '../driver.ts';
 import { untraversable } from '../drivers/qemu/user.ts';
@@ -163,7 +163,7 @@ export class LocalBackend implements VolumeBackend {
       throw new RangeError(`maxSnapshotDepth must be a positive integer, got ${this.#max}`);
     }
     if (!NODE.test(o.node)) throw new Error(`local volume backend: invalid node name ${JSON.stringify(o.node)}`);
-    this.dir = join(o.stateDir, 'volumes');
+    this.dir = join(resolve(o.stateDir), 'volumes');
     this.snapshotsDir = join(this.dir, 'snapshots');
   }
 
@@ -209,7 +209,8 @@ export class LocalBackend implements VolumeBackend {
       const u = this.#o.owner;
       if (u) {
         // QEMU, once it is the user, opens the files by path: it may enter these directories (o+x), not list them.
-        await chmod(this.#o.stateDir, ((await stat(this.#o.stateDir)).mode & 0o777) | 0o001);
+        const stateDir = resolve(this.#o.stateDir);
+        await chmod(stateDir, ((await stat(stateDir)).mode & 0o777) | 0o001);
         await chmod(this.dir, 0o711);
         await chmod(this.snapshotsDir, 0o711);
         const blocked = await untraversable(this.snapshotsDir, u);
@@ -289,10 +290,11 @@ export class LocalBackend implements VolumeBackend {
       if (source.kind === 'image') src = source.image;
       else if (source.kind === 'snapshot' || source.kind === 'volume') {
         const r = this.#resolve(source.location, source.kind);
-        if (source.kind === 'snapshot' && (await exists(this.#hiddenMarker(r.id)))) {
+        const deleted = source.kind === 'snapshot' && (await exists(this.#hiddenMarker(r.id)));
+        if (deleted && !(await exists(path))) {
           throw new Error(`${what}: source snapshot ${source.location} is deleted`);
         }
-        if (await exists(r.path)) {
+        if (!deleted && (await exists(r.path))) {
           const info = await qemuImgInfo(r.path, { format: 'qcow2', forceShare: true });
           src = { path: r.path, format: 'qcow2', virtualSize: info['virtual-size'] };
         } else if (!(await exists(path))) {
@@ -520,6 +522,24 @@ export class LocalBackend implements VolumeBackend {
       if (!(await exists(this.snapshotPath(id)))) await rm(join(this.snapshotsDir, name), { force: true });
       else await this.#removeSnapshotFile(id);
     }
+  }
+
+  /**
+   * Paths of the image cache files that volumes and snapshots (deleted ones still needed included) are built on:
+   * ImageCache.evict must count them in use (`inUse` takes paths), or evicting one destroys those volumes.
+   */
+  async imagesInUse(): Promise<Set<string>> {
+    return this.#serial(async () => {
+      const out = new Set<string>();
+      for (const f of await this.#files()) {
+        const chain = await this.#chain(f).catch(async (err: unknown) => {
+          if (!(await exists(f))) return [];
+          throw err;
+        });
+        for (const l of chain) if (!l.snapshot) out.add(l.path);
+      }
+      return out;
+    });
   }
 
   /** Every volume and snapshot file (hidden snapshots included), by path. */

@@ -295,6 +295,10 @@ describe('LocalBackend snapshots', () => {
     expect(await b.inspect(s.location)).toBeUndefined();
     expect(await readdir(sdir)).toContain(`${snap(1).id}.qcow2`); // still w's backing file
     await expect(b.create(vol(42), 16 * MiB, { kind: 'snapshot', location: s.location })).rejects.toThrow(/is deleted/);
+    // a repeat of the create that made w still returns w
+    expect(await b.create(w, 16 * MiB, { kind: 'snapshot', location: s.location })).toMatchObject({
+      location: loc(w.id),
+    });
     await release();
     expect(await b.list()).toEqual({ volumes: [loc(w.id)], snapshots: [] });
     expect(await readdir(sdir)).toEqual([]);
@@ -411,6 +415,23 @@ describe('LocalBackend extend, delete, flatten, inspect, connection, probe', () 
     });
     await expect(b.connection(vol(101), loc(vol(101).id))).rejects.toThrow(/does not exist/);
     expect(await b.probe()).toEqual({ ok: true });
+  });
+
+  it('imagesInUse: the image files volumes and snapshots are built on (for image cache eviction)', async () => {
+    const { b } = setup();
+    const other = path.join(root, 'other.raw');
+    await writeFile(other, Buffer.alloc(MiB));
+    const otherImage: CachedImage = { ...image, key: 'o', path: other, format: 'raw', virtualSize: MiB };
+    expect(await b.imagesInUse()).toEqual(new Set());
+    await b.create(vol(120), 64 * MiB, { kind: 'blank' });
+    await b.create(vol(121), 64 * MiB, { kind: 'image', image });
+    const s = await b.createSnapshot(loc(vol(121).id), snap(1));
+    await b.delete(loc(vol(121).id)); // the snapshot still needs the image
+    await b.create(vol(122), MiB, { kind: 'image', image: otherImage });
+    expect(await b.imagesInUse()).toEqual(new Set([image.path, other]));
+    await b.deleteSnapshot(s.location);
+    await b.flatten(loc(vol(122).id));
+    expect(await b.imagesInUse()).toEqual(new Set());
   });
 
   it('a restarted backend removes the temporary files a killed one left', async () => {
