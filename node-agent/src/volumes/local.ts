@@ -137,6 +137,13 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
+async function statIfAny(path: string) {
+  return stat(path).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return undefined;
+    throw err;
+  });
+}
+
 function checkSize(sizeBytes: number, what: string): void {
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0) {
     throw new RangeError(`${what}: size must be a positive integer of bytes, got ${sizeBytes}`);
@@ -419,7 +426,7 @@ export class LocalBackend implements VolumeBackend {
     const what = `volume ${location}`;
     const step = async (s: SnapshotStep) => this.#o.onSnapshotStep?.(s);
     return this.#serial(async () => {
-      const [qStat, pStat] = await Promise.all([stat(q).catch(() => undefined), stat(path).catch(() => undefined)]);
+      const [qStat, pStat] = await Promise.all([statIfAny(q), statIfAny(path)]);
       const linked = qStat && pStat && qStat.ino === pStat.ino && qStat.dev === pStat.dev;
       if (qStat && !linked) {
         if (pStat) await this.#own(path, 0o600);
