@@ -200,6 +200,22 @@ describe('LocalBackend snapshots', () => {
     expect(await holds(sFile, 0xaa, '4M', '1M')).toBe(true);
     expect(await holds(file, 0xbb, '4M', '1M')).toBe(true);
 
+    // QEMU's user opens the volume through the blockdev tree connection() hands out (and its chain), and writes to it;
+    // the snapshot file is read-only even for that user.
+    const asQemu = { uid: 65534, gid: 65534 };
+    const { blockdev } = await b.connection(v, loc(v.id));
+    const file2 = (blockdev as { file: { filename: string; aio: string } }).file;
+    const opts = `driver=${blockdev.driver},file.driver=file,file.filename=${file2.filename},file.aio=${file2.aio}`;
+    const io = await run(
+      'qemu-io',
+      ['--image-opts', '-c', 'read -P 0xbb 4M 1M', '-c', 'write -P 0xbb 5M 4k', opts],
+      asQemu,
+    );
+    expect(io.stdout).toMatch(/read 1048576\/1048576 bytes[\s\S]*wrote 4096\/4096 bytes/);
+    expect(io.stdout).not.toMatch(/Pattern verification failed/);
+    await expect(run('qemu-io', ['-f', 'qcow2', '-c', 'write 0 4k', sFile], asQemu)).rejects.toMatchObject({
+      stderr: expect.stringMatching(/Permission denied/),
+    });
     // Files belong to QEMU's user: the volume read-write, the snapshot read-only; directories let it through.
     expect(await stat(file)).toMatchObject({ uid: 65534, gid: 65534 });
     expect((await stat(file)).mode & 0o777).toBe(0o600);
