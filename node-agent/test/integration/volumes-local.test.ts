@@ -295,6 +295,29 @@ describe('LocalBackend snapshots', () => {
     expect(await b.list()).toEqual({ volumes: [loc(v.id), loc(w.id)].sort(), snapshots: [] });
   });
 
+  it('deleteSnapshot killed after rebasing one dependent converges when called again', async () => {
+    const { stateDir, b } = setup();
+    const v = vol(35);
+    const sdir = path.join(stateDir, 'volumes', 'snapshots');
+    await b.create(v, 64 * MiB, { kind: 'image', image });
+    await write(b.volumePath(v.id), 0x35, '1M', '1M');
+    const s = await b.createSnapshot(loc(v.id), snap(1));
+    const w = vol(36);
+    await b.create(w, 64 * MiB, { kind: 'snapshot', location: s.location });
+    // What the killed call left: its marker, and the volume rebased off the snapshot (w not yet).
+    await writeFile(path.join(sdir, `.${snap(1).id}.deleted`), '');
+    await run('qemu-img', ['rebase', '-q', '-f', 'qcow2', '-b', image.path, '-F', 'qcow2', b.volumePath(v.id)]);
+    expect(await b.list()).toEqual({ volumes: [loc(v.id), loc(w.id)].sort(), snapshots: [] }); // finishes it
+    expect(await readdir(sdir)).toEqual([]);
+    await b.deleteSnapshot(s.location); // and so does a repeat of the delete
+    expect(await readdir(sdir)).toEqual([]);
+    for (const id of [v.id, w.id]) {
+      expect(await chainOf(b.volumePath(id))).toEqual([image.path]);
+      expect(await holds(b.volumePath(id), 0x35, '1M', '1M')).toBe(true);
+      expect(await holds(b.volumePath(id), 0x11, '0', '1M')).toBe(true);
+    }
+  });
+
   it('a snapshot an in-use volume is made from is hidden, and removed once that volume is detached', async () => {
     const { stateDir, b } = setup();
     const v = vol(40);
