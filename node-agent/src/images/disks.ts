@@ -64,12 +64,25 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
-/** Runs `qemu-img create` for `path` under a temporary name in its directory, then renames it into place. */
-async function createAtomically(path: string, args: (tmp: string) => string[]): Promise<void> {
+/** The temporary name a file is made under before it is renamed to `path` (`.<name>.tmp-<random>`, same directory). */
+export function tempPathFor(path: string): string {
+  return join(dirname(path), `.${basename(path)}.tmp-${randomBytes(4).toString('hex')}`);
+}
+
+/**
+ * Runs qemu-img (`args`, given the temporary name) for `path` under a temporary name in its directory, then
+ * `prepare` on the temporary file (resize, chown), then renames it into place: `path` exists complete or not at all.
+ */
+export async function createAtomically(
+  path: string,
+  args: (tmp: string) => string[],
+  prepare?: (tmp: string) => Promise<void>,
+): Promise<void> {
   await mkdir(dirname(path), { recursive: true });
-  const tmp = join(dirname(path), `.${basename(path)}.tmp-${randomBytes(4).toString('hex')}`);
+  const tmp = tempPathFor(path);
   try {
     await qemuImg(args(tmp));
+    if (prepare) await prepare(tmp);
     await rename(tmp, path);
   } finally {
     await rm(tmp, { force: true });
@@ -82,7 +95,12 @@ async function createAtomically(path: string, args: (tmp: string) => string[]): 
  * already is such an overlay (same backing file and size), it is kept as is; anything else there is a
  * DiskConflictError and is not touched.
  */
-export async function createRootDisk(o: { base: CachedImage; path: string; sizeBytes: number }): Promise<void> {
+export async function createRootDisk(o: {
+  /** A cached image, or any file with the same three facts (a volume snapshot is a qcow2 base too). */
+  base: Pick<CachedImage, 'path' | 'format' | 'virtualSize'>;
+  path: string;
+  sizeBytes: number;
+}): Promise<void> {
   const path = resolve(o.path);
   const basePath = resolve(o.base.path);
   checkSize(o.sizeBytes, `root disk ${path}`);

@@ -134,6 +134,30 @@ export async function qemuImgInfo(
   return parsed.data;
 }
 
+/**
+ * `qemu-img info --backing-chain --output=json`: the image first, then each backing file down the chain. `format`
+ * is the top image's format (the backing files' come from their parents' headers).
+ */
+export async function qemuImgChain(
+  path: string,
+  opts: RunOptions & { format?: string; forceShare?: boolean } = {},
+): Promise<QemuImgInfo[]> {
+  const args = ['info', '--output=json', '--backing-chain'];
+  if (opts.format) args.push('-f', opts.format);
+  if (opts.forceShare) args.push('-U');
+  args.push(path);
+  const out = await qemuImg(args, opts);
+  let json: unknown;
+  try {
+    json = JSON.parse(out);
+  } catch {
+    throw new QemuImgError(`qemu-img info: output is not JSON: ${out.slice(0, 200)}`, '');
+  }
+  const parsed = z.array(QemuImgInfo).min(1).safeParse(json);
+  if (!parsed.success) throw new QemuImgError(`qemu-img info: unexpected output: ${parsed.error.message}`, '');
+  return parsed.data;
+}
+
 /** The backing file qemu-img reports (resolved path when it gives one). */
 export function backingFileOf(info: QemuImgInfo): string | undefined {
   return info['full-backing-filename'] ?? info['backing-filename'];
