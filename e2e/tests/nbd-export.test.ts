@@ -8,7 +8,7 @@
 // not asserted. Needs root, qemu-storage-daemon, qemu-system-x86_64, qemu-img and qemu-io; skipped otherwise.
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
-import { chmod, mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, chown, mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -26,6 +26,7 @@ import { waitFor } from '../testing/wait.ts';
 
 const log = (m: string) => console.error(`[nbd-export] ${m}`);
 const LAB = 'nbde';
+const NOBODY = { uid: 65534, gid: 65534 };
 
 function missing(): string | undefined {
   if (process.getuid?.() !== 0) return 'not root';
@@ -135,11 +136,15 @@ describe.skipIf(why !== undefined)('NBD export of local volumes (qemu-storage-da
     await mkdir(stateDir, { recursive: true });
     qcow2 = path.join(work, `${volumeId}.qcow2`);
     run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow2, '64M']);
+    // The volume belongs to the QEMU user, as the local backend leaves it; the daemon runs as that user.
+    await chown(qcow2, 65534, 65534);
+    await chmod(qcow2, 0o600);
     exporter = new NbdExporter({
       stateDir,
       hostIP: lab.nodes[0]!.hostIP,
       psk: { identity: 'stratus', key },
       netns: lab.nodes[0]!.netns,
+      owner: NOBODY,
     });
   });
 
@@ -154,7 +159,10 @@ describe.skipIf(why !== undefined)('NBD export of local volumes (qemu-storage-da
     await exporter.start();
     const pid = await exporter.pid();
     expect(pid).toBeDefined();
-    expect(statSync(exporter.paths.pskFile).mode & 0o777).toBe(0o600);
+    // Unprivileged, keys readable by it alone.
+    expect(statSync(`/proc/${pid}`).uid).toBe(NOBODY.uid);
+    const keys = statSync(exporter.paths.pskFile);
+    expect([keys.uid, keys.mode & 0o777]).toEqual([NOBODY.uid, 0o600]);
 
     const addr = await exporter.ensureExport({
       name,
@@ -185,6 +193,14 @@ describe.skipIf(why !== undefined)('NBD export of local volumes (qemu-storage-da
     const out = await client.qemuIo(node, 'write -P 0xab 1M 2M');
     expect(out).toContain('wrote 2097152/2097152 bytes');
     expect(await client.qemuIo(node, 'read -P 0xab 1M 2M')).toContain('read 2097152/2097152 bytes');
+    await detach(client.qmp, conn, node);
+
+    // The same export asked read-only (no client connected): replaced; a read-write open is refused, then back.
+    const blockdev = { driver: 'qcow2', file: { driver: 'file', filename: qcow2 } };
+    await exporter.ensureExport({ name, volumeId, blockdev, writable: false });
+    await expect(attach(client.qmp, conn, node)).rejects.toThrow(/Permission denied|read.only/i);
+    await exporter.ensureExport({ name, volumeId, blockdev, writable: true });
+    await attach(client.qmp, conn, node);
     await detach(client.qmp, conn, node);
 
     await exporter.removeExport(name);
@@ -233,6 +249,7 @@ describe.skipIf(why !== undefined)('NBD export of local volumes (qemu-storage-da
       hostIP: lab.nodes[0]!.hostIP,
       psk: { identity: 'stratus', key: otherKey },
       netns: lab.nodes[0]!.netns,
+      owner: NOBODY,
     });
     await again.start();
     expect(await again.pid()).toBe(pid);
@@ -254,6 +271,7 @@ describe.skipIf(why !== undefined)('NBD export of local volumes (qemu-storage-da
     const mib = 256;
     run('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', `count=${mib}`, 'status=none']);
     run('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, src]);
+    await chown(src, NOBODY.uid, NOBODY.gid);
     await rm(raw);
     const benchId = '0b0b0b0b-1111-4222-8333-444455556666';
     const addr = await exporter.ensureExport({

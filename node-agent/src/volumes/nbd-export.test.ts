@@ -11,6 +11,7 @@ import {
   nodeOfExportName,
   pskFileContent,
   qsdArgs,
+  qsdCommand,
 } from './nbd-export.ts';
 
 const UID = '6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f';
@@ -68,6 +69,23 @@ describe('qemu-storage-daemon command line', () => {
     expect(
       () => new NbdExporter({ stateDir: '/s', hostIP: '10.0.0.5', psk: { identity: 'stratus', key: 'zz' } }),
     ).toThrow(/invalid PSK key/);
+  });
+
+  it('runs the daemon as the QEMU user through setpriv when an owner is given', () => {
+    expect(qsdCommand('qemu-storage-daemon', ['--daemonize'])).toEqual(['qemu-storage-daemon', ['--daemonize']]);
+    expect(qsdCommand('/usr/bin/qemu-storage-daemon', ['--daemonize'], { uid: 64055, gid: 994 })).toEqual([
+      'setpriv',
+      [
+        '--reuid=64055',
+        '--regid=994',
+        '--clear-groups',
+        '--no-new-privs',
+        '--',
+        '/usr/bin/qemu-storage-daemon',
+        '--daemonize',
+      ],
+    ]);
+    expect(() => qsdCommand('q', [], { uid: -1, gid: 0 })).toThrow(/invalid owner/);
   });
 
   it('recognises its own daemon by the pid file on its command line (adoption)', () => {

@@ -61,6 +61,13 @@ export interface NbdExporterOptions {
   qemuStorageDaemon?: string;
   /** Network namespace the daemon runs in (the simulated nodes of the e2e tier); undefined: the agent's. */
   netns?: string;
+  /**
+   * The unprivileged user the daemon runs as (the QEMU user guests run as, drivers/qemu/user.ts; it can open the
+   * volume files, which the local backend gives to that user): started through `setpriv`, its directory, keys,
+   * socket and pid file owned by it. undefined: the agent's user. The daemon listens on the network, so a node with a
+   * QEMU user should pass it.
+   */
+  owner?: { uid: number; gid: number };
   /** Concurrent NBD clients the daemon accepts (default 128). */
   maxConnections?: number;
   log?: Logger;
@@ -175,6 +182,22 @@ export function qsdArgs(o: { paths: NbdPaths; hostIP: string; port: number; maxC
     '--pidfile',
     checkOptionValue('pid file', p.pidFile),
     '--daemonize',
+  ];
+}
+
+/** The command that starts the daemon: through `setpriv` (uid, gid, no groups, no new privileges) for an owner. */
+export function qsdCommand(
+  binary: string,
+  args: readonly string[],
+  owner?: { uid: number; gid: number },
+): [string, string[]] {
+  if (!owner) return [binary, [...args]];
+  for (const id of [owner.uid, owner.gid]) {
+    if (!Number.isInteger(id) || id < 0) throw new Error(`invalid owner id ${id}`);
+  }
+  return [
+    'setpriv',
+    [`--reuid=${owner.uid}`, `--regid=${owner.gid}`, '--clear-groups', '--no-new-privs', '--', binary, ...args],
   ];
 }
 
@@ -312,11 +335,13 @@ export class NbdExporter {
   readonly #binary: string;
   readonly #maxConnections: number;
   #psk: NbdPsk;
+  readonly #owner: { uid: number; gid: number } | undefined;
   /** Serialises this instance's QMP sessions (the daemon's monitor serves one client at a time). */
   #queue: Promise<unknown> = Promise.resolve();
 
   constructor(o: NbdExporterOptions) {
     this.#psk = o.psk;
+    this.#owner = o.owner;
     this.host = o.hostIP;
     this.port = o.port ?? NBD_PORT;
     this.paths = nbdPaths(o.stateDir);
@@ -328,6 +353,7 @@ export class NbdExporter {
     // Validate what goes onto qsd's command line now, not at the first start.
     qsdArgs({ paths: this.paths, hostIP: this.host, port: this.port, maxConnections: this.#maxConnections });
     pskFileContent(o.psk);
+    qsdCommand(this.#binary, [], o.owner);
   }
 
   /** pid of the running daemon of this state directory, or undefined. */
@@ -342,7 +368,10 @@ export class NbdExporter {
     return this.#serial(() => this.#ensureRunning());
   }
 
-  /** Exports a volume (or returns its existing export). */
+  /**
+   * Exports a volume, or returns its existing export. An export of the same name with the other writability is
+   * replaced while no client uses it (an error otherwise: a connected guest is never cut off by a changed request).
+   */
   ensureExport(req: NbdExportRequest): Promise<NbdExportAddress> {
     const name = checkExportName(req.name);
     const node = exportNodeName(req.volumeId);
@@ -355,8 +384,15 @@ export class NbdExporter {
       if (exp && exp['node-name'] !== node) {
         throw new Error(`NBD export ${name} serves node ${exp['node-name']}, not volume ${req.volumeId} (${node})`);
       }
+      const ro = await this.#nodeReadOnly(qmp, node);
+      if (ro !== undefined && ro === req.writable) {
+        this.#log.info({ export: name, writable: req.writable }, 'NBD export writability changed: re-exporting');
+        if (exp) await this.#remove(qmp, name, node, 'safe');
+        else await qmp.execute('blockdev-del', { 'node-name': node });
+        exp = undefined;
+      }
       if (!exp) {
-        if (!(await this.#nodeExists(qmp, node))) {
+        if (ro === undefined || ro === req.writable) {
           await qmp.execute('blockdev-add', exportBlockdev(req.volumeId, req.blockdev, req.writable));
         }
         await qmp.execute('block-export-add', {
@@ -372,39 +408,45 @@ export class NbdExporter {
     });
   }
 
-  /** Removes an export and its node; unknown succeeds. */
+  /**
+   * Removes an export and its node; unknown succeeds. Called once no attachment needs the export, so a client still
+   * connected is stale (a guest gone, a node down): its connection is dropped (block-export-del mode=hard).
+   */
   removeExport(name: string): Promise<void> {
     checkExportName(name);
     return this.#session(async (qmp) => {
       const exp = (await this.#exports(qmp)).find((e) => e.id === name);
-      const node = exp?.['node-name'] ?? nodeOfExportName(name);
-      if (exp) {
-        if (!exp['shutting-down']) {
-          const deleted = qmp.waitForEvent('BLOCK_EXPORT_DELETED', {
-            predicate: (e) => (e.data as { id?: string } | undefined)?.id === name,
-            timeoutMs: 60_000,
-          });
-          deleted.catch(() => {});
-          try {
-            await qmp.execute('block-export-del', { id: name });
-          } catch (err) {
-            if (!(err instanceof QmpError) || !/in use/i.test(err.message)) throw err;
-            // Only exports no attachment needs are removed: a client still connected is stale (a guest gone, a
-            // node down). `hard` drops its connection.
-            this.#log.warn({ export: name }, 'NBD export still in use by a client: dropping its connections');
-            await qmp.execute('block-export-del', { id: name, mode: 'hard' });
-          }
-          await deleted;
-        } else {
-          await this.#awaitGone(qmp, name);
-        }
-        this.#log.info({ export: name }, 'NBD export removed');
-      }
-      if (node && (await this.#nodeExists(qmp, node))) {
-        const users = (await this.#exports(qmp)).filter((e) => e['node-name'] === node);
-        if (users.length === 0) await qmp.execute('blockdev-del', { 'node-name': node });
-      }
+      await this.#remove(qmp, name, exp?.['node-name'] ?? nodeOfExportName(name), 'hard');
     });
+  }
+
+  /** block-export-del (safe first), BLOCK_EXPORT_DELETED, then blockdev-del of the node no export uses any more. */
+  async #remove(qmp: QmpClient, name: string, node: string | undefined, inUse: 'safe' | 'hard'): Promise<void> {
+    const exp = (await this.#exports(qmp)).find((e) => e.id === name);
+    if (exp) {
+      if (!exp['shutting-down']) {
+        const deleted = qmp.waitForEvent('BLOCK_EXPORT_DELETED', {
+          predicate: (e) => (e.data as { id?: string } | undefined)?.id === name,
+          timeoutMs: 60_000,
+        });
+        deleted.catch(() => {});
+        try {
+          await qmp.execute('block-export-del', { id: name });
+        } catch (err) {
+          if (inUse === 'safe' || !(err instanceof QmpError) || !/in use/i.test(err.message)) throw err;
+          this.#log.warn({ export: name }, 'NBD export still in use by a client: dropping its connections');
+          await qmp.execute('block-export-del', { id: name, mode: 'hard' });
+        }
+        await deleted;
+      } else {
+        await this.#awaitGone(qmp, name);
+      }
+      this.#log.info({ export: name }, 'NBD export removed');
+    }
+    if (node && (await this.#nodeReadOnly(qmp, node)) !== undefined) {
+      const users = (await this.#exports(qmp)).filter((e) => e['node-name'] === node);
+      if (users.length === 0) await qmp.execute('blockdev-del', { 'node-name': node });
+    }
   }
 
   /** Names of the exports the daemon serves (none when it does not run). */
@@ -469,8 +511,7 @@ export class NbdExporter {
   }
 
   async #ensureRunning(): Promise<void> {
-    await mkdir(this.paths.dir, { recursive: true, mode: 0o700 });
-    await chmod(this.paths.dir, 0o700);
+    await this.#ownDir(this.paths.dir);
     await this.#writeServerPsk();
     const pid = await this.pid();
     if (pid !== undefined) {
@@ -507,7 +548,8 @@ export class NbdExporter {
       maxConnections: this.#maxConnections,
     });
     // --daemonize: returns once the daemon is ready (or with its start-up error on stderr).
-    await this.#exec.run(this.#binary, args, { timeoutMs: 30_000 });
+    const [cmd, argv] = qsdCommand(this.#binary, args, this.#owner);
+    await this.#exec.run(cmd, argv, { timeoutMs: 30_000 });
     const started = await this.pid();
     if (started === undefined) throw new Error(`qemu-storage-daemon started but ${this.paths.pidFile} names no daemon`);
     this.#log.info({ pid: started, host: this.host, port: this.port }, 'NBD export daemon started');
@@ -533,22 +575,33 @@ export class NbdExporter {
   }
 
   async #writeServerPsk(): Promise<void> {
-    await mkdir(this.paths.pskDir, { recursive: true, mode: 0o700 });
-    await chmod(this.paths.pskDir, 0o700);
+    await this.#ownDir(this.paths.dir);
+    await this.#ownDir(this.paths.pskDir);
     const content = pskFileContent(this.#psk);
     const old = await readFile(this.paths.pskFile, 'utf8').catch(() => undefined);
-    if (old === content) return;
-    await writeAtomic(this.paths.pskFile, content, 0o600);
+    if (old === content) {
+      if (this.#owner) await chown(this.paths.pskFile, this.#owner.uid, this.#owner.gid);
+      return;
+    }
+    await writeAtomic(this.paths.pskFile, content, 0o600, this.#owner);
     if (old !== undefined) this.#log.info('NBD PSK changed: new connections use the new key');
+  }
+
+  /** Creates a directory 0700, owned by the daemon's user. */
+  async #ownDir(dir: string): Promise<void> {
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await chmod(dir, 0o700);
+    if (this.#owner) await chown(dir, this.#owner.uid, this.#owner.gid);
   }
 
   async #exports(qmp: QmpClient): Promise<BlockExportInfo[]> {
     return qmp.execute<BlockExportInfo[]>('query-block-exports');
   }
 
-  async #nodeExists(qmp: QmpClient, node: string): Promise<boolean> {
-    const nodes = await qmp.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true });
-    return nodes.some((n) => n['node-name'] === node);
+  /** Whether the node is read-only (`ro` of query-named-block-nodes), undefined when it does not exist. */
+  async #nodeReadOnly(qmp: QmpClient, node: string): Promise<boolean | undefined> {
+    const nodes = await qmp.execute<{ 'node-name': string; ro: boolean }[]>('query-named-block-nodes', { flat: true });
+    return nodes.find((n) => n['node-name'] === node)?.ro;
   }
 
   /** Waits until an export that is shutting down is gone (its clients disconnected). */
