@@ -257,12 +257,29 @@ describe.skipIf(why !== undefined)('NBD export of local volumes (qemu-storage-da
     // The attached client still reads through the same export.
     const node = `v${serial}`;
     expect(await client!.qemuIo(node, 'read -P 0xab 1M 2M')).toContain('read 2097152/2097152 bytes');
+
+    // The daemon dies (SIGKILL): the volume host's next pass starts a new one and exports again; the attached
+    // client reconnects within its reconnect-delay and its I/O goes on (degraded mode: the holding node's daemon is
+    // a single point of failure, a short outage is ridden out).
+    process.kill(pid!, 'SIGKILL');
+    await waitFor('the daemon to die', async () => (await again.pid()) === undefined);
+    await again.ensureExport({
+      name,
+      volumeId,
+      blockdev: { driver: 'qcow2', file: { driver: 'file', filename: qcow2 } },
+      writable: true,
+    });
+    expect(await again.pid()).not.toBe(pid);
+    expect(await client!.qemuIo(node, 'write -P 0xcd 4M 1M')).toContain('wrote 1048576/1048576 bytes');
     // Its client is still connected: removal drops it (only exports no attachment needs are removed).
     await again.removeExport(name);
     expect(await again.exports()).toEqual([]);
     await client!.stop();
     client = undefined;
     exporter = again;
+    const data = run('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0xab 1M 2M', '-c', 'read -P 0xcd 4M 1M', qcow2]);
+    expect(data).not.toMatch(/fail/i);
+    expect(data).toContain('read 1048576/1048576 bytes');
   });
 
   it('measures the TLS export against the plain file (logged, not asserted)', async () => {
