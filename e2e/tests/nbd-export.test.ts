@@ -7,7 +7,7 @@
 // daemon and its exports; stop() leaves nothing. A quick throughput measurement (TLS export vs plain file) is logged,
 // not asserted. Needs root, qemu-storage-daemon, qemu-system-x86_64, qemu-img and qemu-io; skipped otherwise.
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { chmod, chown, mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -159,6 +159,15 @@ describe.skipIf(why !== undefined)('NBD export of local volumes (qemu-storage-da
     await exporter.start();
     const pid = await exporter.pid();
     expect(pid).toBeDefined();
+    // Detached from the agent: not its child, in a session of its own (killing the agent's process group or session
+    // leaves it running).
+    const stat = (p: number) =>
+      readFileSync(`/proc/${p}/stat`, 'utf8')
+        .replace(/^.*\) /, '')
+        .split(' ');
+    const [, ppid, , session] = stat(pid!);
+    expect(Number(ppid)).not.toBe(process.pid);
+    expect(session).not.toBe(stat(process.pid)[3]);
     // Unprivileged, keys readable by it alone.
     expect(statSync(`/proc/${pid}`).uid).toBe(NOBODY.uid);
     const keys = statSync(exporter.paths.pskFile);
