@@ -5,6 +5,7 @@ import {
   exportNodeName,
   isExporterCmdline,
   NbdExporter,
+  nbdClientPskDir,
   nbdConnection,
   nbdExportName,
   nbdPaths,
@@ -38,6 +39,7 @@ describe('qemu-storage-daemon command line', () => {
   const paths = nbdPaths('/var/lib/stratus');
 
   it('puts the TLS creds before the NBD server, the QMP monitor, the pid file, daemonized', () => {
+    expect(nbdClientPskDir('/var/lib/stratus')).toBe('/var/lib/stratus/nbd-client');
     expect(paths).toEqual({
       dir: '/var/lib/stratus/nbd',
       pskDir: '/var/lib/stratus/nbd/psk',

@@ -113,6 +113,14 @@ export function nbdPaths(stateDir: string): NbdPaths {
   };
 }
 
+/**
+ * Where a node keeps the client keys its guests' QEMUs read (writeClientPsk): <stateDir>/nbd-client, apart from the
+ * exporter's <stateDir>/nbd (which stop() removes and which belongs to the daemon's user).
+ */
+export function nbdClientPskDir(stateDir: string): string {
+  return join(stateDir, 'nbd-client');
+}
+
 /** The export name of a volume. */
 export function nbdExportName(volumeId: string): string {
   return `vol-${volumeId}`;
