@@ -6,7 +6,9 @@
 //  3. volume from a qcow2 image file: the data is in the RBD image, which is sparse.
 //  4. volume from a volume (Cinder's clone snapshot), extend (never shrink).
 //  5. a QEMU (-machine none) does object-add + blockdev-add of exactly what connection() returns.
-//  6. delete of a volume whose snapshot has a clone keeps the data the clone needs (renamed .deleted, not listed);
+//  6. a QEMU in a network namespace of the netlab reads a volume through routeLabToCeph (how simulated nodes reach
+//     the shared cluster).
+//  7. delete of a volume whose snapshot has a clone keeps the data the clone needs (renamed .deleted, not listed);
 //     deleting everything leaves the pool without any image of this test.
 // Needs root, the Ceph packages, qemu-block-extra, qemu-img, qemu-io and qemu-system-x86_64.
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
@@ -19,7 +21,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient } from '../../node-agent/src/qemu/qmp.ts';
 import { RbdBackend } from '../../node-agent/src/volumes/rbd.ts';
 import type { CephCluster } from '../ceph/ceph.ts';
-import { sharedCeph } from '../ceph/shared.ts';
+import { routeLabToCeph, sharedCeph } from '../ceph/shared.ts';
+import { createLab, type NetLab } from '../testing/netlab.ts';
 import { waitFor } from '../testing/wait.ts';
 
 const pexec = promisify(execFile);
@@ -57,15 +60,20 @@ describe('rbd volume backend on a real Ceph cluster', () => {
     string,
   ];
   let qemu: ChildProcess | undefined;
+  let lab: NetLab | undefined;
 
-  /** Runs qemu-io commands on a volume through the rbd block driver, opening the backend's connection() tree. */
-  async function qemuIo(id: string, location: string, cmds: string[]): Promise<string> {
+  /**
+   * Runs qemu-io commands on a volume through the rbd block driver, opening the backend's connection() tree (in a
+   * network namespace when given: a simulated node).
+   */
+  async function qemuIo(id: string, location: string, cmds: string[], netns?: string): Promise<string> {
     const conn = await rbd.connection(ref(id), location);
     const secret = conn.objects?.[0] as { id: string };
     const args = ['--object', `secret,id=${secret.id},file=${keyFile},format=base64`, '--image-opts'];
     for (const c of cmds) args.push('-c', c);
     args.push(dotted(conn.blockdev).join(','));
-    const { stdout } = await pexec('qemu-io', args, { encoding: 'utf8' });
+    const argv = netns ? ['ip', 'netns', 'exec', netns, 'qemu-io', ...args] : ['qemu-io', ...args];
+    const { stdout } = await pexec(argv[0] as string, argv.slice(1), { encoding: 'utf8' });
     if (/fail|error|Pattern verification/i.test(stdout)) throw new Error(`qemu-io ${cmds.join('; ')}: ${stdout}`);
     return stdout;
   }
@@ -87,6 +95,7 @@ describe('rbd volume backend on a real Ceph cluster', () => {
 
   afterAll(async () => {
     if (qemu?.exitCode === null) qemu.kill('SIGKILL');
+    lab?.destroy();
     // Whatever a failed test left: removed as admin (snapshots unprotected, clones first).
     if (ceph) {
       for (const l of [...ids].reverse())
@@ -181,6 +190,15 @@ describe('rbd volume backend on a real Ceph cluster', () => {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
     }
     await waitFor('QEMU exit', () => proc.exitCode !== null || proc.signalCode !== null);
+  });
+
+  it('a QEMU in a simulated node (network namespace of the lab) reaches the cluster through routeLabToCeph', async () => {
+    lab = createLab('rbdl', 1, 247);
+    const node = lab.nodes[0] as NetLab['nodes'][number];
+    routeLabToCeph(lab, ceph);
+    await qemuIo(fromSnapId, `rbd://${ceph.fsid}/volumes/volume-${fromSnapId}`, ['read -P 0xaa 0 1M'], node.netns);
+    lab.destroy();
+    lab = undefined;
   });
 
   it('delete keeps what clones need, then leaves nothing', async () => {
