@@ -106,6 +106,11 @@ describe('rbd volume backend on a real Ceph cluster', () => {
     if (work) await rm(work, { recursive: true, force: true });
   });
 
+  it('reuses the running cluster instead of starting a second one', async () => {
+    const again = await sharedCeph();
+    expect(again).toMatchObject({ started: false, fsid: ceph.fsid, monHost: ceph.monHost, key: ceph.key });
+  });
+
   it('probes the cluster and the QEMU rbd driver', async () => {
     expect(await rbd.probe()).toEqual({ ok: true });
     expect(await rbd.getFsid()).toBe(ceph.fsid);
