@@ -169,8 +169,9 @@ async function pidOf(p: Paths, d: Daemon): Promise<number | undefined> {
   }
 }
 
-async function hasAddress(ip: string): Promise<boolean> {
-  const out = await run('ip', ['-j', 'addr', 'show']);
+async function hasAddress(ip: string, dev?: string): Promise<boolean> {
+  if (dev && !existsSync(`/sys/class/net/${dev}`)) return false;
+  const out = await run('ip', ['-j', 'addr', 'show', ...(dev ? ['dev', dev] : [])]);
   return (JSON.parse(out) as { addr_info?: { local?: string }[] }[]).some((l) =>
     (l.addr_info ?? []).some((a) => a.local === ip),
   );
@@ -305,13 +306,13 @@ async function bootstrap(p: Paths, bindIP: string, log: (m: string) => void): Pr
       throw new Error(`ceph: ${tool} not found: install ceph-mon ceph-osd ceph-mgr ceph-common (scripts/setup.sh)`);
     }
   }
-  let iface = false;
   if (!(await hasAddress(bindIP))) {
     if (!existsSync(`/sys/class/net/${CEPH_IFACE}`)) await run('ip', ['link', 'add', CEPH_IFACE, 'type', 'bridge']);
     await run('ip', ['addr', 'add', `${bindIP}/32`, 'dev', CEPH_IFACE]);
     await run('ip', ['link', 'set', CEPH_IFACE, 'up']);
-    iface = true;
   }
+  // Ours to remove on stop, also when a crashed run left it behind.
+  const iface = await hasAddress(bindIP, CEPH_IFACE);
   const fsid = randomUUID();
   for (const sub of ['run', 'log', 'mon/ceph-a', 'mgr/ceph-x', 'osd/ceph-0'])
     await mkdir(path.join(p.dir, sub), { recursive: true });
