@@ -270,6 +270,7 @@ describe('RbdBackend against a model of the rbd CLI', () => {
     for (const c of fake.calls) expect(c.join(' ')).not.toContain(KEY);
     const first = fake.calls.find((c) => c[0] === 'rbd')!;
     expect(first.slice(1, 7)).toEqual(['--conf', '/dev/null', '-m', '10.0.0.1:3300,[fd00::1]:6789', '--id', 'stratus']);
+    expect(first.slice(9, 11)).toEqual(['--client-mount-timeout', '30']);
     const [kd] = readdirSync(tmpDir);
     const keyring = path.join(tmpDir, kd!, 'keyring');
     expect(readFileSync(keyring, 'utf8')).toContain(`key = ${KEY}`);
@@ -282,7 +283,7 @@ describe('RbdBackend against a model of the rbd CLI', () => {
     const { b, fake } = backend();
     const v = await b.create(ref(UID), GiB, { kind: 'blank' });
     expect(v).toEqual({ location: `rbd://${FSID}/volumes/volume-${UID}`, sizeBytes: GiB, allocatedBytes: GiB / 2 });
-    const cmds = fake.calls.map((c) => c.slice(9).join(' '));
+    const cmds = fake.calls.map((c) => c.slice(c.indexOf('--client-mount-timeout') + 2).join(' '));
     expect(cmds).toContain(`create --size 1024M volumes/volume-${UID}.creating`);
     expect(cmds).toContain(`rename volumes/volume-${UID}.creating volumes/volume-${UID}`);
     const n = fake.calls.length;

@@ -204,8 +204,11 @@ export class RbdBackend implements VolumeBackend {
     if (dir) await rm(await dir, { recursive: true, force: true });
   }
 
-  /** The connection arguments every rbd/ceph call starts with (no key: a keyring file). */
-  async clientArgs(): Promise<string[]> {
+  /**
+   * The connection arguments every rbd/ceph call starts with (no key: a keyring file). An unreachable cluster fails
+   * the call after mountTimeoutS instead of hanging.
+   */
+  async clientArgs(mountTimeoutS = 30): Promise<string[]> {
     const dir = await this.keyFiles();
     return [
       '--conf',
@@ -216,6 +219,8 @@ export class RbdBackend implements VolumeBackend {
       this.user,
       '--keyring',
       path.join(dir, 'keyring'),
+      '--client-mount-timeout',
+      String(mountTimeoutS),
     ];
   }
 
@@ -304,9 +309,7 @@ export class RbdBackend implements VolumeBackend {
       await this.exec(
         'rbd',
         [
-          ...(await this.clientArgs()),
-          '--client-mount-timeout',
-          '10',
+          ...(await this.clientArgs(10)),
           '--rados-mon-op-timeout',
           '10',
           '--rados-osd-op-timeout',
