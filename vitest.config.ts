@@ -43,7 +43,7 @@ export default defineConfig({
         test: {
           name: 'e2e',
           include: ['e2e/tests/**/*.test.ts'],
-          globalSetup: ['e2e/controlplane/vitest-setup.ts'],
+          globalSetup: ['e2e/controlplane/vitest-setup.ts', 'e2e/ceph/vitest-setup.ts'],
           testTimeout: 600_000,
           hookTimeout: 900_000,
           fileParallelism: false,

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Debian packages the project needs. Extend this list (qemu-system-x86, qemu-utils, nftables, ...) as features land.
-APT_PACKAGES=(busybox ca-certificates conntrack containerd containernetworking-plugins dnsmasq-base dosfstools ethtool fdisk gcc genisoimage iproute2 iptables iputils-ping libc6-dev lua5.4 mmdebstrap mtools nftables openssh-client openssl openvswitch-switch qemu-system-x86 qemu-utils runc shellcheck syslinux syslinux-common umoci unzip)
+APT_PACKAGES=(busybox ca-certificates ceph-common ceph-mgr ceph-mon ceph-osd conntrack containerd containernetworking-plugins dnsmasq-base dosfstools ethtool fdisk gcc genisoimage iproute2 iptables iputils-ping libc6-dev lua5.4 mmdebstrap mtools nftables openssh-client openssl openvswitch-switch qemu-block-extra qemu-system-x86 qemu-utils runc shellcheck syslinux syslinux-common umoci unzip)
 
 MIN_GO_MAJOR=1
 MIN_GO_MINOR=24
