@@ -17,7 +17,7 @@ RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
 # What the node agent runs on a node: QEMU and its firmware, qemu-img, iproute2, nftables, dnsmasq, Open vSwitch
 # tools, genisoimage, nsenter, sysctl, conntrack, ethtool. Runs as root (a privileged DaemonSet).
 FROM debian:bookworm-slim
-ARG STRATUS_PACKAGES="ca-certificates conntrack dnsmasq-base ethtool genisoimage iproute2 ipxe-qemu libstdc++6 nftables openvswitch-switch procps qemu-block-extra qemu-system-data qemu-system-x86 qemu-utils seabios util-linux"
+ARG STRATUS_PACKAGES="ca-certificates ceph-common conntrack dnsmasq-base ethtool genisoimage iproute2 ipxe-qemu libstdc++6 nftables openvswitch-switch procps qemu-block-extra qemu-system-data qemu-system-x86 qemu-utils seabios util-linux"
 RUN printf '%s\n' 'path-exclude=/usr/share/doc/*' 'path-include=/usr/share/doc/*/copyright' \
       'path-exclude=/usr/share/man/*' 'path-exclude=/usr/share/info/*' 'path-exclude=/usr/share/locale/*' \
       'path-include=/usr/share/locale/locale.alias' 'path-exclude=/usr/share/lintian/*' \

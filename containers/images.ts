@@ -82,6 +82,7 @@ export const IMAGES: Record<ImageName, ImageDef> = {
     // host through nsenter, never from the image.
     packages: [
       'ca-certificates',
+      'ceph-common',
       'conntrack',
       'dnsmasq-base',
       'ethtool',
