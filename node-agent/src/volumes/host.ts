@@ -611,8 +611,11 @@ export class VolumeHost {
       obj,
       (st) => {
         if (st.node !== this.nodeName) return undefined;
-        const mine = (st.host as { node?: string } | undefined)?.node === this.nodeName ? st.host : undefined;
-        st.host = next(mine as Record<string, unknown> | undefined);
+        const prev = (st.host ?? {}) as Record<string, unknown>;
+        const host: Record<string, unknown> = { ...next(prev.node === this.nodeName ? prev : undefined) };
+        // A merge patch merges objects: a sub-field that goes is sent as null.
+        for (const k of Object.keys(prev)) if (host[k] === undefined) host[k] = null;
+        st.host = host;
         return st;
       },
       { fieldManager: this.#fieldManager },
