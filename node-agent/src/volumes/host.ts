@@ -166,7 +166,7 @@ export function decideSnapshot(snap: VolumeSnapshot, volume: Volume | undefined,
   if (snap.metadata.deletionTimestamp) return report?.state === 'deleted' ? { kind: 'none' } : { kind: 'delete' };
   if (report && report.state !== 'creating' && report.state !== 'error') return { kind: 'none' };
   const vr = volume?.status?.host;
-  if (!volume || !vr?.location || vr.state === 'creating' || vr.state === 'deleted') {
+  if (!volume || !vr?.location || vr.state !== 'available') {
     return { kind: 'wait', reason: `volume ${snap.spec.volume} has no backend location yet` };
   }
   if ((volume.status?.backend ?? 'local') === 'local' && inUse(volume.status?.attachments)) {
@@ -371,12 +371,14 @@ export class VolumeHost {
         return undefined;
       case 'create': {
         const created = await this.#createVolume(obj, vol, log);
+        if (!created) return { requeue: true };
         await this.#syncExports(created.obj, created.vol);
         // A size asked meanwhile is the next step.
         return decideVolume(created.vol, this.nodeName).kind === 'none' ? undefined : { requeue: true };
       }
       case 'extend': {
         const extended = await this.#extendVolume(obj, vol, action.sizeBytes, log);
+        if (!extended) return { requeue: true };
         await this.#syncExports(extended.obj, extended.vol);
         return undefined;
       }
@@ -392,11 +394,28 @@ export class VolumeHost {
     }
   }
 
-  async #createVolume(obj: StorageObject, vol: Volume, log: Logger): Promise<{ obj: StorageObject; vol: Volume }> {
+  /** Whether decideVolume still gives a step of `kind` for the stored object (guard of a step's first write). */
+  #still(kind: VolumeAction['kind']): (fresh: StorageObject) => boolean {
+    return (fresh) => {
+      const v = parseVolume(fresh);
+      return v !== undefined && decideVolume(v, this.nodeName).kind === kind;
+    };
+  }
+
+  async #createVolume(
+    obj: StorageObject,
+    vol: Volume,
+    log: Logger,
+  ): Promise<{ obj: StorageObject; vol: Volume } | undefined> {
     // 1. Report creating (the operator shows creating/downloading), unless already reported.
     let cur = obj;
     if (ownReport(vol.status?.host, this.nodeName)?.state !== 'creating') {
-      cur = await this.#reportVolume(cur, () => ({ node: this.nodeName, state: 'creating' }));
+      const begun = await this.#begin(VOLUMES, cur, this.#still('create'), () => ({
+        node: this.nodeName,
+        state: 'creating',
+      }));
+      if (!begun) return undefined;
+      cur = begun;
     }
     let backend: VolumeBackend;
     let source: VolumeSourceSpec;
@@ -437,10 +456,15 @@ export class VolumeHost {
     vol: Volume,
     sizeBytes: number,
     log: Logger,
-  ): Promise<{ obj: StorageObject; vol: Volume }> {
+  ): Promise<{ obj: StorageObject; vol: Volume } | undefined> {
     const before = ownReport(vol.status?.host, this.nodeName)!;
     const location = before.location!;
-    let cur = await this.#reportVolume(obj, (r) => ({ ...(r ?? before), state: 'extending' }));
+    const begun = await this.#begin(VOLUMES, obj, this.#still('extend'), (r) => ({
+      ...(r ?? before),
+      state: 'extending',
+    }));
+    if (!begun) return undefined;
+    let cur = begun;
     try {
       const backend = await this.#backendOf(vol);
       const grown = await backend.extend(location, sizeBytes);
@@ -485,7 +509,12 @@ export class VolumeHost {
     const report = ownReport(vol.status?.host, this.nodeName);
     let cur = obj;
     if (report?.state !== 'deleting') {
-      cur = await this.#reportVolume(cur, (r) => ({ ...(r ?? { node: this.nodeName }), state: 'deleting' }));
+      const begun = await this.#begin(VOLUMES, cur, this.#still('delete'), (r) => ({
+        ...(r ?? { node: this.nodeName }),
+        state: 'deleting',
+      }));
+      if (!begun) return;
+      cur = begun;
     }
     try {
       if (this.#o.exporter) await this.#o.exporter.removeExport(exportName(vol.metadata.uid!));
@@ -605,12 +634,40 @@ export class VolumeHost {
     obj: StorageObject,
     next: (report: Record<string, unknown> | undefined) => Record<string, unknown>,
   ): Promise<StorageObject> {
-    return updateStatus(
+    return (await this.#patch(gvr, obj, next)).obj;
+  }
+
+  /**
+   * The first write of a step: made only if `still` holds for the object being patched (the stored one after a
+   * conflict), so a step decided on a stale cache (e.g. before this host's own last report arrived) re-decides
+   * instead of turning the report back. Undefined when it does not hold.
+   */
+  async #begin(
+    gvr: GVR,
+    obj: StorageObject,
+    still: (fresh: StorageObject) => boolean,
+    next: (report: Record<string, unknown> | undefined) => Record<string, unknown>,
+  ): Promise<StorageObject | undefined> {
+    const r = await this.#patch(gvr, obj, next, still);
+    return r.applied ? r.obj : undefined;
+  }
+
+  async #patch(
+    gvr: GVR,
+    obj: StorageObject,
+    next: (report: Record<string, unknown> | undefined) => Record<string, unknown>,
+    still?: (fresh: StorageObject) => boolean,
+  ): Promise<{ obj: StorageObject; applied: boolean }> {
+    let applied = false;
+    const out = await updateStatus(
       this.#client,
       gvr,
       obj,
-      (st) => {
+      (st, fresh) => {
+        applied = false;
         if (st.node !== this.nodeName) return undefined;
+        if (still && !still(fresh)) return undefined;
+        applied = true;
         const prev = (st.host ?? {}) as Record<string, unknown>;
         const host: Record<string, unknown> = { ...next(prev.node === this.nodeName ? prev : undefined) };
         // A merge patch merges objects: a sub-field that goes is sent as null.
@@ -620,6 +677,7 @@ export class VolumeHost {
       },
       { fieldManager: this.#fieldManager },
     );
+    return { obj: out, applied };
   }
 
   async #read<T>(gvr: GVR, name: string, namespace?: string): Promise<(T & KubernetesObject) | undefined> {
@@ -667,7 +725,18 @@ export class VolumeHost {
       case 'create': {
         let cur = obj;
         if (report?.state !== 'creating') {
-          cur = await this.#report(VOLUME_SNAPSHOTS, cur, () => ({ node: this.nodeName, state: 'creating' }));
+          // Not over a report that a stale cache did not show yet (available, or deletion under way).
+          const begun = await this.#begin(
+            VOLUME_SNAPSHOTS,
+            cur,
+            (fresh) => snapshotPending(fresh, this.nodeName),
+            () => ({
+              node: this.nodeName,
+              state: 'creating',
+            }),
+          );
+          if (!begun) return { requeue: true };
+          cur = begun;
         }
         try {
           const backend = await this.#backendOf(vol!);
@@ -775,6 +844,14 @@ export class VolumeHost {
 /** A source that is not ready yet (a snapshot or volume still being made): retried, not reported as an error. */
 class WaitError extends Error {
   override name = 'WaitError';
+}
+
+/** A snapshot not yet taken (no report, creating, or error) and not being deleted. */
+function snapshotPending(obj: StorageObject, node: string): boolean {
+  const snap = parseSnapshot(obj);
+  if (!snap || snap.metadata.deletionTimestamp) return false;
+  const state = ownReport(snap.status?.host, node)?.state;
+  return state === undefined || state === 'creating' || state === 'error';
 }
 
 function refOf(o: { metadata: { uid?: string; name?: string; namespace?: string } }): VolumeRef {
