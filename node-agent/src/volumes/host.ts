@@ -296,7 +296,7 @@ export class VolumeHost {
     const rateLimiter = () => defaultControllerRateLimiter({ baseDelayMs: 1000, maxDelayMs: 300_000 });
     this.volumeController = o.manager.addController({
       name: `volume-host/${o.nodeName}`,
-      reconcile: (req) => this.reconcileVolume(req),
+      reconcile: (req, ctx) => this.reconcileVolume(req, ctx.signal),
       maxConcurrentReconciles: o.concurrency ?? 2,
       rateLimiter: rateLimiter(),
       logger: this.#log,
@@ -355,7 +355,7 @@ export class VolumeHost {
   // Volumes
   // -------------------------------------------------------------------------------------------------------------
 
-  async reconcileVolume(req: Request): Promise<ReconcileResult> {
+  async reconcileVolume(req: Request, signal?: AbortSignal): Promise<ReconcileResult> {
     const obj = this.volumes.get(req.name, req.namespace);
     if (!obj) return undefined; // gone: a file it left is the orphan sweep's
     const vol = parseVolume(obj);
@@ -370,7 +370,7 @@ export class VolumeHost {
         await this.#deleteVolume(obj, vol, log);
         return undefined;
       case 'create': {
-        const created = await this.#createVolume(obj, vol, log);
+        const created = await this.#createVolume(obj, vol, log, signal);
         if (!created) return { requeue: true };
         await this.#syncExports(created.obj, created.vol);
         // A size asked meanwhile is the next step.
@@ -406,6 +406,7 @@ export class VolumeHost {
     obj: StorageObject,
     vol: Volume,
     log: Logger,
+    signal?: AbortSignal,
   ): Promise<{ obj: StorageObject; vol: Volume } | undefined> {
     // 1. Report creating (the operator shows creating/downloading), unless already reported.
     let cur = obj;
@@ -422,10 +423,12 @@ export class VolumeHost {
     let provisioned: Awaited<ReturnType<VolumeBackend['create']>>;
     try {
       backend = await this.#backendOf(vol);
-      source = await this.#sourceOf(vol);
+      source = await this.#sourceOf(vol, signal);
       // 2. Create (idempotent by uid: a volume a killed run created is returned as it is).
       provisioned = await backend.create(refOf(vol), bytes(vol.spec.size), source);
     } catch (err) {
+      // Stopping (the manager aborted the reconcile): not the backend's fault; the next run goes on.
+      if (signal?.aborted) throw err;
       if (err instanceof WaitError) {
         log.info({ reason: err.message }, 'volume source not ready');
         throw err;
@@ -578,14 +581,14 @@ export class VolumeHost {
   }
 
   /** What the volume starts with, resolved on this node (an image is pulled into the node's image cache). */
-  async #sourceOf(vol: Volume): Promise<VolumeSourceSpec> {
+  async #sourceOf(vol: Volume, signal?: AbortSignal): Promise<VolumeSourceSpec> {
     const src = vol.spec.source;
     const ns = vol.metadata.namespace ?? '';
     if (src?.image) {
       const image = await imageSourceOf(this.#client, src.image, ns);
       if (!image) throw new Error(`image ${src.image} not found`);
       if (!this.#o.images) throw new Error('this node has no image cache');
-      return { kind: 'image', image: await this.#o.images.ensure(image) };
+      return { kind: 'image', image: await this.#o.images.ensure(image, signal ? { signal } : {}) };
     }
     if (src?.snapshot) {
       const snap = await this.#read<VolumeSnapshot>(VOLUME_SNAPSHOTS, src.snapshot, ns);
