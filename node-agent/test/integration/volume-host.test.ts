@@ -19,6 +19,8 @@ import {
   type VolumeHostReport,
   VolumeKind,
   VolumeSnapshotKind,
+  type VolumeType,
+  VolumeTypeKind,
 } from '../../../operator/src/api/index.ts';
 import { installCRDs } from '../../../operator/src/crdgen/install.ts';
 import { type GVR, KubeClient, Manager, silentLogger } from '../../../operator/src/runtime/index.ts';
@@ -31,10 +33,12 @@ import {
   ATTACHED_LOCAL_SNAPSHOT_FAULT,
   exportName,
   VOLUME_SNAPSHOTS,
+  VOLUME_TYPES,
   VOLUMES,
   VolumeHost,
   type VolumeHostOptions,
 } from '../../src/volumes/host.ts';
+import { createBackends, NBD_SECRET_NAME, type RbdTypeOptions, readNbdPsk } from '../../src/volumes/index.ts';
 import { DirBackend, RecordingExporter } from './volume-doubles.ts';
 
 requireTools('qemu-img');
@@ -434,5 +438,62 @@ describe('volume host', () => {
       await reporter.stop();
       await client.delete(HYPERVISORS, n.name).catch(() => {});
     }
+  });
+
+  it('builds the rbd backend of a VolumeType from its options and Secret, and reads the NBD key', async () => {
+    const SECRETS: GVR = { group: '', version: 'v1', plural: 'secrets' };
+    const b64 = (v: string) => Buffer.from(v).toString('base64');
+    await client.create(SECRETS, {
+      apiVersion: 'v1',
+      kind: 'Secret',
+      metadata: { name: 'ceph', namespace: NS },
+      data: { key: b64('AQBkey==') },
+    } as KubernetesObject);
+    const typeName = `${NS}-rbd`;
+    await client.create(VOLUME_TYPES, {
+      apiVersion: VolumeTypeKind.apiVersion,
+      kind: 'VolumeType',
+      metadata: { name: typeName },
+      spec: {
+        backend: 'rbd',
+        rbd: { pool: 'vols', monitors: ['10.0.0.1:6789'], secretRef: { name: 'ceph', namespace: NS } },
+      },
+    } as KubernetesObject);
+    try {
+      const built: RbdTypeOptions[] = [];
+      const dir = await tempDir();
+      const reg = createBackends({
+        client,
+        local: new DirBackend(dir, 'n'),
+        rbd: (o) => {
+          built.push(o);
+          return new DirBackend(dir, `rbd-${built.length}`);
+        },
+      });
+      expect([...reg.byName.keys()]).toEqual(['local']);
+      const type = await client.get<VolumeType & KubernetesObject>(VOLUME_TYPES, typeName);
+      const first = await reg.rbdFor!(type);
+      expect(built).toEqual([
+        { type: typeName, pool: 'vols', user: 'stratus', monitors: ['10.0.0.1:6789'], key: 'AQBkey==' },
+      ]);
+      expect(await reg.rbdFor!(type)).toBe(first);
+      // A new key (rotated Secret): a new instance.
+      await client.patch(SECRETS, 'ceph', NS, { data: { key: b64('AQBnew==') } }, PatchStrategy.MergePatch);
+      expect(await reg.rbdFor!(type)).not.toBe(first);
+      expect(built[1]?.key).toBe('AQBnew==');
+      expect(createBackends({ client }).rbdFor).toBeUndefined();
+    } finally {
+      await client.delete(VOLUME_TYPES, typeName).catch(() => {});
+    }
+
+    await expect(readNbdPsk(client, NS)).rejects.toThrow(`secret ${NS}/${NBD_SECRET_NAME} not found`);
+    const key = 'ab'.repeat(32);
+    await client.create(SECRETS, {
+      apiVersion: 'v1',
+      kind: 'Secret',
+      metadata: { name: NBD_SECRET_NAME, namespace: NS },
+      data: { identity: b64('stratus'), key: b64(key) },
+    } as KubernetesObject);
+    expect(await readNbdPsk(client, NS)).toEqual({ identity: 'stratus', key });
   });
 });
