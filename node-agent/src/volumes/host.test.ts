@@ -115,7 +115,7 @@ describe('decideVolume', () => {
 });
 
 describe('remoteAttachments', () => {
-  it('exports local volumes attaching/attached on other nodes only', () => {
+  it('exports local volumes attaching/attached (or still detaching) on other nodes only', () => {
     const v = volume({
       status: { host: available() },
       attachments: [
@@ -127,7 +127,7 @@ describe('remoteAttachments', () => {
         att('attaching'),
       ],
     });
-    expect(remoteAttachments(v, ME).map((a) => a.node)).toEqual(['node-b', 'node-c']);
+    expect(remoteAttachments(v, ME).map((a) => a.node)).toEqual(['node-b', 'node-c', 'node-e']);
     expect(remoteAttachments({ ...v, status: { ...v.status, backend: 'rbd' } }, ME)).toEqual([]);
   });
 });

@@ -73,8 +73,11 @@ export const ATTACHED_LOCAL_SNAPSHOT_FAULT =
 
 /** Attachment states in which a guest's QEMU may have the volume open: the host leaves a local qcow2 alone. */
 const IN_USE: ReadonlySet<string> = new Set(['attaching', 'attached', 'detaching']);
-/** Attachment states that need the volume reachable from the server's node (an NBD export for another node). */
-const NEEDS_EXPORT: ReadonlySet<string> = new Set(['attaching', 'attached']);
+/**
+ * Attachment states that need the volume reachable from the server's node (an NBD export for another node):
+ * attaching and attached, and detaching, whose guest may still have the export open until its agent detached it.
+ */
+const NEEDS_EXPORT: ReadonlySet<string> = new Set(['attaching', 'attached', 'detaching']);
 /** While an attached local volume waits for the server's agent to grow it, its size is read back this often. */
 const REFRESH_SIZE_MS = 2000;
 const UUID_AT_END = /([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$/;
@@ -142,7 +145,7 @@ export function decideVolume(vol: Volume, node: string): VolumeAction {
   return { kind: 'extend', sizeBytes: want };
 }
 
-/** The attachments of `vol` that need an NBD export from `node`: local backend, on another node, attaching/attached. */
+/** The attachments of `vol` that need an NBD export from `node`: local backend, on another node, not just reserved. */
 export function remoteAttachments(vol: Volume, node: string): VolumeAttachment[] {
   const st = vol.status ?? {};
   if ((st.backend ?? 'local') !== 'local' || vol.metadata.deletionTimestamp) return [];

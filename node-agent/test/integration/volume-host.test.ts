@@ -280,6 +280,19 @@ describe('volume host', () => {
     });
     expect(n.exporter.calls.some((c) => c.op === 'ensure' && c.name !== name)).toBe(false);
 
+    // Detaching: the remote guest may still read it until its agent detached it; the export stays.
+    const ensures = () => n.exporter.calls.filter((c) => c.op === 'ensure').length;
+    const before = ensures();
+    await patchStatus(VOLUMES, 'shared', {
+      attachments: [
+        { server: 'here', node: n.name, state: 'attached' },
+        { server: 'far', node: 'node-x', state: 'detaching' },
+      ],
+    });
+    await waitFor('the detaching attachment reconciled', () => ensures() > before);
+    expect(n.exporter.served.has(name)).toBe(true);
+    expect(n.exporter.calls.filter((c) => c.op === 'remove')).toEqual([]);
+
     await patchStatus(VOLUMES, 'shared', { attachments: [{ server: 'here', node: n.name, state: 'attached' }] });
     await waitReport(VOLUMES, 'shared', 'export gone', (h) => h.exports === undefined);
     expect(n.exporter.served.has(name)).toBe(false);
