@@ -23,7 +23,14 @@ import {
   VolumeTypeKind,
 } from '../../../operator/src/api/index.ts';
 import { installCRDs } from '../../../operator/src/crdgen/install.ts';
-import { type GVR, KubeClient, Manager, silentLogger } from '../../../operator/src/runtime/index.ts';
+import {
+  type GVR,
+  Informer,
+  KubeClient,
+  Manager,
+  type ManagerOptions,
+  silentLogger,
+} from '../../../operator/src/runtime/index.ts';
 import { createDriver } from '../../src/drivers/index.ts';
 import { agentFieldManager } from '../../src/fieldmanager.ts';
 import { HYPERVISORS, HypervisorReporter } from '../../src/hypervisor.ts';
@@ -146,6 +153,30 @@ async function deleteAndFinish(gvr: GVR, name: string): Promise<Obj> {
   const done = await waitReport(gvr, name, 'host deleted', (h) => h.state === 'deleted');
   await client.patch(gvr, name, NS, { metadata: { finalizers: null } }, PatchStrategy.MergePatch);
   return done;
+}
+
+/** A Manager whose Volume informer holds a frozen list (a cache that missed the latest writes). */
+class StaleVolumesManager extends Manager {
+  readonly #items: KubernetesObject[];
+  #inf: Informer<KubernetesObject> | undefined;
+
+  constructor(opts: ManagerOptions, items: KubernetesObject[]) {
+    super(opts);
+    this.#items = items;
+  }
+
+  override informer<T extends KubernetesObject>(gvr: GVR, selector = {}): Informer<T> {
+    if (gvr.plural !== VOLUMES.plural) return super.informer<T>(gvr, selector);
+    this.#inf ??= new Informer<KubernetesObject>(
+      {
+        path: '/stale-volumes',
+        list: async () => ({ apiVersion: 'v1', kind: 'List', metadata: { resourceVersion: '1' }, items: this.#items }),
+        watch: { watch: async () => new AbortController() },
+      },
+      { resyncPeriodMs: 0, watchdogMs: 0 },
+    );
+    return this.#inf as unknown as Informer<T>;
+  }
 }
 
 beforeAll(async () => {
@@ -508,5 +539,33 @@ describe('volume host', () => {
       data: { identity: b64('stratus'), key: b64(key) },
     } as KubernetesObject);
     expect(await readNbdPsk(client, NS)).toEqual({ identity: 'stratus', key });
+  });
+
+  it('does not turn an available report back to creating when it decides on a stale cache', async () => {
+    const n = await newNode();
+    const first = await startHost(n);
+    const stale = await createVolume('stale', n.name); // no report yet: what a lagging cache still shows
+    await waitReport(VOLUMES, 'stale', 'available', (h) => h.state === 'available');
+    await first.stop();
+
+    const backend = new DirBackend(n.dir, n.name);
+    const host = new VolumeHost({
+      manager: new StaleVolumesManager({ kubeConfig: kc, logger: silentLogger(), http: false }, [stale]),
+      nodeName: n.name,
+      backends: new Map([['local', backend]]),
+    });
+    host.volumes.start();
+    try {
+      expect(await host.volumes.waitForSync(10_000)).toBe(true);
+      expect(host.volumes.get('stale', NS)?.status?.host).toBeUndefined();
+      // Decided "create" from the cache; the stored object says available: re-decide, write nothing, create nothing.
+      expect(await host.reconcileVolume({ namespace: NS, name: 'stale' })).toEqual({ requeue: true });
+      expect(backend.calls.filter((c) => c.op === 'create')).toEqual([]);
+      const v = await get(VOLUMES, 'stale');
+      expect(v.status!.host!.state).toBe('available');
+      expect(v.metadata!.resourceVersion).not.toBe(stale.metadata!.resourceVersion);
+    } finally {
+      await host.volumes.stop();
+    }
   });
 });
