@@ -26,8 +26,6 @@
 import type { KubernetesObject } from '@kubernetes/client-node';
 import {
   GUEST_FINALIZER,
-  type Image,
-  ImageKind,
   type KeyPair,
   KeyPairKind,
   SERVER_NODE_LABEL,
@@ -72,6 +70,7 @@ import type {
 } from './driver.ts';
 import { agentFieldManager } from './fieldmanager.ts';
 import { ImageError, type ImageErrorReason } from './images/cache.ts';
+import { imageSourceOf } from './images/source.ts';
 import {
   AGENT_TASKS,
   type AgentAction,
@@ -97,7 +96,6 @@ import { guestVerdict, NODE_LABEL_MISMATCH, PLACEMENT_CONDITION } from './placem
 
 export const SERVERS: GVR = { group: ServerKind.group, version: ServerKind.version, plural: ServerKind.plural };
 const KEYPAIRS: GVR = { group: KeyPairKind.group, version: KeyPairKind.version, plural: KeyPairKind.plural };
-const IMAGES: GVR = { group: ImageKind.group, version: ImageKind.version, plural: ImageKind.plural };
 const SECRETS: GVR = { group: '', version: 'v1', plural: 'secrets' };
 
 /** A Server as the informer holds it (raw JSON; parsed with ServerKind.schema where read). */
@@ -1194,23 +1192,8 @@ export class ComputeService {
 
   /** The Image in the server's namespace as the node's image cache needs it; undefined when it does not exist. */
   async #imageSource(name: string, namespace: string): Promise<GuestSpec['imageSource']> {
-    let img: Image & KubernetesObject;
-    try {
-      img = await this.#client.get<Image & KubernetesObject>(IMAGES, name, namespace || undefined);
-    } catch (err) {
-      if (isNotFound(err)) return undefined; // drivers that need the image fail the spawn, naming it
-      throw err;
-    }
-    return {
-      name,
-      namespace,
-      uid: img.metadata?.uid ?? '',
-      url: img.spec.source.url,
-      diskFormat: img.spec.diskFormat,
-      ...(img.spec.checksum
-        ? { checksum: { algorithm: img.spec.checksum.algorithm, value: img.spec.checksum.value } }
-        : {}),
-    };
+    // Drivers that need the image fail the spawn, naming it.
+    return imageSourceOf(this.#client, name, namespace);
   }
 
   /** spec.userDataSecretRef: the key of a Secret in the server's namespace, as text. */

@@ -115,16 +115,28 @@ export interface HypervisorReporterOptions {
   /** Namespace of the node Lease (default NODE_LEASE_NAMESPACE, the operator's). */
   leaseNamespace?: string;
   agentVersion: string;
+  /**
+   * The node's volume backends as their probe() sees them (status.volumeBackends; VolumeHost.probe). Without it
+   * the field is not written.
+   */
+  volumeBackends?: () => Promise<VolumeBackendReport[]>;
   /** Whether the agent is ready to run servers (caches synced), with a message when not. */
   readiness: () => { ready: boolean; message: string };
   logger?: Logger;
   clock?: Clock;
 }
 
-/** Creates the node's Hypervisor and heartbeats its status. */
+/** One entry of status.volumeBackends. */
+export interface VolumeBackendReport {
+  name: string;
+  ok: boolean;
+  reason?: string;
+}
+
 /** Usage is informational (the scheduler counts its own claims): report it at most every few seconds. */
 export const POKE_DELAY_MS = 3000;
 
+/** Creates the node's Hypervisor and heartbeats its status. */
 export class HypervisorReporter {
   readonly name: string;
   readonly #o: HypervisorReporterOptions;
@@ -350,6 +362,13 @@ export class HypervisorReporter {
       });
     }
     if (this.#usage) status.usage = this.#usage;
+    if (this.#o.volumeBackends) {
+      try {
+        status.volumeBackends = (await this.#o.volumeBackends()).slice(0, 8);
+      } catch (err) {
+        this.#log.warn({ err }, 'cannot probe the volume backends');
+      }
+    }
     // Nothing new to say: no write (liveness is the Lease, not a rewrite of the status).
     const json = JSON.stringify(status);
     if (json === this.#written) return;
