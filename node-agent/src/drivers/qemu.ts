@@ -1174,6 +1174,7 @@ export class QemuDriver implements HypervisorDriver {
       // Gone meanwhile; a second request for a pending unplug is refused by some QEMUs (7.2 answers {}).
       if (!(err instanceof QmpError) || !/not found|already in the process of unplug/i.test(err.desc)) throw err;
     }
+    this.#log.debug({ guest: live.id, device: dev, timeoutMs }, 'unplug requested; waiting for DEVICE_DELETED');
     try {
       await deleted;
     } catch (err) {
@@ -1261,7 +1262,9 @@ export class QemuDriver implements HypervisorDriver {
       if (current === undefined)
         throw new DriverError('extendVolume', id, `extendVolume: volume ${volumeId} is not plugged in guest ${id}`);
       if (current >= sizeBytes) return;
-      await live.qmp.execute('block_resize', { 'node-name': volumeNames(serial).node, size: sizeBytes });
+      // On the top node (the throttle filter): resizing the node under it would not change the size the filter, and
+      // so the device and the guest, see (QEMU 7.2, verified).
+      await live.qmp.execute('block_resize', { 'node-name': volumeNames(serial).throttle, size: sizeBytes });
       this.#log.info({ guest: id, volume: volumeId, from: current, to: sizeBytes }, 'volume extended');
     });
   }
