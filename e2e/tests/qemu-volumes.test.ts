@@ -1,4 +1,4 @@
-// Volumes in the QEMU driver against a real QEMU (TCG), without Kubernetes and without a guest OS: the guest boots
+// Volumes in the QEMU driver against a real QEMU (TCG), without Kubernetes. Tests 1-5 need no guest OS: the guest boots
 // from a blank qcow2 root volume (the firmware finds nothing to boot and waits, which is all these tests need). The
 // volumes are plain qcow2 files owned by the QEMU user, as the local backend leaves them
 // (connection {driver: qcow2, file: {driver: file, filename}}).
@@ -11,11 +11,13 @@
 //     which system_reset delivers (storage.md §1.3), then removes everything;
 //  4. a half-done attach left by a crash (group and nodes added, no device) is completed once, not duplicated;
 //  5. attach to a stopped guest is recorded and plugged at its next boot; a second driver instance (an agent
-//     restart) reports the same volumes() and a repeated attach is a no-op; destroy leaves the volume files alone.
+//     restart) reports the same volumes() and a repeated attach is a no-op; destroy leaves the volume files alone;
+//  6. with a guest OS (the test image): a virtio volume hot-plugged into the running guest appears in it with its
+//     serial and size, grows online with extendVolume, and the guest releases it on detach (PCIe hot-plug).
 // Needs root, qemu-system-x86_64, qemu-img and genisoimage; skipped (with a message) otherwise.
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { chmod, chown, mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { chmod, chown, mkdir, mkdtemp, readFile, rm, symlink } from 'node:fs/promises';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -29,6 +31,8 @@ import {
 import { resolveQemuUser } from '../../node-agent/src/drivers/qemu/user.ts';
 import { QemuDriver } from '../../node-agent/src/drivers/qemu.ts';
 import { createLogger } from '../../operator/src/runtime/index.ts';
+import { ensureTestImage } from '../images/build.ts';
+import { type FileServer, start } from '../images/serve.ts';
 import { missingQemuPrerequisite } from '../testing/qemu.ts';
 import { waitFor } from '../testing/wait.ts';
 
@@ -43,6 +47,8 @@ const VOL_SCSI = 'b0000000-0000-4000-8000-000000000002';
 const VOL_VIRTIO = 'c0000000-0000-4000-8000-000000000003';
 const VOL_CRASH = 'd0000000-0000-4000-8000-000000000004';
 const VOL_STOPPED = 'e0000000-0000-4000-8000-000000000005';
+const UID_OS = '8d2e3f4a-5b6c-4d7e-8f90-a1b2c3d4e5f6';
+const VOL_OS = 'f0000000-0000-4000-8000-000000000006';
 const MiB = 1024 ** 2;
 const QEMU_USER = 'stratus-qemu';
 
@@ -50,7 +56,7 @@ const cmdline = async (pid: number) => (await readFile(`/proc/${pid}/cmdline`, '
 
 type Block = { qdev?: string; inserted?: { 'node-name'?: string; image?: { 'virtual-size'?: number } } };
 
-describe.skipIf(missing !== undefined)('QEMU driver volumes (real QEMU, no guest OS)', () => {
+describe.skipIf(missing !== undefined)('QEMU driver volumes (real QEMU)', () => {
   let work: string;
   let stateDir: string;
   let volDir: string;
@@ -69,16 +75,17 @@ describe.skipIf(missing !== undefined)('QEMU driver volumes (real QEMU, no guest
     }) as never,
   });
 
-  const newDriver = () => {
+  const newDriver = (over: { stateDir?: string; volumeDetachTimeoutMs?: number } = {}) => {
     const d = new QemuDriver(
       {
-        stateDir,
+        stateDir: over.stateDir ?? stateDir,
         imageCacheDir: path.join(work, 'cache'),
         accelerator: 'tcg',
         acceleratorCacheFile: path.join(work, 'kvm-probe.json'),
         qemuUser: QEMU_USER,
         vnc: false,
-        volumeDetachTimeoutMs: 3_000,
+        volumeDetachTimeoutMs: over.volumeDetachTimeoutMs ?? 3_000,
+        imageUrlPolicy: { allowCidrs: ['127.0.0.0/8'] }, // the image server is on loopback
       },
       { logger },
     );
@@ -139,9 +146,16 @@ describe.skipIf(missing !== undefined)('QEMU driver volumes (real QEMU, no guest
     await mkdir(volDir, { mode: 0o711 });
   });
 
+  let server: FileServer | undefined;
   afterAll(async () => {
-    const pid = Number((await readFile(path.join(stateDir, 'guests', UID, 'qemu.pid'), 'utf8').catch(() => '')).trim());
-    if (pid > 0 && (await cmdline(pid)).includes(UID)) process.kill(pid, 'SIGKILL');
+    for (const [dir, id] of [
+      [stateDir, UID],
+      [path.join(work, 'state-os'), UID_OS],
+    ] as const) {
+      const pid = Number((await readFile(path.join(dir, 'guests', id, 'qemu.pid'), 'utf8').catch(() => '')).trim());
+      if (pid > 0 && (await cmdline(pid)).includes(id)) process.kill(pid, 'SIGKILL');
+    }
+    await server?.close();
     for (const d of drivers) await d.close().catch(() => {});
     if (work) await rm(work, { recursive: true, force: true });
   });
@@ -296,5 +310,67 @@ describe.skipIf(missing !== undefined)('QEMU driver volumes (real QEMU, no guest
     expect(pid && (await cmdline(pid)).includes(UID)).toBeFalsy();
     expect(await d.volumes(UID)).toEqual([]);
     for (const id of [ROOT, VOL_STOPPED]) expect(existsSync(path.join(volDir, `${id}.qcow2`))).toBe(true);
+  });
+
+  it('a guest OS sees a hot-plugged virtio volume by serial, sees it grow, and releases it on detach', async () => {
+    const image = await ensureTestImage({ log });
+    const www = path.join(work, 'www');
+    await mkdir(www);
+    await symlink(image.path, path.join(www, 'test.qcow2'));
+    server = await start(www);
+    const osState = path.join(work, 'state-os');
+    const g = newDriver({ stateDir: osState, volumeDetachTimeoutMs: 120_000 });
+    await g.init();
+    const serial = S(VOL_OS);
+    // The guest prints the state of the disk with the volume's serial whenever it changes (size in 512-byte sectors).
+    const userData = `#!/bin/sh
+state() {
+  for d in /sys/block/vd*; do
+    if [ "$(cat $d/serial 2>/dev/null)" = "${serial}" ]; then echo "present size=$(cat $d/size)"; return; fi
+  done
+  echo none
+}
+( last=; while :; do s=$(state); if [ "$s" != "$last" ]; then echo "VOL-STATE $s"; last=$s; fi; sleep 1; done ) &
+`;
+    await g.spawn({
+      id: UID_OS,
+      name: 'vol-os',
+      namespace: 'demo',
+      vcpus: 1,
+      ramMiB: 256,
+      disk: { rootGiB: 1, ephemeralGiB: 0, swapMiB: 0 },
+      image: 'test-image',
+      imageSource: {
+        name: 'test-image',
+        namespace: 'demo',
+        uid: 'img-vol',
+        url: `${server.url}/test.qcow2`,
+        diskFormat: 'qcow2',
+        checksum: { algorithm: 'sha256', value: image.sha256 },
+      },
+      userData,
+      annotations: {},
+    });
+    const consoleLog = path.join(osState, 'guests', UID_OS, 'console.log');
+    const seen = (needle: string, times = 1) =>
+      waitFor(
+        `${JSON.stringify(needle)} x${times} on the guest console`,
+        async () => (await readFile(consoleLog, 'utf8').catch(() => '')).split(needle).length - 1 >= times,
+        180_000,
+      );
+    await seen('STRATUS-GUEST-READY');
+    await seen('VOL-STATE none');
+    const t0 = Date.now();
+    await g.attachVolume(UID_OS, await volume(VOL_OS, 'virtio'));
+    await seen(`VOL-STATE present size=${(32 * MiB) / 512}`);
+    log(`virtio hot-plug seen by the guest after ${Date.now() - t0} ms`);
+    await g.extendVolume(UID_OS, VOL_OS, 48 * MiB);
+    await seen(`VOL-STATE present size=${(48 * MiB) / 512}`);
+    const t1 = Date.now();
+    await g.detachVolume(UID_OS, VOL_OS);
+    log(`virtio unplug released by the guest after ${Date.now() - t1} ms`);
+    await seen('VOL-STATE none', 2);
+    expect(await g.volumes(UID_OS)).toEqual([]);
+    await g.destroy(UID_OS);
   });
 });
