@@ -547,6 +547,54 @@ describe('QemuDriver without QEMU', () => {
     expect((await d.volumes(A)).map((v) => v.volumeId)).toEqual(['vol-root1', 'vol-dd44', 'vol-ee55']);
   });
 
+  it('exports only the ephemeral disk of a guest booting from a volume (cold migration)', async () => {
+    const p = guestPaths(stateDir, A);
+    await mkdir(p.dir, { recursive: true });
+    const base = record(A);
+    await writeRecord(p.record, {
+      ...base,
+      image: undefined,
+      spec: { ...base.spec, disk: { rootGiB: 0, ephemeralGiB: 2, swapMiB: 0 }, rootVolume: att('root1') },
+      disks: { seed: base.disks.seed, rootBytes: 0, ephemeral: p.ephemeral },
+    });
+    const runs: string[][] = [];
+    const exec = {
+      run: async (cmd: string, args: readonly string[]) => {
+        runs.push([cmd, ...args]);
+        return { stdout: '', stderr: '' };
+      },
+      argv: (cmd: string, args: readonly string[]) => [cmd, ...args],
+    };
+    const d = new QemuDriver(
+      { stateDir, accelerator: 'tcg' },
+      {
+        proc: fakeProc({}, {}),
+        exec,
+        qemuVersion: async () => '7.2.0',
+        detectAccelerator: async () => ({ accelerator: 'tcg', reason: 'configured: tcg' }),
+        images: {
+          ensure: async () => {
+            throw new Error('no image is needed');
+          },
+          createRootDisk: async () => {},
+          createBlankDisk: async () => {},
+        },
+      },
+    );
+    await d.init();
+    const served = await d.exportDisks(A, '192.0.2.1');
+    expect(served).toEqual({
+      host: '192.0.2.1',
+      port: expect.any(Number),
+      disks: { root: '', ephemeral: 'ephemeral' },
+    });
+    const qsd = runs.find((r) => r[0] === 'qemu-storage-daemon')!;
+    expect(qsd.join(' ')).not.toContain('root.qcow2');
+    expect(qsd.join(' ')).toContain('ephemeral.qcow2');
+
+    // importDisks of such a guest copies only the ephemeral disk (it writes seeds: e2e/integration tiers).
+  });
+
   it('treats unknown ids as the interface says', async () => {
     const d = driver(fakeProc({}, {}));
     await d.init();
