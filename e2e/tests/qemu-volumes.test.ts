@@ -12,7 +12,9 @@
 //  4. a half-done attach left by a crash (group and nodes added, no device) is completed once, not duplicated;
 //  5. attach to a stopped guest is recorded and plugged at its next boot; a second driver instance (an agent
 //     restart) reports the same volumes() and a repeated attach is a no-op; destroy leaves the volume files alone;
-//  6. with a guest OS (the test image): a virtio volume hot-plugged into the running guest appears in it with its
+//  6. cold migration of a guest booting from a (scsi) volume: exportDisks serves only the ephemeral disk, importDisks
+//     copies only that, and the target boots the same volume;
+//  7. with a guest OS (the test image): a virtio volume hot-plugged into the running guest appears in it with its
 //     serial and size, grows online with extendVolume, and the guest releases it on detach (PCIe hot-plug).
 // Needs root, qemu-system-x86_64, qemu-img and genisoimage; skipped (with a message) otherwise.
 import { execFileSync } from 'node:child_process';
@@ -47,6 +49,8 @@ const VOL_SCSI = 'b0000000-0000-4000-8000-000000000002';
 const VOL_VIRTIO = 'c0000000-0000-4000-8000-000000000003';
 const VOL_CRASH = 'd0000000-0000-4000-8000-000000000004';
 const VOL_STOPPED = 'e0000000-0000-4000-8000-000000000005';
+const UID_MIG = '9e3f4a5b-6c7d-4e8f-9a01-b2c3d4e5f607';
+const ROOT_MIG = 'a1000000-0000-4000-8000-000000000007';
 const UID_OS = '8d2e3f4a-5b6c-4d7e-8f90-a1b2c3d4e5f6';
 const VOL_OS = 'f0000000-0000-4000-8000-000000000006';
 const MiB = 1024 ** 2;
@@ -151,6 +155,8 @@ describe.skipIf(missing !== undefined)('QEMU driver volumes (real QEMU)', () => 
     for (const [dir, id] of [
       [stateDir, UID],
       [path.join(work, 'state-os'), UID_OS],
+      [path.join(work, 'state-src'), UID_MIG],
+      [path.join(work, 'state-dst'), UID_MIG],
     ] as const) {
       const pid = Number((await readFile(path.join(dir, 'guests', id, 'qemu.pid'), 'utf8').catch(() => '')).trim());
       if (pid > 0 && (await cmdline(pid)).includes(id)) process.kill(pid, 'SIGKILL');
@@ -310,6 +316,42 @@ describe.skipIf(missing !== undefined)('QEMU driver volumes (real QEMU)', () => 
     expect(pid && (await cmdline(pid)).includes(UID)).toBeFalsy();
     expect(await d.volumes(UID)).toEqual([]);
     for (const id of [ROOT, VOL_STOPPED]) expect(existsSync(path.join(volDir, `${id}.qcow2`))).toBe(true);
+  });
+
+  it('cold migration of a guest booting from a volume copies only its ephemeral disk; the volume stays where it is', async () => {
+    const src = newDriver({ stateDir: path.join(work, 'state-src') });
+    await src.init();
+    const root = { ...(await volume(ROOT_MIG, 'scsi', 16)), bootIndex: 0 };
+    const migSpec: GuestSpec = {
+      id: UID_MIG,
+      name: 'vol-mig',
+      namespace: 'demo',
+      vcpus: 1,
+      ramMiB: 256,
+      disk: { rootGiB: 0, ephemeralGiB: 1, swapMiB: 0 },
+      rootVolume: root,
+      annotations: {},
+    };
+    await src.spawn(migSpec);
+    expect((await src.volumes(UID_MIG))[0]).toMatchObject({ volumeId: ROOT_MIG, bus: 'scsi', sizeBytes: 16 * MiB });
+    await src.powerOff(UID_MIG, { graceful: false, timeoutMs: 0 });
+    const served = await src.exportDisks(UID_MIG, '127.0.0.1');
+    expect(served.disks).toEqual({ root: '', ephemeral: 'ephemeral' });
+    const dst = newDriver({ stateDir: path.join(work, 'state-dst') });
+    await dst.init();
+    try {
+      expect((await dst.importDisks(migSpec, served)).powerState).toBe('SHUTDOWN');
+    } finally {
+      await src.unexportDisks(UID_MIG);
+    }
+    const dir = path.join(work, 'state-dst', 'guests', UID_MIG);
+    expect(existsSync(path.join(dir, 'root.qcow2'))).toBe(false);
+    expect(existsSync(path.join(dir, 'ephemeral.qcow2'))).toBe(true);
+    expect((await dst.list())[0]).toMatchObject({ id: UID_MIG, diskGiB: 1 });
+    await src.destroy(UID_MIG);
+    await dst.powerOn(UID_MIG);
+    expect((await dst.volumes(UID_MIG))[0]).toMatchObject({ volumeId: ROOT_MIG, bus: 'scsi', sizeBytes: 16 * MiB });
+    await dst.destroy(UID_MIG);
   });
 
   it('a guest OS sees a hot-plugged virtio volume by serial, sees it grow, and releases it on detach', async () => {
