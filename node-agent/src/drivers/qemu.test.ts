@@ -509,6 +509,24 @@ describe('QemuDriver without QEMU', () => {
     ]);
     expect(rootPorts).toBe(2 + 3); // 512 MiB of RAM: 3 spare (6 above 2 GiB)
     expect(bootVolumesOf(record(A, { spec: { ...record(A).spec, ramMiB: 4096 } })).rootPorts).toBe(6);
+    // pcie.0 has 30 slots: 16 NICs, 5 disks, rng, scsi0 and VGA leave 6 for virtio volumes.
+    const nics = Array.from({ length: 16 }, (_, i) => ({
+      device: `stt-${i}`,
+      mac: `fa:16:3e:00:00:${(i + 16).toString(16)}`,
+      addresses: [],
+      routes: [],
+      dns: [],
+      searchDomains: [],
+    }));
+    const crowded = (n: number) =>
+      bootVolumesOf(
+        record(A, {
+          spec: { ...record(A).spec, nics },
+          volumes: Array.from({ length: n }, (_, i) => rv(att(`x${i}`))),
+        }),
+      );
+    expect(crowded(6)).toMatchObject({ rootPorts: 6, fits: true });
+    expect(crowded(7).fits).toBe(false);
   });
 
   it('resizes a guest booting from a volume without copying or growing the volume; volumes stay attached', async () => {

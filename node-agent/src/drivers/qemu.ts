@@ -1048,7 +1048,15 @@ export class QemuDriver implements HypervisorDriver {
         // A saved state restores only onto the same devices: no change while suspended.
         if (rec.suspended) throw new InvalidGuestStateError('attachVolume', id, 'SUSPENDED');
         if (!entry || entry.pending) {
-          rec.volumes = [...(rec.volumes ?? []).filter((v) => v !== entry), recordedVolume(att)];
+          const volumes = [...(rec.volumes ?? []).filter((v) => v !== entry), recordedVolume(att)];
+          if (!bootVolumesOf({ ...rec, volumes }).fits) {
+            throw new DriverError(
+              'attachVolume',
+              id,
+              `attachVolume: guest ${id} has no PCI slot left for another virtio volume; attach it on the scsi bus`,
+            );
+          }
+          rec.volumes = volumes;
           await writeRecord(p.record, rec);
         }
         const v = entry ?? recordedVolume(att);
@@ -1820,7 +1828,7 @@ export class QemuDriver implements HypervisorDriver {
         disks: disksOf(rec),
         nics: nicsOf(rec, { vhost: this.#o.vhostNet ?? false }),
         scsiController: true,
-        ...bootVolumesOf(rec),
+        ...(({ volumes, rootPorts }) => ({ volumes, rootPorts }))(bootVolumesOf(rec)),
         ...(o.restore ? { incoming: 'defer' } : {}),
       });
       const started = Date.now();
@@ -2014,8 +2022,11 @@ export function volumesProblem(spec: Pick<GuestSpec, 'rootVolume' | 'volumes'>):
   return undefined;
 }
 
-/** The volumes of a record as QEMU boots them: the root volume first, then the attached ones (slots assigned). */
-export function bootVolumesOf(rec: GuestRecord): { volumes: VolumeSpec[]; rootPorts: number } {
+/**
+ * The volumes of a record as QEMU boots them: the root volume first, then the attached ones (slots assigned), and the
+ * number of root ports. `fits` is false when its virtio volumes need more ports than pcie.0 has slots for.
+ */
+export function bootVolumesOf(rec: GuestRecord): { volumes: VolumeSpec[]; rootPorts: number; fits: boolean } {
   const out: VolumeSpec[] = [];
   let port = 0;
   let scsiId = 0;
@@ -2049,7 +2060,7 @@ export function bootVolumesOf(rec: GuestRecord): { volumes: VolumeSpec[]; rootPo
     (root && root.bus !== 'scsi' ? 1 : 0) +
     3; /* rng, scsi0, VGA */
   const rootPorts = Math.max(port, Math.min(port + spareRootPorts(rec.spec.ramMiB), 30 - used));
-  return { volumes: out, rootPorts };
+  return { volumes: out, rootPorts, fits: port <= 30 - used };
 }
 
 /** Why a list of NICs cannot be plugged (invalid entry, a tap or MAC used twice), or undefined when it can. */
