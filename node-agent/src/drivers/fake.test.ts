@@ -218,3 +218,51 @@ describe('FakeDriver resize', () => {
     await d.confirmResize('unknown');
   });
 });
+
+describe('FakeDriver volumes', () => {
+  const att = (volumeId: string, bus: 'virtio' | 'scsi' = 'virtio') => ({
+    connection: {
+      volumeId,
+      serial: volumeId.replaceAll('-', '').slice(0, 20),
+      blockdev: { driver: 'qcow2', file: { driver: 'file', filename: `/v/${volumeId}.qcow2` } },
+    },
+    bus,
+  });
+
+  it('attaches once (a repeat returns it unchanged), detaches idempotently, extends and sets QoS', async () => {
+    const d = new FakeDriver();
+    await d.spawn(spec('a'));
+    const v = await d.attachVolume('a', att('vol-1', 'scsi'));
+    expect(v).toEqual({ volumeId: 'vol-1', serial: 'vol1', bus: 'scsi', device: 'dvol1' });
+    expect(await d.attachVolume('a', { ...att('vol-1'), bus: 'virtio' })).toEqual(v);
+    expect(await d.volumes('a')).toEqual([v]);
+    await d.extendVolume('a', 'vol-1', 2 * 1024 ** 3);
+    await d.extendVolume('a', 'vol-1', 1024 ** 3); // never shrinks
+    expect((await d.volumes('a'))[0]?.sizeBytes).toBe(2 * 1024 ** 3);
+    await d.setVolumeQos('a', 'vol-1', { totalIopsSec: 100 });
+    expect(d.volumeQos('a', 'vol-1')).toEqual({ totalIopsSec: 100 });
+    await expect(d.extendVolume('a', 'nope', 1)).rejects.toBeInstanceOf(DriverError);
+    await d.detachVolume('a', 'vol-1');
+    await d.detachVolume('a', 'vol-1');
+    await d.detachVolume('unknown', 'vol-1');
+    expect(await d.volumes('a')).toEqual([]);
+    await expect(d.attachVolume('unknown', att('vol-1'))).rejects.toBeInstanceOf(GuestNotFoundError);
+  });
+
+  it('keeps volumes of a stopped guest; boots from a root volume that cannot be detached and is not local disk', async () => {
+    const d = new FakeDriver();
+    await d.spawn({ ...spec('b'), rootVolume: { ...att('root-1'), bootIndex: 0 }, volumes: [att('vol-2', 'scsi')] });
+    expect((await d.list())[0]).toMatchObject({ diskGiB: 6 }); // ephemeral 5 + swap 1, no root disk
+    await d.powerOff('b', { graceful: false, timeoutMs: 0 });
+    await d.attachVolume('b', att('vol-3'));
+    await d.powerOn('b');
+    expect((await d.volumes('b')).map((v) => v.volumeId)).toEqual(['root-1', 'vol-2', 'vol-3']);
+    await expect(d.detachVolume('b', 'root-1')).rejects.toBeInstanceOf(DriverError);
+    await d.resize(
+      'b',
+      { ...spec('b'), disk: { rootGiB: 40, ephemeralGiB: 5, swapMiB: 512 } },
+      { graceful: true, timeoutMs: 0 },
+    );
+    expect((await d.list())[0]).toMatchObject({ diskGiB: 6 });
+  });
+});

@@ -73,8 +73,19 @@ interface FakeGuest {
   ephemeralGiB: number;
   /** What the guest wrote on its disks (tests). */
   data?: string | undefined;
+  /** Attached volumes by volume id, in attach order (the root volume first). */
+  volumes: Map<string, FakeVolume>;
   /** Sizes before an unconfirmed resize (restored by revertResize). */
   preResize?: { vcpus: number; ramMiB: number; diskGiB: number; rootGiB: number; ephemeralGiB: number };
+}
+
+interface FakeVolume {
+  volumeId: string;
+  serial: string;
+  bus: 'virtio' | 'scsi';
+  root: boolean;
+  sizeBytes: number | undefined;
+  qos: VolumeQos;
 }
 
 /** One entry of the operation log kept for tests (last 200 calls). */
@@ -142,9 +153,15 @@ export class FakeDriver implements HypervisorDriver {
       pid: undefined,
       startedAt: undefined,
       failOps,
-      rootGiB: spec.disk.rootGiB,
+      rootGiB: spec.rootVolume ? 0 : spec.disk.rootGiB,
       ephemeralGiB: spec.disk.ephemeralGiB,
+      volumes: new Map(),
     };
+    if (spec.rootVolume) {
+      g.diskGiB -= spec.disk.rootGiB; // the root disk is the volume, not the node's
+      addVolume(g, spec.rootVolume, true);
+    }
+    for (const att of spec.volumes ?? []) addVolume(g, att, false);
     this.#boot(g);
     this.#guests.set(g.id, g);
     return stateOf(g);
@@ -203,7 +220,9 @@ export class FakeDriver implements HypervisorDriver {
 
   async resize(id: string, spec: GuestSpec, _opts: PowerOffOptions): Promise<void> {
     const g = await this.#op('resize', id);
-    const rootGiB = spec.disk.rootGiB > 0 ? spec.disk.rootGiB : g.rootGiB;
+    // A guest booting from a volume has no root disk of its own: the volume is neither copied nor grown.
+    const fromVolume = [...g.volumes.values()].some((v) => v.root);
+    const rootGiB = fromVolume ? 0 : spec.disk.rootGiB > 0 ? spec.disk.rootGiB : g.rootGiB;
     const size = {
       vcpus: spec.vcpus,
       ramMiB: spec.ramMiB,
@@ -250,25 +269,46 @@ export class FakeDriver implements HypervisorDriver {
     return { host, port: 10_809, disks: { root: id, ...(g.ephemeralGiB > 0 ? { ephemeral: `${id}-eph` } : {}) } };
   }
 
-  // Volume attachment (driver.ts): not implemented yet in this driver.
-  async attachVolume(id: string, _att: VolumeAttachmentSpec): Promise<AttachedVolume> {
-    throw new DriverError('attachVolume', id, 'volume attachment is not implemented by this driver');
+  // Volumes: in memory, with the QEMU driver's rules (a repeat returns the attachment unchanged, a detach of what is
+  // not attached succeeds, a stopped guest keeps them for its next boot).
+
+  async attachVolume(id: string, att: VolumeAttachmentSpec): Promise<AttachedVolume> {
+    const g = await this.#op('attachVolume', id);
+    if (g.powerState === 'SUSPENDED') throw new InvalidGuestStateError('attachVolume', id, g.powerState);
+    const v = g.volumes.get(att.connection.volumeId) ?? addVolume(g, att, false);
+    return attachedOf(v);
   }
 
-  async detachVolume(id: string, _volumeId: string): Promise<void> {
-    throw new DriverError('detachVolume', id, 'volume attachment is not implemented by this driver');
+  async detachVolume(id: string, volumeId: string): Promise<void> {
+    const g = this.#guests.get(id);
+    if (!g?.volumes.has(volumeId)) return;
+    await this.#work('detachVolume', id, g.failOps);
+    const v = g.volumes.get(volumeId);
+    if (v?.root)
+      throw new DriverError('detachVolume', id, `detachVolume: volume ${volumeId} is the root disk of guest ${id}`);
+    if (g.powerState === 'SUSPENDED') throw new InvalidGuestStateError('detachVolume', id, g.powerState);
+    g.volumes.delete(volumeId);
   }
 
-  async volumes(_id: string): Promise<AttachedVolume[]> {
-    return [];
+  async volumes(id: string): Promise<AttachedVolume[]> {
+    const g = this.#guests.get(id);
+    return g ? [...g.volumes.values()].map(attachedOf) : [];
   }
 
-  async extendVolume(id: string, _volumeId: string, _sizeBytes: number): Promise<void> {
-    throw new DriverError('extendVolume', id, 'volume attachment is not implemented by this driver');
+  async extendVolume(id: string, volumeId: string, sizeBytes: number): Promise<void> {
+    const g = await this.#op('extendVolume', id);
+    const v = attachedVolume(g, volumeId, 'extendVolume');
+    if (v.sizeBytes === undefined || v.sizeBytes < sizeBytes) v.sizeBytes = sizeBytes;
   }
 
-  async setVolumeQos(id: string, _volumeId: string, _qos: VolumeQos): Promise<void> {
-    throw new DriverError('setVolumeQos', id, 'volume attachment is not implemented by this driver');
+  async setVolumeQos(id: string, volumeId: string, qos: VolumeQos): Promise<void> {
+    const g = await this.#op('setVolumeQos', id);
+    attachedVolume(g, volumeId, 'setVolumeQos').qos = { ...qos };
+  }
+
+  /** The QoS a volume has (tests). */
+  volumeQos(id: string, volumeId: string): VolumeQos | undefined {
+    return this.#guests.get(id)?.volumes.get(volumeId)?.qos;
   }
 
   async unexportDisks(id: string): Promise<void> {
@@ -426,6 +466,35 @@ export class FakeDriver implements HypervisorDriver {
       queueMicrotask(() => l(e));
     }
   }
+}
+
+function addVolume(g: FakeGuest, att: VolumeAttachmentSpec, root: boolean): FakeVolume {
+  const v: FakeVolume = {
+    volumeId: att.connection.volumeId,
+    serial: att.connection.serial,
+    bus: att.bus,
+    root,
+    sizeBytes: undefined,
+    qos: { ...(att.qos ?? {}) },
+  };
+  g.volumes.set(v.volumeId, v);
+  return v;
+}
+
+function attachedVolume(g: FakeGuest, volumeId: string, op: DriverOp): FakeVolume {
+  const v = g.volumes.get(volumeId);
+  if (!v) throw new DriverError(op, g.id, `${op}: volume ${volumeId} is not attached to guest ${g.id}`);
+  return v;
+}
+
+function attachedOf(v: FakeVolume): AttachedVolume {
+  return {
+    volumeId: v.volumeId,
+    serial: v.serial,
+    bus: v.bus,
+    device: `d${v.serial}`,
+    ...(v.sizeBytes !== undefined ? { sizeBytes: v.sizeBytes } : {}),
+  };
 }
 
 function sizeOf(g: FakeGuest): NonNullable<FakeGuest['preResize']> {

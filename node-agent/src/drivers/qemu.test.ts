@@ -6,7 +6,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { spawnFailureMessage } from '../compute.ts';
-import { DriverError, GuestNotFoundError, type GuestSpec } from '../driver.ts';
+import {
+  DriverError,
+  GuestNotFoundError,
+  type GuestSpec,
+  InvalidGuestStateError,
+  type VolumeAttachmentSpec,
+} from '../driver.ts';
 import { type CachedImage, ImageError } from '../images/cache.ts';
 import { ExecError } from '../network/exec.ts';
 import { noCloudFiles } from '../seed/nocloud.ts';
@@ -25,6 +31,7 @@ import { guestProcess, isGuestCmdline, type ProcReader, parsePid } from './qemu/
 import { diskGiBOf, type GuestRecord, guestPaths, readRecord, writeRecord } from './qemu/record.ts';
 import {
   acquireLaunchLock,
+  bootVolumesOf,
   crashDetail,
   disksOf,
   type ImageOps,
@@ -445,6 +452,165 @@ describe('QemuDriver without QEMU', () => {
     await d.revertResize(A, off); // confirmed: nothing left to revert
     expect((await readRecord(p.record))!.spec.vcpus).toBe(2);
     await d.confirmResize(B); // unknown id
+  });
+
+  const att = (serial: string, bus: 'virtio' | 'scsi' = 'virtio'): VolumeAttachmentSpec => ({
+    connection: {
+      volumeId: `vol-${serial}`,
+      serial,
+      blockdev: { driver: 'qcow2', file: { driver: 'file', filename: `/v/${serial}.qcow2` } },
+    },
+    bus,
+  });
+
+  it('keeps the volumes of a stopped guest in guest.json: attach once, detach, extend and QoS recorded', async () => {
+    const p = guestPaths(stateDir, A);
+    await mkdir(p.dir, { recursive: true });
+    await writeRecord(p.record, record(A));
+    const d = driver(fakeProc({}, {}));
+    await d.init();
+    const v = await d.attachVolume(A, att('aa11', 'scsi'));
+    expect(v).toEqual({ volumeId: 'vol-aa11', serial: 'aa11', bus: 'scsi', device: 'daa11' });
+    expect(await d.attachVolume(A, att('aa11', 'scsi'))).toEqual(v);
+    await d.attachVolume(A, att('bb22'));
+    expect((await readRecord(p.record))!.volumes?.map((x) => x.connection.volumeId)).toEqual(['vol-aa11', 'vol-bb22']);
+    expect(await d.volumes(A)).toEqual([v, { volumeId: 'vol-bb22', serial: 'bb22', bus: 'virtio', device: 'dbb22' }]);
+    await d.extendVolume(A, 'vol-aa11', 2 * 1024 ** 3); // stopped: QEMU reads the size at the next boot
+    await expect(d.extendVolume(A, 'vol-zz', 1)).rejects.toBeInstanceOf(DriverError);
+    await d.setVolumeQos(A, 'vol-bb22', { totalIopsSec: 50 });
+    expect((await readRecord(p.record))!.volumes?.[1]?.qos).toEqual({ totalIopsSec: 50 });
+    await d.detachVolume(A, 'vol-aa11');
+    await d.detachVolume(A, 'vol-aa11');
+    await d.detachVolume(B, 'vol-aa11'); // unknown guest
+    expect((await d.volumes(A)).map((x) => x.volumeId)).toEqual(['vol-bb22']);
+    await expect(d.attachVolume(A, att('BAD-1'))).rejects.toThrow(/serial/);
+    await writeRecord(p.record, {
+      ...(await readRecord(p.record))!,
+      suspended: { stateFile: '/x', at: 'now', bytes: 1 },
+    });
+    await expect(d.attachVolume(A, att('cc33'))).rejects.toBeInstanceOf(InvalidGuestStateError);
+    await expect(d.attachVolume(C, att('cc33'))).rejects.toBeInstanceOf(GuestNotFoundError);
+  });
+
+  it('boots a root volume on pcie.0 and the others on root ports or scsi-ids; spare ports for hot-plug', () => {
+    const rv = (a: VolumeAttachmentSpec, over: object = {}) => ({ ...a, connection: { ...a.connection }, ...over });
+    const r = record(A, {
+      spec: { ...record(A).spec, rootVolume: rv(att('root1'), { bootIndex: 0 }) },
+      disks: { ...record(A).disks, root: undefined, rootBytes: 0 },
+      volumes: [rv(att('v1')), rv(att('s1', 'scsi')), rv(att('v2')), rv(att('gone'), { pending: 'detach' })],
+    });
+    expect(disksOf(r).map((x) => x.id)).toEqual(['ephemeral0', 'swap', 'seed', 'config-drive']);
+    const { volumes, rootPorts } = bootVolumesOf(r);
+    expect(volumes.map((v) => [v.serial, v.slot, v.bootIndex])).toEqual([
+      ['root1', { bus: 'virtio', port: 'pcie.0' }, 0],
+      ['v1', { bus: 'virtio', port: 0 }, undefined],
+      ['s1', { bus: 'scsi', scsiId: 0 }, undefined],
+      ['v2', { bus: 'virtio', port: 1 }, undefined],
+    ]);
+    expect(rootPorts).toBe(2 + 3); // 512 MiB of RAM: 3 spare (6 above 2 GiB)
+    expect(bootVolumesOf(record(A, { spec: { ...record(A).spec, ramMiB: 4096 } })).rootPorts).toBe(6);
+    // pcie.0 has 30 slots: 16 NICs, 5 disks, rng, scsi0 and VGA leave 6 for virtio volumes.
+    const nics = Array.from({ length: 16 }, (_, i) => ({
+      device: `stt-${i}`,
+      mac: `fa:16:3e:00:00:${(i + 16).toString(16)}`,
+      addresses: [],
+      routes: [],
+      dns: [],
+      searchDomains: [],
+    }));
+    const crowded = (n: number) =>
+      bootVolumesOf(
+        record(A, {
+          spec: { ...record(A).spec, nics },
+          volumes: Array.from({ length: n }, (_, i) => rv(att(`x${i}`))),
+        }),
+      );
+    expect(crowded(6)).toMatchObject({ rootPorts: 6, fits: true });
+    expect(crowded(7).fits).toBe(false);
+  });
+
+  it('resizes a guest booting from a volume without copying or growing the volume; volumes stay attached', async () => {
+    const p = guestPaths(stateDir, A);
+    await mkdir(p.dir, { recursive: true });
+    const base = record(A);
+    await writeRecord(p.record, {
+      ...base,
+      image: undefined,
+      spec: { ...base.spec, disk: { rootGiB: 0, ephemeralGiB: 2, swapMiB: 0 }, rootVolume: att('root1') },
+      disks: { seed: base.disks.seed, rootBytes: 0, ephemeral: p.ephemeral },
+    });
+    await writeFile(p.ephemeral, 'e');
+    const calls: string[] = [];
+    const d = driver(fakeProc({}, {}), {
+      growDisk: async (o) => {
+        calls.push(`grow ${o.path.split('/').pop()}`);
+      },
+      copyDisk: async (o) => {
+        calls.push(`copy ${o.from.split('/').pop()}`);
+        await writeFile(o.to, await readFile(o.from));
+      },
+    });
+    await d.init();
+    await d.attachVolume(A, att('dd44'));
+    const off = { graceful: true, timeoutMs: 1000 };
+    await d.resize(A, spec({ disk: { rootGiB: 20, ephemeralGiB: 3, swapMiB: 0 }, rootVolume: att('root1') }), off);
+    expect(calls).toEqual(['copy ephemeral.qcow2', 'grow ephemeral.qcow2']);
+    const after = (await readRecord(p.record))!;
+    expect(after.disks.root).toBeUndefined();
+    expect(after.disks.rootBytes).toBe(0);
+    expect(after.spec.rootVolume?.connection.volumeId).toBe('vol-root1');
+    expect((await d.list())[0]).toMatchObject({ diskGiB: 3 });
+    await d.attachVolume(A, att('ee55'));
+    await d.revertResize(A, off);
+    expect((await d.volumes(A)).map((v) => v.volumeId)).toEqual(['vol-root1', 'vol-dd44', 'vol-ee55']);
+  });
+
+  it('exports only the ephemeral disk of a guest booting from a volume (cold migration)', async () => {
+    const p = guestPaths(stateDir, A);
+    await mkdir(p.dir, { recursive: true });
+    const base = record(A);
+    await writeRecord(p.record, {
+      ...base,
+      image: undefined,
+      spec: { ...base.spec, disk: { rootGiB: 0, ephemeralGiB: 2, swapMiB: 0 }, rootVolume: att('root1') },
+      disks: { seed: base.disks.seed, rootBytes: 0, ephemeral: p.ephemeral },
+    });
+    const runs: string[][] = [];
+    const exec = {
+      run: async (cmd: string, args: readonly string[]) => {
+        runs.push([cmd, ...args]);
+        return { stdout: '', stderr: '' };
+      },
+      argv: (cmd: string, args: readonly string[]) => [cmd, ...args],
+    };
+    const d = new QemuDriver(
+      { stateDir, accelerator: 'tcg' },
+      {
+        proc: fakeProc({}, {}),
+        exec,
+        qemuVersion: async () => '7.2.0',
+        detectAccelerator: async () => ({ accelerator: 'tcg', reason: 'configured: tcg' }),
+        images: {
+          ensure: async () => {
+            throw new Error('no image is needed');
+          },
+          createRootDisk: async () => {},
+          createBlankDisk: async () => {},
+        },
+      },
+    );
+    await d.init();
+    const served = await d.exportDisks(A, '192.0.2.1');
+    expect(served).toEqual({
+      host: '192.0.2.1',
+      port: expect.any(Number),
+      disks: { root: '', ephemeral: 'ephemeral' },
+    });
+    const qsd = runs.find((r) => r[0] === 'qemu-storage-daemon')!;
+    expect(qsd.join(' ')).not.toContain('root.qcow2');
+    expect(qsd.join(' ')).toContain('ephemeral.qcow2');
+
+    // importDisks of such a guest copies only the ephemeral disk (it writes seeds: e2e/integration tiers).
   });
 
   it('treats unknown ids as the interface says', async () => {

@@ -44,6 +44,7 @@ import {
   type PowerOffOptions,
   type VolumeAttachmentSpec,
   type VolumeQos,
+  volumeSerial,
 } from '../driver.ts';
 import { type CachedImage, ImageCache, ImageError, type ImageSource } from '../images/cache.ts';
 import { copyDisk, createBlankDisk, createRootDisk, growDisk } from '../images/disks.ts';
@@ -54,8 +55,22 @@ import {
   type DetectAcceleratorOptions,
   detectAccelerator,
 } from '../qemu/accel.ts';
-import { type DiskSpec, type NicSpec, qemuArgs } from '../qemu/cmdline.ts';
-import { QmpClient, type QmpEvent, type QmpStatus } from '../qemu/qmp.ts';
+import { type DiskSpec, type NicSpec, qemuArgs, type VolumeSpec } from '../qemu/cmdline.ts';
+import { QmpClient, QmpError, type QmpEvent, type QmpStatus } from '../qemu/qmp.ts';
+import {
+  MAX_SCSI_ID,
+  rootPortOfBus,
+  SERIAL_RE,
+  serialOfDevice,
+  spareRootPorts,
+  throttleBlockdev,
+  throttleGroupObject,
+  throttleLimits,
+  type VolumeSlot,
+  volumeBlockdev,
+  volumeDevice,
+  volumeNames,
+} from '../qemu/volumes.ts';
 import { writeConfigDriveIso } from '../seed/configdrive.ts';
 import type { GuestNicInput } from '../seed/nic.ts';
 import { writeNoCloudIso } from '../seed/nocloud.ts';
@@ -82,6 +97,7 @@ import {
   MAX_SOCKET_PATH,
   RecordedNic,
   type RecordedSpec,
+  RecordedVolume,
   readRecord,
   writeRecord,
 } from './qemu/record.ts';
@@ -142,6 +158,11 @@ export interface QemuDriverOptions {
    * QEMU keeps root. The node agent's --qemu-user defaults to stratus-qemu. See drivers/qemu/user.ts.
    */
   qemuUser?: string;
+  /**
+   * How long detachVolume waits for the guest to release a device (DEVICE_DELETED) before it fails (the unplug stays
+   * requested; the caller retries). Default 30 s. scsi needs no guest help; virtio-blk needs the guest's PCIe hot-plug.
+   */
+  volumeDetachTimeoutMs?: number;
   /** Which addresses image URLs may reach (the image cache's URL guard; default: no loopback/link-local). */
   imageUrlPolicy?: { allowCidrs?: string[]; denyCidrs?: string[] };
 }
@@ -484,7 +505,7 @@ export class QemuDriver implements HypervisorDriver {
     const keys = new Set<string>();
     for (const id of await this.#guestIds()) {
       const rec = await readRecord(this.paths(id).record).catch(() => undefined);
-      if (rec) keys.add(rec.image.key);
+      if (rec?.image) keys.add(rec.image.key);
     }
     return keys;
   }
@@ -501,19 +522,22 @@ export class QemuDriver implements HypervisorDriver {
       if (existing) return this.#stateOf(id, existing);
       const nicProblem = nicsProblem(spec.nics ?? []);
       if (nicProblem) throw new DriverError('spawn', id, `spawn: ${nicProblem}`);
+      const volumeProblem = volumesProblem(spec);
+      if (volumeProblem) throw new DriverError('spawn', id, `spawn: ${volumeProblem}`);
       const src = spec.imageSource;
-      if (!src) {
+      if (!src && !spec.rootVolume) {
         const what = spec.image ? `image ${spec.image} was not found in namespace ${spec.namespace}` : 'no image';
-        throw new DriverError('spawn', id, `spawn: ${what} (booting from volumes is not supported yet)`);
+        throw new DriverError('spawn', id, `spawn: ${what}`);
       }
-      // Download (or reuse) first: an ImageError leaves nothing behind in the guest directory.
-      const image = await this.#images!.ensure(src);
-      const rootBytes = spec.disk.rootGiB > 0 ? spec.disk.rootGiB * GiB : image.virtualSize;
+      // Download (or reuse) first: an ImageError leaves nothing behind in the guest directory. A guest booting from
+      // a volume needs no image: the volume is its root disk.
+      const image = spec.rootVolume ? undefined : await this.#images!.ensure(src!);
+      const rootBytes = !image ? 0 : spec.disk.rootGiB > 0 ? spec.disk.rootGiB * GiB : image.virtualSize;
       await rm(p.dir, { recursive: true, force: true }); // leftovers of an interrupted spawn
       await mkdir(p.dir, { recursive: true, mode: 0o700 });
       let launched = false;
       try {
-        await this.#images!.createRootDisk({ base: image, path: p.root, sizeBytes: rootBytes });
+        if (image) await this.#images!.createRootDisk({ base: image, path: p.root, sizeBytes: rootBytes });
         if (spec.disk.ephemeralGiB > 0) {
           await this.#images!.createBlankDisk({ path: p.ephemeral, sizeBytes: spec.disk.ephemeralGiB * GiB });
         }
@@ -541,7 +565,7 @@ export class QemuDriver implements HypervisorDriver {
   /** Writes the seeds of a guest whose disks exist and returns its record (not written yet). */
   async #define(
     spec: GuestSpec,
-    image: CachedImage,
+    image: CachedImage | undefined,
     rootBytes: number,
     accel: AcceleratorDecision,
   ): Promise<GuestRecord> {
@@ -580,15 +604,19 @@ export class QemuDriver implements HypervisorDriver {
       spec: recordedSpec(spec),
       accelerator,
       cache: this.#cache,
-      image: {
-        key: image.key,
-        path: image.path,
-        format: image.format,
-        virtualSize: image.virtualSize,
-        sha256: image.sha256,
-      },
+      ...(image
+        ? {
+            image: {
+              key: image.key,
+              path: image.path,
+              format: image.format,
+              virtualSize: image.virtualSize,
+              sha256: image.sha256,
+            },
+          }
+        : {}),
       disks: {
-        root: p.root,
+        ...(image ? { root: p.root } : {}),
         rootBytes,
         ...(spec.disk.ephemeralGiB > 0 ? { ephemeral: p.ephemeral } : {}),
         ...(spec.disk.swapMiB > 0 ? { swap: p.swap } : {}),
@@ -596,6 +624,7 @@ export class QemuDriver implements HypervisorDriver {
         ...(spec.configDrive ? { configDrive: p.configDrive } : {}),
       },
       createdAt: isoNow(),
+      volumes: (spec.volumes ?? []).map(recordedVolume),
     };
     return rec;
   }
@@ -784,7 +813,9 @@ export class QemuDriver implements HypervisorDriver {
   async resize(id: string, spec: GuestSpec, opts: PowerOffOptions): Promise<void> {
     await this.#op('resize', id, async (rec, live) => {
       const p = this.paths(id);
-      const rootBytes = spec.disk.rootGiB > 0 ? spec.disk.rootGiB * GiB : rec.disks.rootBytes;
+      // A guest booting from a volume has no root file: its root disk is the volume (never copied nor grown here).
+      const root = rec.disks.root;
+      const rootBytes = !root ? 0 : spec.disk.rootGiB > 0 ? spec.disk.rootGiB * GiB : rec.disks.rootBytes;
       const sameSize =
         rec.spec.vcpus === spec.vcpus &&
         rec.spec.ramMiB === spec.ramMiB &&
@@ -810,17 +841,17 @@ export class QemuDriver implements HypervisorDriver {
       const oldEphemeral = join(old, 'ephemeral.qcow2');
       if (await pathExists(complete)) {
         // An earlier resize was interrupted after the backup: start again from the backed-up disks.
-        await images.copyDisk!({ from: oldRoot, to: rec.disks.root });
+        if (root) await images.copyDisk!({ from: oldRoot, to: root });
         if (rec.disks.ephemeral) await images.copyDisk!({ from: oldEphemeral, to: rec.disks.ephemeral });
       } else {
         await rm(old, { recursive: true, force: true });
         await mkdir(old, { recursive: true, mode: 0o700 });
-        await images.copyDisk!({ from: rec.disks.root, to: oldRoot });
+        if (root) await images.copyDisk!({ from: root, to: oldRoot });
         if (rec.disks.ephemeral) await images.copyDisk!({ from: rec.disks.ephemeral, to: oldEphemeral });
         await writeRecord(join(old, 'guest.json'), rec);
         await writeFile(complete, '');
       }
-      if (rootBytes > rec.disks.rootBytes) await images.growDisk!({ path: rec.disks.root, sizeBytes: rootBytes });
+      if (root && rootBytes > rec.disks.rootBytes) await images.growDisk!({ path: root, sizeBytes: rootBytes });
       let ephemeral: string | undefined;
       if (spec.disk.ephemeralGiB > 0) {
         ephemeral = p.ephemeral;
@@ -838,7 +869,12 @@ export class QemuDriver implements HypervisorDriver {
       }
       const next: GuestRecord = {
         ...rec,
-        spec: { ...recordedSpec(spec), accelerator: rec.spec.accelerator },
+        // The volumes stay as attached (hot-plug changes went through attachVolume), so does the root volume.
+        spec: {
+          ...recordedSpec(spec),
+          accelerator: rec.spec.accelerator,
+          ...(rec.spec.rootVolume ? { rootVolume: rec.spec.rootVolume } : {}),
+        },
         disks: {
           ...rec.disks,
           rootBytes,
@@ -891,7 +927,7 @@ export class QemuDriver implements HypervisorDriver {
       if (!prev) throw new Error(`${p.resizeOld} has no guest.json`);
       if (live) await this.#stop(live, opts);
       const images = this.#images!;
-      await images.copyDisk!({ from: join(p.resizeOld, 'root.qcow2'), to: prev.disks.root });
+      if (prev.disks.root) await images.copyDisk!({ from: join(p.resizeOld, 'root.qcow2'), to: prev.disks.root });
       if (prev.disks.ephemeral) {
         await images.copyDisk!({ from: join(p.resizeOld, 'ephemeral.qcow2'), to: prev.disks.ephemeral });
       } else {
@@ -903,7 +939,8 @@ export class QemuDriver implements HypervisorDriver {
           await images.createBlankDisk({ path: p.swap, sizeBytes: prev.spec.disk.swapMiB * MiB });
         }
       }
-      const restored: GuestRecord = { ...prev };
+      // Volumes attached meanwhile stay attached (they are not the resize's).
+      const restored: GuestRecord = { ...prev, ...(rec.volumes ? { volumes: rec.volumes } : {}) };
       delete restored.resizePending;
       delete restored.lastExit;
       delete restored.suspended;
@@ -930,7 +967,8 @@ export class QemuDriver implements HypervisorDriver {
         return;
       }
       await this.#endExport(id);
-      const disks = { root: 'root', ...(rec.disks.ephemeral ? { ephemeral: 'ephemeral' } : {}) };
+      // A guest booting from a volume has no root file to serve (root ''): the volume is reached where it is.
+      const disks = { root: rec.disks.root ? 'root' : '', ...(rec.disks.ephemeral ? { ephemeral: 'ephemeral' } : {}) };
       const blockdevs = (name: string, file: string) => [
         '--blockdev',
         `driver=file,node-name=${name}-file,filename=${file},read-only=on`,
@@ -940,7 +978,7 @@ export class QemuDriver implements HypervisorDriver {
         `type=nbd,id=export-${name},node-name=${name},name=${name},writable=off`,
       ];
       const args = [
-        ...blockdevs('root', rec.disks.root),
+        ...(rec.disks.root ? blockdevs('root', rec.disks.root) : []),
         ...(rec.disks.ephemeral ? blockdevs('ephemeral', rec.disks.ephemeral) : []),
       ];
       // A port per guest from its id, the next ones when taken (the netns of the node may not be the agent's).
@@ -967,7 +1005,7 @@ export class QemuDriver implements HypervisorDriver {
           if (err instanceof ExecError && /in use/i.test(err.stderr)) continue;
           throw err;
         }
-        out = { host, port, disks, imageSha256: rec.image.sha256 };
+        out = { host, port, disks, ...(rec.image ? { imageSha256: rec.image.sha256 } : {}) };
         await writeFile(p.exportInfo, `${JSON.stringify(out)}\n`, { mode: 0o600 });
         this.#log.info({ guest: id, host, port }, 'disks exported read-only over NBD');
         return;
@@ -977,25 +1015,305 @@ export class QemuDriver implements HypervisorDriver {
     return out!;
   }
 
-  // Volume attachment (driver.ts): not implemented yet in this driver.
-  async attachVolume(id: string, _att: VolumeAttachmentSpec): Promise<AttachedVolume> {
-    throw new DriverError('attachVolume', id, 'volume attachment is not implemented by this driver');
+  // ---- volumes (Cinder attachments): hot-plug over QMP, guest.json for the next boot ----
+
+  async attachVolume(id: string, att: VolumeAttachmentSpec): Promise<AttachedVolume> {
+    const problem = attachmentProblem(att);
+    if (problem) throw new DriverError('attachVolume', id, `attachVolume: ${problem}`);
+    let out!: AttachedVolume;
+    await this.#op('attachVolume', id, async (rec, live) => {
+      const c = att.connection;
+      const root = rec.spec.rootVolume;
+      if (root?.connection.volumeId === c.volumeId) {
+        out = {
+          volumeId: c.volumeId,
+          serial: root.connection.serial,
+          bus: root.bus,
+          device: volumeNames(root.connection.serial).device,
+        };
+        return;
+      }
+      const p = this.paths(id);
+      const entry = (rec.volumes ?? []).find((v) => v.connection.volumeId === c.volumeId);
+      const other = (rec.volumes ?? []).find(
+        (v) => v.connection.volumeId !== c.volumeId && v.connection.serial === c.serial,
+      );
+      if (other)
+        throw new DriverError(
+          'attachVolume',
+          id,
+          `attachVolume: serial ${c.serial} is used by volume ${other.connection.volumeId}`,
+        );
+      if (!live) {
+        // A saved state restores only onto the same devices: no change while suspended.
+        if (rec.suspended) throw new InvalidGuestStateError('attachVolume', id, 'SUSPENDED');
+        if (!entry || entry.pending) {
+          const volumes = [...(rec.volumes ?? []).filter((v) => v !== entry), recordedVolume(att)];
+          if (!bootVolumesOf({ ...rec, volumes }).fits) {
+            throw new DriverError(
+              'attachVolume',
+              id,
+              `attachVolume: guest ${id} has no PCI slot left for another virtio volume; attach it on the scsi bus`,
+            );
+          }
+          rec.volumes = volumes;
+          await writeRecord(p.record, rec);
+        }
+        const v = entry ?? recordedVolume(att);
+        out = {
+          volumeId: c.volumeId,
+          serial: v.connection.serial,
+          bus: v.bus,
+          device: volumeNames(v.connection.serial).device,
+        };
+        return;
+      }
+      const n = volumeNames((entry ?? att).connection.serial);
+      const devices = await peripherals(live.qmp);
+      if (devices.has(n.device)) {
+        // Already plugged (a repeat, or a crash between device_add and guest.json): the record follows QEMU.
+        if (!entry || entry.pending) {
+          const kept = entry ?? recordedVolume(att);
+          delete kept.pending;
+          rec.volumes = [...(rec.volumes ?? []).filter((v) => v !== entry), kept];
+          await writeRecord(p.record, rec);
+        }
+        const bus = devices.get(n.device) === 'scsi-hd' ? 'scsi' : 'virtio';
+        out = { volumeId: c.volumeId, serial: n.device.slice(1), bus, device: n.device };
+        const size = (await blockSizes(live.qmp)).get(n.device.slice(1));
+        if (size !== undefined) out.sizeBytes = size;
+        return;
+      }
+      // Intent first: a crash from here on leaves an entry the retried attach completes (or the next boot plugs).
+      const want: RecordedVolume = { ...recordedVolume(att), pending: 'attach' };
+      rec.volumes = [...(rec.volumes ?? []).filter((v) => v !== entry), want];
+      await writeRecord(p.record, rec);
+      // Leftovers of an attach interrupted before its device (objects, nodes): removed, then done again once.
+      await this.#unplugNodes(live, want);
+      const slot = await freeSlot(live.qmp, att.bus, devices);
+      if (!slot) {
+        rec.volumes = rec.volumes.filter((v) => v !== want);
+        await writeRecord(p.record, rec);
+        throw new DriverError(
+          'attachVolume',
+          id,
+          `attachVolume: no free PCIe root port for a virtio volume in guest ${id} (ports are made at boot); attach it on the scsi bus or power the guest off and on`,
+        );
+      }
+      try {
+        for (const o of c.objects ?? []) await live.qmp.execute('object-add', o);
+        await live.qmp.execute('object-add', throttleGroupObject(c.serial, att.qos));
+        await live.qmp.execute('blockdev-add', volumeBlockdev(c, rec.cache));
+        await live.qmp.execute('blockdev-add', throttleBlockdev(c.serial, c.readOnly ?? false));
+        await live.qmp.execute('device_add', volumeDevice(c.serial, slot, att.bootIndex));
+      } catch (err) {
+        await this.#unplugNodes(live, want).catch((e: unknown) =>
+          this.#log.warn({ err: e, guest: id, volume: c.volumeId }, 'cleaning a failed attach failed'),
+        );
+        rec.volumes = rec.volumes.filter((v) => v !== want);
+        await writeRecord(p.record, rec);
+        throw new DriverError('attachVolume', id, `attachVolume: volume ${c.volumeId}: ${errMsg(err)}`, { cause: err });
+      }
+      delete want.pending;
+      await writeRecord(p.record, rec);
+      out = { volumeId: c.volumeId, serial: c.serial, bus: att.bus, device: n.device };
+      const size = (await blockSizes(live.qmp)).get(c.serial);
+      if (size !== undefined) out.sizeBytes = size;
+      this.#log.info({ guest: id, volume: c.volumeId, bus: att.bus, slot }, 'volume attached');
+    });
+    return out;
   }
 
-  async detachVolume(id: string, _volumeId: string): Promise<void> {
-    throw new DriverError('detachVolume', id, 'volume attachment is not implemented by this driver');
+  async detachVolume(id: string, volumeId: string): Promise<void> {
+    this.#ready();
+    if (!GuestId.safeParse(id).success) return;
+    await this.#withLock(id, async () => {
+      const p = this.paths(id);
+      const rec = await readRecord(p.record);
+      if (!rec) return; // no guest: nothing attached
+      if (rec.spec.rootVolume?.connection.volumeId === volumeId) {
+        throw new DriverError('detachVolume', id, `detachVolume: volume ${volumeId} is the root disk of guest ${id}`);
+      }
+      const entry = (rec.volumes ?? []).find((v) => v.connection.volumeId === volumeId);
+      const serial = entry?.connection.serial ?? volumeSerial(volumeId);
+      const proc = await guestProcess(this.#proc, p.pidFile, id);
+      const live = proc.kind === 'running' ? await this.#liveOf(id, proc.pid) : undefined;
+      if (proc.kind === 'running' && !live) {
+        throw new DriverError('detachVolume', id, `detachVolume: guest ${id} runs but its QMP socket does not answer`);
+      }
+      if (live) {
+        if (!entry && !SERIAL_RE.test(serial)) return;
+        if (entry && entry.pending !== 'detach') {
+          entry.pending = 'detach'; // the next boot leaves it out, whatever happens now
+          await writeRecord(p.record, rec);
+        }
+        try {
+          await this.#unplug(live, serial);
+          await this.#unplugNodes(live, entry ?? { connection: { serial } });
+        } catch (err) {
+          if (err instanceof DriverError) throw err;
+          throw new DriverError('detachVolume', id, `detachVolume: volume ${volumeId}: ${errMsg(err)}`, { cause: err });
+        }
+      } else if (rec.suspended && entry) {
+        throw new InvalidGuestStateError('detachVolume', id, 'SUSPENDED');
+      }
+      if (entry) {
+        rec.volumes = (rec.volumes ?? []).filter((v) => v !== entry);
+        await writeRecord(p.record, rec);
+        this.#log.info({ guest: id, volume: volumeId }, 'volume detached');
+      }
+    });
   }
 
-  async volumes(_id: string): Promise<AttachedVolume[]> {
-    return [];
+  /**
+   * device_del and the DEVICE_DELETED event of that device (the first event may be its virtio-backend's, storage.md
+   * §1.3). A guest that does not release it in time is a DriverError: the unplug stays requested, nothing else is
+   * removed, the caller retries.
+   */
+  async #unplug(live: Live, serial: string): Promise<void> {
+    const dev = volumeNames(serial).device;
+    if (!(await peripherals(live.qmp)).has(dev)) return;
+    const timeoutMs = this.#o.volumeDetachTimeoutMs ?? 30_000;
+    const deleted = live.qmp.waitForEvent('DEVICE_DELETED', { timeoutMs, predicate: (e) => e.data.device === dev });
+    deleted.catch(() => {});
+    try {
+      await live.qmp.execute('device_del', { id: dev });
+    } catch (err) {
+      // Gone meanwhile; a second request for a pending unplug is refused by some QEMUs (7.2 answers {}).
+      if (!(err instanceof QmpError) || !/not found|already in the process of unplug/i.test(err.desc)) throw err;
+    }
+    this.#log.debug({ guest: live.id, device: dev, timeoutMs }, 'unplug requested; waiting for DEVICE_DELETED');
+    try {
+      await deleted;
+    } catch (err) {
+      if (!(await peripherals(live.qmp)).has(dev)) return;
+      throw new DriverError(
+        'detachVolume',
+        live.id,
+        `detachVolume: guest ${live.id} did not release device ${dev} within ${timeoutMs} ms (unplug requested; retry)`,
+        { cause: err },
+      );
+    }
   }
 
-  async extendVolume(id: string, _volumeId: string, _sizeBytes: number): Promise<void> {
-    throw new DriverError('extendVolume', id, 'volume attachment is not implemented by this driver');
+  /** Removes what a volume added besides its device (throttle filter, its tree, group, connection objects), if there. */
+  async #unplugNodes(
+    live: Live,
+    v: { connection: { serial: string; objects?: Record<string, unknown>[] } },
+  ): Promise<void> {
+    const n = volumeNames(v.connection.serial);
+    let nodes = await nodeNames(live.qmp);
+    for (const node of [n.throttle, n.node, n.file]) {
+      if (!nodes.has(node)) continue;
+      await live.qmp.execute('blockdev-del', { 'node-name': node });
+      nodes = await nodeNames(live.qmp); // a node's inline children go with it
+    }
+    const objects = await qomChildren(live.qmp, '/objects');
+    const ids = [n.group, ...(v.connection.objects ?? []).map((o) => String(o.id))];
+    for (const objId of ids) if (objects.has(objId)) await live.qmp.execute('object-del', { id: objId });
   }
 
-  async setVolumeQos(id: string, _volumeId: string, _qos: VolumeQos): Promise<void> {
-    throw new DriverError('setVolumeQos', id, 'volume attachment is not implemented by this driver');
+  async volumes(id: string): Promise<AttachedVolume[]> {
+    this.#ready();
+    if (!GuestId.safeParse(id).success) return [];
+    return this.#withLock(id, async () => {
+      const p = this.paths(id);
+      const rec = await readRecord(p.record);
+      if (!rec) return [];
+      const known = [...(rec.spec.rootVolume ? [rec.spec.rootVolume] : []), ...(rec.volumes ?? [])];
+      const proc = await guestProcess(this.#proc, p.pidFile, id);
+      const live = proc.kind === 'running' ? await this.#liveOf(id, proc.pid) : undefined;
+      if (proc.kind === 'running' && !live) {
+        throw new DriverError('attachVolume', id, `volumes: guest ${id} runs but its QMP socket does not answer`);
+      }
+      if (!live) {
+        return known
+          .filter((v) => v.pending !== 'detach')
+          .map((v) => ({
+            volumeId: v.connection.volumeId,
+            serial: v.connection.serial,
+            bus: v.bus,
+            device: volumeNames(v.connection.serial).device,
+          }));
+      }
+      // Running: what QEMU has plugged (d<serial> devices), named by the record, sized by QEMU.
+      const devices = await peripherals(live.qmp);
+      const sizes = await blockSizes(live.qmp);
+      const out: AttachedVolume[] = [];
+      for (const [dev, type] of devices) {
+        const serial = serialOfDevice(dev);
+        if (!serial || !/^(virtio-blk-pci|scsi-hd)$/.test(type)) continue;
+        const v = known.find((k) => k.connection.serial === serial);
+        const size = sizes.get(serial);
+        out.push({
+          volumeId: v?.connection.volumeId ?? serial,
+          serial,
+          bus: type === 'scsi-hd' ? 'scsi' : 'virtio',
+          device: dev,
+          ...(size !== undefined ? { sizeBytes: size } : {}),
+        });
+      }
+      return out.sort(
+        (a, b) =>
+          known.findIndex((k) => k.connection.serial === a.serial) -
+          known.findIndex((k) => k.connection.serial === b.serial),
+      );
+    });
+  }
+
+  async extendVolume(id: string, volumeId: string, sizeBytes: number): Promise<void> {
+    await this.#op('extendVolume', id, async (rec, live) => {
+      const v = this.#attached(rec, volumeId, 'extendVolume');
+      if (!live) return; // QEMU reads the size when it opens the volume
+      const serial = v.connection.serial;
+      const current = (await blockSizes(live.qmp)).get(serial);
+      if (current === undefined)
+        throw new DriverError('extendVolume', id, `extendVolume: volume ${volumeId} is not plugged in guest ${id}`);
+      if (current >= sizeBytes) return;
+      // On the top node (the throttle filter): resizing the node under it would not change the size the filter, and
+      // so the device and the guest, see (QEMU 7.2, verified).
+      await live.qmp.execute('block_resize', { 'node-name': volumeNames(serial).throttle, size: sizeBytes });
+      this.#log.info({ guest: id, volume: volumeId, from: current, to: sizeBytes }, 'volume extended');
+    });
+  }
+
+  async setVolumeQos(id: string, volumeId: string, qos: VolumeQos): Promise<void> {
+    await this.#op('setVolumeQos', id, async (rec, live) => {
+      const v = this.#attached(rec, volumeId, 'setVolumeQos');
+      if (live) {
+        const group = volumeNames(v.connection.serial).group;
+        if ((await qomChildren(live.qmp, '/objects')).has(group)) {
+          await live.qmp.execute('qom-set', {
+            path: `/objects/${group}`,
+            property: 'limits',
+            value: throttleLimits(qos),
+          });
+        }
+      }
+      const empty = Object.values(qos).every((x) => !x);
+      if (empty) delete v.qos;
+      else v.qos = { ...qos };
+      await writeRecord(this.paths(id).record, rec);
+    });
+  }
+
+  /** The recorded attachment of a volume (root or not), or a DriverError naming the operation. */
+  #attached(rec: GuestRecord, volumeId: string, op: DriverOp): RecordedVolume {
+    const root = rec.spec.rootVolume;
+    if (root?.connection.volumeId === volumeId) return root;
+    const v = (rec.volumes ?? []).find((x) => x.connection.volumeId === volumeId && x.pending !== 'detach');
+    if (!v) throw new DriverError(op, rec.spec.id, `${op}: volume ${volumeId} is not attached to guest ${rec.spec.id}`);
+    return v;
+  }
+
+  /** Runs a QMP command on a running guest (tests and tools; not serialised with the driver's operations). */
+  async qmpExecute(id: string, command: string, args?: Record<string, unknown>): Promise<unknown> {
+    this.#ready();
+    const proc = await guestProcess(this.#proc, this.paths(id).pidFile, id);
+    if (proc.kind !== 'running') throw new Error(`guest ${id} does not run`);
+    const live = await this.#liveOf(id, proc.pid);
+    if (!live) throw new Error(`guest ${id}: QMP does not answer`);
+    return live.qmp.execute(command, args);
   }
 
   async unexportDisks(id: string): Promise<void> {
@@ -1014,16 +1332,21 @@ export class QemuDriver implements HypervisorDriver {
       if (existing) return this.#stateOf(id, existing);
       const nicProblem = nicsProblem(spec.nics ?? []);
       if (nicProblem) throw new DriverError('importDisks', id, `importDisks: ${nicProblem}`);
-      if (!spec.imageSource) throw new DriverError('importDisks', id, `importDisks: image ${spec.image} not found`);
-      const image = await this.#images!.ensure(spec.imageSource);
+      const volumeProblem = volumesProblem(spec);
+      if (volumeProblem) throw new DriverError('importDisks', id, `importDisks: ${volumeProblem}`);
+      // Booting from a volume: only the ephemeral and swap disks are the guest's (the volume is reached where it is).
+      if (!spec.imageSource && !spec.rootVolume) {
+        throw new DriverError('importDisks', id, `importDisks: image ${spec.image} not found`);
+      }
+      const image = spec.rootVolume ? undefined : await this.#images!.ensure(spec.imageSource!);
       await rm(p.dir, { recursive: true, force: true });
       await mkdir(p.dir, { recursive: true, mode: 0o700 });
       try {
         const url = (name: string) => `nbd://${from.host}:${from.port}/${name}`;
         // The copy keeps the overlay on the image when this node's cached copy is the same image (sha256):
         // qemu-img convert -B writes only what differs from it; otherwise the copy is flattened.
-        const rebase = from.imageSha256 !== undefined && from.imageSha256 === image.sha256;
-        await this.#pull(url(from.disks.root), p.root, rebase ? image : undefined);
+        const rebase = image !== undefined && from.imageSha256 !== undefined && from.imageSha256 === image.sha256;
+        if (image) await this.#pull(url(from.disks.root), p.root, rebase ? image : undefined);
         if (spec.disk.ephemeralGiB > 0) {
           if (from.disks.ephemeral) await this.#pull(url(from.disks.ephemeral), p.ephemeral, undefined);
           else await this.#images!.createBlankDisk({ path: p.ephemeral, sizeBytes: spec.disk.ephemeralGiB * GiB });
@@ -1031,8 +1354,11 @@ export class QemuDriver implements HypervisorDriver {
         if (spec.disk.swapMiB > 0) {
           await this.#images!.createBlankDisk({ path: p.swap, sizeBytes: spec.disk.swapMiB * MiB });
         }
-        const { stdout } = await this.#exec.run('qemu-img', ['info', '--output=json', '-f', 'qcow2', p.root]);
-        const rootBytes = z.object({ 'virtual-size': z.int() }).parse(JSON.parse(stdout))['virtual-size'];
+        let rootBytes = 0;
+        if (image) {
+          const { stdout } = await this.#exec.run('qemu-img', ['info', '--output=json', '-f', 'qcow2', p.root]);
+          rootBytes = z.object({ 'virtual-size': z.int() }).parse(JSON.parse(stdout))['virtual-size'];
+        }
         const rec = await this.#define(spec, image, rootBytes, accel);
         await writeRecord(p.record, rec);
         this.#log.info({ guest: id, from: `${from.host}:${from.port}`, rebase }, 'guest disks imported');
@@ -1478,6 +1804,12 @@ export class QemuDriver implements HypervisorDriver {
         throw new DriverError(op, id, `${op}: guest ${id} already runs (pid ${before.pid})`);
       }
       await this.#checkTaps(op, rec);
+      if ((rec.volumes ?? []).some((v) => v.pending)) {
+        // Attaches and detaches cut short while the guest ran: the next boot has what was asked for last.
+        rec.volumes = (rec.volumes ?? []).filter((v) => v.pending !== 'detach');
+        for (const v of rec.volumes) delete v.pending;
+        await writeRecord(p.record, rec);
+      }
       for (const f of [p.qmpSocket, p.consoleSocket, p.vncSocket, p.migrateSocket, p.pidFile]) {
         await rm(f, { force: true });
       }
@@ -1495,6 +1827,8 @@ export class QemuDriver implements HypervisorDriver {
         ...(this.#runAs ? { runAs: `${this.#runAs.uid}:${this.#runAs.gid}` } : {}),
         disks: disksOf(rec),
         nics: nicsOf(rec, { vhost: this.#o.vhostNet ?? false }),
+        scsiController: true,
+        ...(({ volumes, rootPorts }) => ({ volumes, rootPorts }))(bootVolumesOf(rec)),
         ...(o.restore ? { incoming: 'defer' } : {}),
       });
       const started = Date.now();
@@ -1640,7 +1974,93 @@ function recordedSpec(spec: GuestSpec): RecordedSpec {
     ...(spec.metadata ? { metadata: { ...spec.metadata } } : {}),
     ...(spec.accelerator ? { accelerator: spec.accelerator } : {}),
     ...(spec.nics && spec.nics.length > 0 ? { nics: spec.nics.map((n) => RecordedNic.parse(n)) } : {}),
+    ...(spec.rootVolume ? { rootVolume: recordedVolume(spec.rootVolume) } : {}),
   };
+}
+
+/** A volume attachment as guest.json keeps it. */
+function recordedVolume(att: VolumeAttachmentSpec): RecordedVolume {
+  const c = att.connection;
+  return RecordedVolume.parse({
+    connection: {
+      volumeId: c.volumeId,
+      serial: c.serial,
+      blockdev: c.blockdev,
+      ...(c.objects ? { objects: c.objects } : {}),
+      ...(c.readOnly !== undefined ? { readOnly: c.readOnly } : {}),
+    },
+    bus: att.bus,
+    ...(att.bootIndex !== undefined ? { bootIndex: att.bootIndex } : {}),
+    ...(att.qos ? { qos: att.qos } : {}),
+  });
+}
+
+/** Why an attachment cannot be plugged by this driver (its serial is no node name, ...), or undefined. */
+export function attachmentProblem(att: VolumeAttachmentSpec): string | undefined {
+  const c = att.connection;
+  if (!SERIAL_RE.test(c.serial))
+    return `volume ${c.volumeId}: serial ${JSON.stringify(c.serial)} is not 1-20 of [a-z0-9]`;
+  if (att.bus !== 'virtio' && att.bus !== 'scsi') return `volume ${c.volumeId}: unknown bus ${String(att.bus)}`;
+  for (const o of c.objects ?? []) {
+    if (typeof o.id !== 'string' || typeof o['qom-type'] !== 'string') {
+      return `volume ${c.volumeId}: connection objects need qom-type and id`;
+    }
+  }
+  return undefined;
+}
+
+/** Why the volumes of a spec cannot be plugged (a bad attachment, one volume twice), or undefined. */
+export function volumesProblem(spec: Pick<GuestSpec, 'rootVolume' | 'volumes'>): string | undefined {
+  const all = [...(spec.rootVolume ? [spec.rootVolume] : []), ...(spec.volumes ?? [])];
+  const serials = new Set<string>();
+  for (const att of all) {
+    const problem = attachmentProblem(att);
+    if (problem) return problem;
+    if (serials.has(att.connection.serial)) return `volume ${att.connection.volumeId} is attached twice`;
+    serials.add(att.connection.serial);
+  }
+  return undefined;
+}
+
+/**
+ * The volumes of a record as QEMU boots them: the root volume first, then the attached ones (slots assigned), and the
+ * number of root ports. `fits` is false when its virtio volumes need more ports than pcie.0 has slots for.
+ */
+export function bootVolumesOf(rec: GuestRecord): { volumes: VolumeSpec[]; rootPorts: number; fits: boolean } {
+  const out: VolumeSpec[] = [];
+  let port = 0;
+  let scsiId = 0;
+  const spec = (v: RecordedVolume, slot: VolumeSpec['slot'], bootIndex?: number): VolumeSpec => ({
+    serial: v.connection.serial,
+    blockdev: v.connection.blockdev,
+    objects: v.connection.objects ?? [],
+    readOnly: v.connection.readOnly ?? false,
+    cache: rec.cache,
+    ...(v.qos ? { qos: v.qos as Record<string, number> } : {}),
+    slot,
+    ...(bootIndex !== undefined ? { bootIndex } : {}),
+  });
+  const root = rec.spec.rootVolume;
+  if (root) {
+    // The root disk: a virtio root volume sits on pcie.0 where root.qcow2 would (never unplugged), bootindex 0.
+    out.push(
+      spec(root, root.bus === 'scsi' ? { bus: 'scsi', scsiId: scsiId++ } : { bus: 'virtio', port: 'pcie.0' }, 0),
+    );
+  }
+  for (const v of rec.volumes ?? []) {
+    if (v.pending === 'detach') continue;
+    out.push(
+      spec(v, v.bus === 'scsi' ? { bus: 'scsi', scsiId: scsiId++ } : { bus: 'virtio', port: port++ }, v.bootIndex),
+    );
+  }
+  // Spare ports for hot-plug, as many as pcie.0 has room for (NICs, disks, rng, controller, VGA take slots).
+  const used =
+    (rec.spec.nics?.length ?? 0) +
+    disksOf(rec).filter((d) => d.media === 'disk').length +
+    (root && root.bus !== 'scsi' ? 1 : 0) +
+    3; /* rng, scsi0, VGA */
+  const rootPorts = Math.max(port, Math.min(port + spareRootPorts(rec.spec.ramMiB), 30 - used));
+  return { volumes: out, rootPorts, fits: port <= 30 - used };
 }
 
 /** Why a list of NICs cannot be plugged (invalid entry, a tap or MAC used twice), or undefined when it can. */
@@ -1701,11 +2121,15 @@ export function tapProblem(ipJson: string, device: string, where = ''): string |
   return undefined;
 }
 
-/** Disks in guest order: vda root (boot), vdb ephemeral, vdc swap, then the NoCloud seed and the config drive. */
+/**
+ * Disks in guest order: vda root (boot), vdb ephemeral, vdc swap, then the NoCloud seed and the config drive. A guest
+ * booting from a volume has no root file (the volume is its first disk, see bootVolumesOf).
+ */
 export function disksOf(rec: GuestRecord): DiskSpec[] {
   const cache = rec.cache;
-  const disks: DiskSpec[] = [
-    {
+  const disks: DiskSpec[] = [];
+  if (rec.disks.root) {
+    disks.push({
       id: 'root',
       path: rec.disks.root,
       format: 'qcow2',
@@ -1715,8 +2139,8 @@ export function disksOf(rec: GuestRecord): DiskSpec[] {
       discard: true,
       bootIndex: 0,
       serial: 'root',
-    },
-  ];
+    });
+  }
   if (rec.disks.ephemeral) {
     disks.push({
       id: 'ephemeral0',
@@ -1765,6 +2189,78 @@ export function disksOf(rec: GuestRecord): DiskSpec[] {
     });
   }
   return disks;
+}
+
+// ---- QEMU's view of the volumes (derived from QEMU, never from memory) ----
+
+/** Devices with an id (/machine/peripheral): id → QOM type. */
+async function peripherals(qmp: QmpClient): Promise<Map<string, string>> {
+  return qomChildren(qmp, '/machine/peripheral');
+}
+
+/** Children of a QOM path: name → type (child<type>). */
+async function qomChildren(qmp: QmpClient, path: string): Promise<Map<string, string>> {
+  const props = await qmp.execute<{ name: string; type: string }[]>('qom-list', { path });
+  const out = new Map<string, string>();
+  for (const p of props) {
+    const m = /^child<(.+)>$/.exec(p.type);
+    if (m) out.set(p.name, m[1]!);
+  }
+  return out;
+}
+
+/** Names of every block node. */
+async function nodeNames(qmp: QmpClient): Promise<Set<string>> {
+  const nodes = await qmp.execute<{ 'node-name'?: string }[]>('query-named-block-nodes', { flat: true });
+  return new Set(nodes.map((n) => n['node-name']).filter((n): n is string => n !== undefined));
+}
+
+/** Virtual size of each volume device's medium, by serial (query-block: qdev `d<serial>` or its virtio-backend). */
+async function blockSizes(qmp: QmpClient): Promise<Map<string, number>> {
+  const blocks =
+    await qmp.execute<{ qdev?: string; inserted?: { image?: { 'virtual-size'?: number } } }[]>('query-block');
+  const out = new Map<string, number>();
+  for (const b of blocks) {
+    const serial = b.qdev ? serialOfDevice(b.qdev) : undefined;
+    const size = b.inserted?.image?.['virtual-size'];
+    if (serial && size !== undefined) out.set(serial, size);
+  }
+  return out;
+}
+
+/**
+ * Where a new volume device can go, from QEMU's state: virtio → the lowest pcie-root-port `rp<n>` no device sits on
+ * (each device's parent_bus), scsi → the lowest scsi-id no scsi device of scsi0 uses. undefined: none free.
+ */
+async function freeSlot(
+  qmp: QmpClient,
+  bus: 'virtio' | 'scsi',
+  devices: Map<string, string>,
+): Promise<VolumeSlot | undefined> {
+  if (bus === 'virtio') {
+    const ports = [...devices]
+      .filter(([name, type]) => type === 'pcie-root-port' && /^rp\d+$/.test(name))
+      .map(([name]) => Number(name.slice(2)))
+      .sort((a, b) => a - b);
+    const used = new Set<number>();
+    for (const [name, type] of devices) {
+      if (type === 'pcie-root-port' || type === 'virtio-scsi-pci') continue;
+      const parent = await qmp
+        .execute<string>('qom-get', { path: `/machine/peripheral/${name}`, property: 'parent_bus' })
+        .catch(() => '');
+      const port = rootPortOfBus(parent);
+      if (port !== undefined) used.add(port);
+    }
+    const free = ports.find((p) => !used.has(p));
+    return free === undefined ? undefined : { bus: 'virtio', port: free };
+  }
+  const used = new Set<number>();
+  for (const [name, type] of devices) {
+    if (type !== 'scsi-hd' && type !== 'scsi-cd' && type !== 'scsi-block') continue;
+    used.add(await qmp.execute<number>('qom-get', { path: `/machine/peripheral/${name}`, property: 'scsi-id' }));
+  }
+  for (let i = 0; i <= MAX_SCSI_ID; i++) if (!used.has(i)) return { bus: 'scsi', scsiId: i };
+  return undefined;
 }
 
 function bindCache(cache: ImageCache): Pick<ImageOps, 'ensure'> {

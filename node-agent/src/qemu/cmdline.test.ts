@@ -6,6 +6,12 @@ import { optValue, type QemuSpecInput, qemuArgs, sandboxOptions } from './cmdlin
 
 const UUID = '6f1b2f4e-8f5c-4c1e-9c55-3c2b1e0a9d11';
 
+const vol = (serial: string, slot: object) => ({
+  serial,
+  blockdev: { driver: 'qcow2', file: { driver: 'file', filename: `/v/${serial}.qcow2` } },
+  slot,
+});
+
 const minimal: QemuSpecInput = {
   name: 'demo-vm1',
   uuid: UUID,
@@ -217,6 +223,139 @@ describe('qemuArgs', () => {
     ]);
   });
 
+  it('adds the scsi controller and spare root ports after every other PCI device, so existing slots never move', () => {
+    const base = {
+      ...minimal,
+      disks: [
+        { id: 'root', path: '/g/root.qcow2', bootIndex: 0 },
+        { id: 'seed', path: '/g/seed.iso', format: 'raw' as const, readOnly: true },
+      ],
+      nics: [{ id: 'net0', mac: 'fa:16:3e:00:00:01', tap: { ifname: 'stt-a' }, pciSlot: 0x0f }],
+    };
+    const before = qemuArgs(base);
+    const after = qemuArgs({ ...base, scsiController: true, rootPorts: 3 });
+    // Everything up to the last device of the old command line is unchanged (auto-assigned slots follow the order).
+    expect(after.slice(0, before.length)).toEqual(before);
+    expect(after.slice(before.length)).toEqual([
+      '-device',
+      'virtio-scsi-pci,id=scsi0',
+      '-device',
+      'pcie-root-port,id=rp0,chassis=1,slot=1',
+      '-device',
+      'pcie-root-port,id=rp1,chassis=2,slot=2',
+      '-device',
+      'pcie-root-port,id=rp2,chassis=3,slot=3',
+    ]);
+  });
+
+  it('attaches volumes at boot: objects, named blockdev trees, a throttle filter per volume, devices by serial', () => {
+    const S1 = '0123456789abcdef0123';
+    const S2 = 'fedcba98765432100000';
+    const S3 = 'aaaabbbbccccdddd0000';
+    const args = qemuArgs({
+      ...minimal,
+      disks: [{ id: 'seed', path: '/g/seed.iso', format: 'raw', readOnly: true }],
+      scsiController: true,
+      rootPorts: 4,
+      volumes: [
+        {
+          serial: S1,
+          blockdev: { driver: 'qcow2', file: { driver: 'file', filename: '/v/1.qcow2' } },
+          slot: { bus: 'virtio', port: 'pcie.0' },
+          bootIndex: 0,
+        },
+        {
+          serial: S2,
+          blockdev: { driver: 'raw', file: { driver: 'nbd', server: { type: 'inet', host: 'h', port: '10809' } } },
+          objects: [{ 'qom-type': 'tls-creds-psk', id: `tls${S2}`, endpoint: 'client', dir: '/p' }],
+          cache: 'writeback',
+          qos: { totalBytesSec: 1048576, readIopsSec: 100 },
+          slot: { bus: 'virtio', port: 1 },
+        },
+        {
+          serial: S3,
+          blockdev: { driver: 'qcow2', file: { driver: 'file', filename: '/v/3.qcow2' } },
+          readOnly: true,
+          slot: { bus: 'scsi', scsiId: 2 },
+        },
+      ],
+    });
+    const zero = {
+      'iops-total': 0,
+      'iops-total-max': 0,
+      'iops-read': 0,
+      'iops-read-max': 0,
+      'iops-write': 0,
+      'iops-write-max': 0,
+      'bps-total': 0,
+      'bps-total-max': 0,
+      'bps-read': 0,
+      'bps-read-max': 0,
+      'bps-write': 0,
+      'bps-write-max': 0,
+      'iops-size': 0,
+    };
+    const i = args.indexOf('-object');
+    const json = (k: number) => JSON.parse(args[k]!) as unknown;
+    // The root volume comes first (before the other disks, on pcie.0, bootindex 0), then the seed.
+    expect(json(i + 1)).toEqual({ 'qom-type': 'throttle-group', id: `tg${S1}`, limits: zero });
+    expect(json(i + 3)).toEqual({
+      driver: 'qcow2',
+      'node-name': `v${S1}`,
+      'read-only': false,
+      discard: 'unmap',
+      file: {
+        driver: 'file',
+        filename: '/v/1.qcow2',
+        'node-name': `v${S1}-f`,
+        'read-only': false,
+        cache: { direct: true, 'no-flush': false },
+        discard: 'unmap',
+      },
+    });
+    expect(json(i + 5)).toEqual({
+      driver: 'throttle',
+      'node-name': `v${S1}-t`,
+      'throttle-group': `tg${S1}`,
+      file: `v${S1}`,
+      'read-only': false,
+    });
+    expect(args.slice(i + 6, i + 8)).toEqual([
+      '-device',
+      `virtio-blk-pci,id=d${S1},drive=v${S1}-t,serial=${S1},bootindex=0`,
+    ]);
+    expect(args[i + 9]).toContain('node-name=seed-file');
+    // After the controller and the ports: the nbd volume (its psk object first, then its group with the QoS) ...
+    const rest = args.slice(args.indexOf('pcie-root-port,id=rp3,chassis=4,slot=4') + 1);
+    expect(rest[0]).toBe('-object');
+    expect(JSON.parse(rest[1]!)).toEqual({
+      'qom-type': 'tls-creds-psk',
+      id: `tls${S2}`,
+      endpoint: 'client',
+      dir: '/p',
+    });
+    expect(JSON.parse(rest[3]!)).toEqual({
+      'qom-type': 'throttle-group',
+      id: `tg${S2}`,
+      limits: { ...zero, 'bps-total': 1048576, 'iops-read': 100 },
+    });
+    // ... no cache options on a network protocol node ...
+    expect(JSON.parse(rest[5]!)).toMatchObject({
+      'node-name': `v${S2}`,
+      file: { driver: 'nbd', 'node-name': `v${S2}-f` },
+    });
+    expect(JSON.parse(rest[5]!).file).not.toHaveProperty('cache');
+    expect(rest[9]).toBe(`virtio-blk-pci,id=d${S2},drive=v${S2}-t,bus=rp1,serial=${S2}`);
+    // ... and the read-only scsi volume on scsi0.0 with its scsi-id.
+    expect(JSON.parse(rest[13]!)).toMatchObject({ 'node-name': `v${S3}`, 'read-only': true });
+    expect(JSON.parse(rest[13]!)).not.toHaveProperty('discard');
+    expect(JSON.parse(rest[15]!)).toMatchObject({ 'node-name': `v${S3}-t`, 'read-only': true });
+    expect(rest.slice(16)).toEqual([
+      '-device',
+      `scsi-hd,id=d${S3},drive=v${S3}-t,bus=scsi0.0,channel=0,scsi-id=2,lun=0,serial=${S3}`,
+    ]);
+  });
+
   it.each([
     ['relative path', { qmpSocket: 'qmp.sock' }],
     ['newline in a path', { qmpSocket: '/tmp/a\nb' }],
@@ -262,6 +401,25 @@ describe('qemuArgs', () => {
     ['pciSlot of the ICH9 functions', { nics: [{ id: 'a', mac: 'fa:16:3e:00:00:01', tap: { fd: 3 }, pciSlot: 0x1f }] }],
     ['bad incoming', { incoming: 'exec:cat state' }],
     ['uppercase id', { disks: [{ id: 'Root', path: '/a' }] }],
+    ['a volume on a port that does not exist', { rootPorts: 1, volumes: [vol('aa', { bus: 'virtio', port: 1 })] }],
+    [
+      'two volumes on one port',
+      { rootPorts: 2, volumes: [vol('aa', { bus: 'virtio', port: 0 }), vol('bb', { bus: 'virtio', port: 0 })] },
+    ],
+    ['a scsi volume without the controller', { volumes: [vol('aa', { bus: 'scsi', scsiId: 0 })] }],
+    [
+      'two volumes on one scsi-id',
+      {
+        scsiController: true,
+        volumes: [vol('aa', { bus: 'scsi', scsiId: 0 }), vol('bb', { bus: 'scsi', scsiId: 0 })],
+      },
+    ],
+    [
+      'one serial twice',
+      { scsiController: true, volumes: [vol('aa', { bus: 'scsi', scsiId: 0 }), vol('aa', { bus: 'scsi', scsiId: 1 })] },
+    ],
+    ['a serial that is no node name', { scsiController: true, volumes: [vol('AB-1', { bus: 'scsi', scsiId: 0 })] }],
+    ['more PCI devices than pcie.0 has slots', { rootPorts: 30 }],
   ])('rejects %s', (_what, patch) => {
     expect(() => qemuArgs({ ...minimal, ...patch } as QemuSpecInput)).toThrow(ZodError);
   });

@@ -28,7 +28,22 @@
 //  - Disks use -blockdev with explicit node names: a file (protocol) node "<id>-file" under a format node
 //    "<id>-fmt", attached by a device with id "<id>". cache=none is cache.direct=on (O_DIRECT: not on tmpfs),
 //    writeback is cache.direct=off; both keep flushes (cache.no-flush=off).
+//  - Volumes (Cinder) and hot-plug (qemu/volumes.ts): a virtio-scsi controller `scsi0` and `rootPorts` spare
+//    pcie-root-ports `rp<n>` come after every other PCI device (rng, balloon), so the slots pcie.0 assigns to the
+//    disks and the NICs' fixed slots never move when they are added or their number changes. Each volume is
+//    `-object`s (its connection's, then the throttle group), its `-blockdev` tree and throttle filter (JSON), and a
+//    device on a root port or scsi0.0; a virtio boot volume (the root disk) sits on pcie.0 where the root disk was.
 import { z } from 'zod';
+import {
+  rootPortId,
+  SCSI_CONTROLLER,
+  SERIAL_RE,
+  throttleBlockdev,
+  throttleGroupObject,
+  type VolumeSlot,
+  volumeBlockdev,
+  volumeDevice,
+} from './volumes.ts';
 
 const SAFE_PATH = /^\/[^\0\n\r]*$/;
 const absPath = (what: string) => z.string().max(4096).regex(SAFE_PATH, `${what} must be an absolute path`);
@@ -79,6 +94,25 @@ export const NicSpec = z.object({
 });
 export type NicSpec = z.infer<typeof NicSpec>;
 
+/** A volume attached at boot (see qemu/volumes.ts for the graph and names). */
+export const VolumeSpec = z.object({
+  serial: z.string().regex(SERIAL_RE, 'serial: 1-20 of [a-z0-9]'),
+  /** The connection's blockdev tree, without node names. */
+  blockdev: z.record(z.string(), z.unknown()),
+  /** QOM objects the tree refers to (each with qom-type and id). */
+  objects: z.array(z.record(z.string(), z.unknown())).default([]),
+  readOnly: z.boolean().default(false),
+  cache: z.enum(['none', 'writeback']).default('none'),
+  /** Cinder QoS (driver.ts VolumeQos); absent: unlimited. */
+  qos: z.record(z.string(), z.number().min(0)).optional(),
+  slot: z.union([
+    z.object({ bus: z.literal('virtio'), port: z.union([z.int().min(0).max(29), z.literal('pcie.0')]) }).strict(),
+    z.object({ bus: z.literal('scsi'), scsiId: z.int().min(0).max(255) }).strict(),
+  ]),
+  bootIndex: z.int().min(0).max(99).optional(),
+});
+export type VolumeSpec = z.infer<typeof VolumeSpec>;
+
 export const QemuSpec = z
   .object({
     /** Guest name (-name guest=…), shown in ps and thread names. */
@@ -117,6 +151,12 @@ export const QemuSpec = z
     sandbox: z.boolean().default(true),
     disks: z.array(DiskSpec).max(16).default([]),
     nics: z.array(NicSpec).max(16).default([]),
+    /** Volumes attached at boot. */
+    volumes: z.array(VolumeSpec).max(64).default([]),
+    /** The virtio-scsi controller scsi0 (scsi volumes, hot-plug without guest help). */
+    scsiController: z.boolean().default(false),
+    /** Spare pcie-root-ports rp0..rp<n-1> (virtio volumes at boot and hot-plug). */
+    rootPorts: z.int().min(0).max(30).default(0),
     /** virtio-rng-pci (builtin backend: QEMU's getrandom). */
     rng: z.boolean().default(true),
     balloon: z.boolean().default(false),
@@ -145,6 +185,7 @@ export const QemuSpec = z
     for (const [kind, list] of [
       ['disks', s.disks],
       ['nics', s.nics],
+      ['volumes', s.volumes],
     ] as const) {
       list.forEach((d, i) => {
         if (d.bootIndex === undefined) return;
@@ -174,6 +215,36 @@ export const QemuSpec = z
       if (fds.has(n.tap.fd)) ctx.addIssue({ code: 'custom', path: ['nics', i, 'tap', 'fd'], message: 'duplicate fd' });
       fds.add(n.tap.fd);
     });
+    const serials = new Set<string>();
+    const ports = new Set<number | string>();
+    const scsiIds = new Set<number>();
+    s.volumes.forEach((v, i) => {
+      const at = (message: string) => ctx.addIssue({ code: 'custom', path: ['volumes', i], message });
+      if (serials.has(v.serial)) at(`duplicate volume serial ${v.serial}`);
+      serials.add(v.serial);
+      if (v.slot.bus === 'virtio') {
+        if (ports.has(v.slot.port)) at(`port ${v.slot.port} used twice`);
+        ports.add(v.slot.port);
+        if (v.slot.port !== 'pcie.0' && v.slot.port >= s.rootPorts) at(`no root port rp${v.slot.port}`);
+      } else {
+        if (!s.scsiController) at('a scsi volume needs the scsi controller');
+        if (scsiIds.has(v.slot.scsiId)) at(`scsi-id ${v.slot.scsiId} used twice`);
+        scsiIds.add(v.slot.scsiId);
+      }
+    });
+    // pcie.0 has 30 usable slots (1-0x1e; 0 is the host bridge, 0x1f the ICH9 functions).
+    const slotsUsed =
+      (s.vncSocket ? 1 : 0) +
+      s.disks.filter((d) => d.media === 'disk').length +
+      s.nics.length +
+      (s.rng ? 1 : 0) +
+      (s.balloon ? 1 : 0) +
+      (s.scsiController ? 1 : 0) +
+      s.rootPorts +
+      s.volumes.filter((v) => v.slot.bus === 'virtio' && v.slot.port === 'pcie.0').length;
+    if (slotsUsed > 30) {
+      ctx.addIssue({ code: 'custom', path: ['rootPorts'], message: `${slotsUsed} PCI devices do not fit pcie.0 (30)` });
+    }
     const cdroms = s.disks.filter((d) => d.media === 'cdrom').length;
     if (cdroms > 6) ctx.addIssue({ code: 'custom', path: ['disks'], message: 'at most 6 cdroms (q35 AHCI ports)' });
     if (s.daemonize && !s.pidFile) {
@@ -300,6 +371,20 @@ export function qemuArgs(input: QemuSpecInput): string[] {
     );
   }
 
+  const volumeDevices = (list: VolumeSpec[]) => {
+    for (const v of list) {
+      for (const o of v.objects) a.push('-object', JSON.stringify(o));
+      a.push('-object', JSON.stringify(throttleGroupObject(v.serial, v.qos)));
+      a.push('-blockdev', JSON.stringify(volumeBlockdev({ ...v, readOnly: v.readOnly }, v.cache)));
+      a.push('-blockdev', JSON.stringify(throttleBlockdev(v.serial, v.readOnly)));
+      const dev = volumeDevice(v.serial, v.slot as VolumeSlot, v.bootIndex);
+      const { driver, ...props } = dev;
+      a.push('-device', opts(String(driver), Object.entries(props) as [string, string | number][]));
+    }
+  };
+  const onRoot = (v: VolumeSpec) => v.slot.bus === 'virtio' && v.slot.port === 'pcie.0';
+  volumeDevices(spec.volumes.filter(onRoot));
+
   let ahciPort = 0;
   for (const d of spec.disks) {
     const readOnly = d.readOnly || d.media === 'cdrom';
@@ -355,6 +440,11 @@ export function qemuArgs(input: QemuSpecInput): string[] {
 
   if (spec.rng) a.push('-device', 'virtio-rng-pci,id=rng0');
   if (spec.balloon) a.push('-device', 'virtio-balloon-pci,id=balloon0');
+  if (spec.scsiController) a.push('-device', `virtio-scsi-pci,id=${SCSI_CONTROLLER}`);
+  for (let i = 0; i < spec.rootPorts; i++) {
+    a.push('-device', `pcie-root-port,id=${rootPortId(i)},chassis=${i + 1},slot=${i + 1}`);
+  }
+  volumeDevices(spec.volumes.filter((v) => !onRoot(v)));
   if (spec.startPaused) a.push('-S');
   if (spec.incoming) a.push('-incoming', spec.incoming);
   return a;

@@ -76,6 +76,11 @@ export function powerAction(desired: DesiredPowerState, vmState: VmState): Serve
 
 /** Nova's refusal of a resize to a smaller root or ephemeral disk (libvirt driver: ResizeError "Unable to resize disk down."). */
 export const RESIZE_DOWN_MESSAGE = 'Resize error: Unable to resize disk down.';
+/**
+ * Nova's API refusal of a rebuild with another image of a server booted from a volume (ImageUnacceptable, before
+ * microversion 2.93: the root disk is the volume, which a rebuild does not re-image; nova/compute/api.py rebuild).
+ */
+export const VOLUME_BACKED_REBUILD_MESSAGE = 'Unable to rebuild with a different image for a volume-backed server.';
 /** Nova's API refusal of a resize from a sized root disk to a flavor with disk 0 (CannotResizeDisk). */
 export const RESIZE_TO_ZERO_MESSAGE = 'Resize to zero disk flavor is not allowed.';
 

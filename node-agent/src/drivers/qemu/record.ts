@@ -81,6 +81,42 @@ export const DeviceName = z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/, 'device: 1-
 export const RecordedNic = z.object({ device: DeviceName }).and(GuestNic);
 export type RecordedNic = z.infer<typeof RecordedNic>;
 
+const Qos = z.object({
+  totalBytesSec: z.number().min(0).optional(),
+  readBytesSec: z.number().min(0).optional(),
+  writeBytesSec: z.number().min(0).optional(),
+  totalIopsSec: z.number().min(0).optional(),
+  readIopsSec: z.number().min(0).optional(),
+  writeIopsSec: z.number().min(0).optional(),
+  totalBytesSecMax: z.number().min(0).optional(),
+  readBytesSecMax: z.number().min(0).optional(),
+  writeBytesSecMax: z.number().min(0).optional(),
+  totalIopsSecMax: z.number().min(0).optional(),
+  readIopsSecMax: z.number().min(0).optional(),
+  writeIopsSecMax: z.number().min(0).optional(),
+  sizeIopsSec: z.number().min(0).optional(),
+});
+
+/** A volume attachment as guest.json keeps it (driver.ts VolumeAttachmentSpec). */
+export const RecordedVolume = z.object({
+  connection: z.object({
+    volumeId: z.string().min(1),
+    serial: z.string().regex(/^[a-z0-9]{1,20}$/),
+    blockdev: z.record(z.string(), z.unknown()),
+    objects: z.array(z.record(z.string(), z.unknown())).optional(),
+    readOnly: z.boolean().optional(),
+  }),
+  bus: z.enum(['virtio', 'scsi']),
+  bootIndex: z.int().min(0).max(99).optional(),
+  qos: Qos.optional(),
+  /**
+   * An attach or detach of a running guest under way (written before QEMU is touched): `attach` entries are plugged
+   * at the next boot (the caller retries the attach anyway), `detach` entries are not.
+   */
+  pending: z.enum(['attach', 'detach']).optional(),
+});
+export type RecordedVolume = z.infer<typeof RecordedVolume>;
+
 const Checksum = z.object({ algorithm: z.enum(['sha256', 'sha512']), value: z.string() });
 
 export const RecordedSpec = z.object({
@@ -110,6 +146,8 @@ export const RecordedSpec = z.object({
   annotations: z.record(z.string(), z.string()).default({}),
   /** NICs in guest order; every start (power on, reboot, resume) plugs the same taps with the same MACs. */
   nics: z.array(RecordedNic).max(16).optional(),
+  /** Boot from this volume (the root disk; no root.qcow2, no image). */
+  rootVolume: RecordedVolume.optional(),
 });
 export type RecordedSpec = z.infer<typeof RecordedSpec>;
 
@@ -120,17 +158,19 @@ export const GuestRecord = z.object({
   accelerator: z.enum(['kvm', 'tcg']),
   /** Disk cache mode: none (O_DIRECT) unless the state directory's filesystem refuses O_DIRECT. */
   cache: z.enum(['none', 'writeback']),
-  /** The cached image the root disk is an overlay on. */
-  image: z.object({
-    key: z.string(),
-    path: z.string(),
-    format: z.enum(['qcow2', 'raw']),
-    virtualSize: z.int().min(0),
-    sha256: z.string(),
-  }),
-  /** Absolute paths of the guest's disks. */
+  /** The cached image the root disk is an overlay on (none when the guest boots from a volume). */
+  image: z
+    .object({
+      key: z.string(),
+      path: z.string(),
+      format: z.enum(['qcow2', 'raw']),
+      virtualSize: z.int().min(0),
+      sha256: z.string(),
+    })
+    .optional(),
+  /** Absolute paths of the guest's disks (no root file when it boots from a volume: rootBytes 0). */
   disks: z.object({
-    root: z.string(),
+    root: z.string().optional(),
     rootBytes: z.int().min(0),
     ephemeral: z.string().optional(),
     swap: z.string().optional(),
@@ -138,6 +178,8 @@ export const GuestRecord = z.object({
     configDrive: z.string().optional(),
   }),
   createdAt: z.string(),
+  /** Volumes attached besides the root volume, in attach order (every boot plugs them). */
+  volumes: z.array(RecordedVolume).optional(),
   /** Present while the guest is suspended (its state saved to stateFile, no process). */
   suspended: z.object({ stateFile: z.string(), at: z.string(), bytes: z.int().min(0) }).optional(),
   /** Set by a resize until it is confirmed or reverted (resize-old/ holds the previous definition and disks). */
