@@ -76,6 +76,7 @@ const MODULE_ROOTS = [
   'virtio_net',
   'virtio_scsi', // a seed attached as a SCSI CD-ROM
   'sr_mod',
+  'sd_mod', // SCSI disks: volumes attached on the scsi bus
   'isofs', // NoCloud / config-drive ISO9660 seed
   'vfat', // NoCloud vfat seed
   'nls_cp437', // vfat's default codepage and iocharset
