@@ -5,7 +5,7 @@
 // console, a busybox shell, see e2e/images/README.md). Guests are booted once for the file:
 //   vm-a on node a, vm-b on node b (from the image), and later vm-bfv (from a volume made from the image).
 //  1. a blank local volume hot-plugged into vm-a appears in the guest (found by its serial in /sys/block/*/serial),
-//     gets a vfat filesystem (busybox mkfs.vfat) and a file;
+//     gets a vfat filesystem (busybox mkdosfs, its mkfs.vfat) and a file;
 //  2. extended while attached: the guest sees the new size (/sys/block/<dev>/size) without a reboot;
 //  3. detached from vm-a and attached to vm-b on the other node (over NBD from node a): the file is there;
 //  4. a snapshot, then a volume from it: it holds the snapshot-time data while the original moves on;
@@ -295,7 +295,7 @@ describe.skipIf(missing !== undefined)('Volumes on QEMU guests through operator 
     expect(
       await sh(
         'vm-a',
-        `mkfs.vfat /dev/${devA} >/dev/null && mkdir -p /mnt/d && mount -t vfat /dev/${devA} /mnt/d && ` +
+        `mkdosfs /dev/${devA} >/dev/null && mkdir -p /mnt/d && mount -t vfat /dev/${devA} /mnt/d && ` +
           `echo hello-from-a > /mnt/d/a.txt && sync && cat /mnt/d/a.txt`,
       ),
     ).toBe('hello-from-a');
