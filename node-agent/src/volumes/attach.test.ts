@@ -6,6 +6,7 @@ import {
   decideAttachments,
   normalizeQos,
   qosKey,
+  serverChangedForVolumes,
   type VolumeFault,
   volumeReport,
 } from './attach.ts';
@@ -122,5 +123,23 @@ describe('helpers', () => {
     expect(bytesQuantity(1536 * 2 ** 20)).toBe('1536Mi');
     expect(bytesQuantity(1000)).toBe('1000');
     expect(bytesQuantity(0)).toBe('0');
+  });
+});
+
+describe('serverChangedForVolumes', () => {
+  it("ignores the attacher's own report and resourceVersion, not the rest of the report or the spec", () => {
+    const a = {
+      metadata: { name: 's', resourceVersion: '1' },
+      spec: { volumes: [] },
+      status: { compute: { node: 'n', vmState: 'building' } },
+    };
+    const ownWrite = {
+      ...a,
+      metadata: { name: 's', resourceVersion: '2' },
+      status: { compute: { node: 'n', vmState: 'building', volumes: [{ volume: 'v' }] } },
+    };
+    expect(serverChangedForVolumes(a, ownWrite)).toBe(false);
+    expect(serverChangedForVolumes(a, { ...a, status: { compute: { node: 'n', vmState: 'active' } } })).toBe(true);
+    expect(serverChangedForVolumes(a, { ...a, spec: { volumes: [{ volume: 'v' }] } })).toBe(true);
   });
 });

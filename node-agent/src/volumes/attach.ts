@@ -256,6 +256,21 @@ export function volumeReport(
   return out.sort((a, b) => a.volume.localeCompare(b.volume) || a.volumeUID.localeCompare(b.volumeUID));
 }
 
+/**
+ * Update predicate: any change of a Server but this controller's own report (status.compute.volumes), so a failed
+ * operation is retried on the backoff and not at once through the write of its fault.
+ */
+export function serverChangedForVolumes(a: ServerObject, b: ServerObject): boolean {
+  if (a === b) return true;
+  const strip = (o: ServerObject) => {
+    const { resourceVersion: _rv, managedFields: _mf, ...metadata } = o.metadata ?? {};
+    const compute = { ...((o.status?.compute as Status | undefined) ?? {}) };
+    delete compute.volumes;
+    return JSON.stringify({ ...o, metadata, status: { ...(o.status ?? {}), compute } });
+  };
+  return strip(a) !== strip(b);
+}
+
 /** What compute.ts needs at spawn: the boot volume and the volumes ready at first boot. */
 export type BlockDevices =
   | { ready: true; rootVolume?: VolumeAttachmentSpec; volumes: VolumeAttachmentSpec[] }
@@ -322,7 +337,7 @@ export class VolumeAttacher {
       rateLimiter: defaultControllerRateLimiter({ baseDelayMs: 1000, maxDelayMs: 300_000 }),
       logger: this.#log,
     });
-    this.controller.for(o.servers);
+    this.controller.for(o.servers, { updatePredicate: serverChangedForVolumes });
     // An attachment that appears, changes state or goes, an export listed, an extend: the server's key.
     this.controller.watches(this.volumes, (v) => this.serverKeysOf(v));
     // QoS of a type changed: every server here with a volume of that type.
