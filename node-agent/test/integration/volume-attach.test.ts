@@ -17,6 +17,7 @@ import {
   type ServerStatus,
   type Volume,
   type VolumeAttachment,
+  type VolumeType,
 } from '../../../operator/src/api/index.ts';
 import { installCRDs } from '../../../operator/src/crdgen/install.ts';
 import { type GVR, KubeClient, leaseGVR, updateStatus } from '../../../operator/src/runtime/index.ts';
@@ -138,6 +139,21 @@ const localBackend = {
   }),
 } as unknown as VolumeBackend;
 
+/** The rbd backend factory: one backend per volume type, whose connection() names the pool of the type. */
+const rbdCalls: { pool: string | undefined; location: string }[] = [];
+const rbd = (type: VolumeType): VolumeBackend =>
+  ({
+    name: 'rbd',
+    connection: async (vol: VolumeRef, location: string): Promise<VolumeConnection> => {
+      rbdCalls.push({ pool: type.spec.rbd?.pool, location });
+      return {
+        volumeId: vol.id,
+        serial: volumeSerial(vol.id),
+        blockdev: { driver: 'raw', file: { driver: 'rbd', pool: type.spec.rbd?.pool, image: `volume-${vol.id}` } },
+      };
+    },
+  }) as unknown as VolumeBackend;
+
 const nbdCalls: { vol: VolumeRef; exp: NbdExportRef; psk: NbdPsk }[] = [];
 const nbd = (vol: VolumeRef, exp: NbdExportRef, psk: NbdPsk): VolumeConnection => {
   nbdCalls.push({ vol, exp, psk });
@@ -176,7 +192,7 @@ function start(d: VolumeDriver): Promise<RunningAgent> {
     heartbeatSeconds: 1,
     powerOffTimeoutSeconds: 1,
     orphanGraceSeconds: 60,
-    volumeConnectors: { backends: new Map([['local', localBackend]]), nbd },
+    volumeConnectors: { backends: new Map([['local', localBackend]]), nbd, rbd },
   });
 }
 
@@ -490,7 +506,10 @@ describe('boot from volume', () => {
   it('the spawn waits in block_device_mapping until the boot volume is attaching, then boots from it', async () => {
     const root = await createVolume('root');
     const rootUID = root.metadata!.uid!;
-    const bfv = await createAndBind('bfv', { bootVolume: 'root' });
+    const extra = await createVolume('extra');
+    const extraUID = extra.metadata!.uid!;
+    const bfv = await createAndBind('bfv', { bootVolume: 'root', volumes: [{ volume: 'extra' }] });
+    await attach('extra', bfv, 'attaching'); // ready before the guest exists: given at first boot
     const waiting = await waitFor('bfv waiting for its boot volume', async () => {
       const s = await getServer('bfv');
       return s.status?.taskState === 'block_device_mapping' ? s : undefined;
@@ -506,6 +525,11 @@ describe('boot from volume', () => {
     const spec = driver.spawned.find((g) => g.id === bfv.metadata!.uid)!;
     expect(spec.image).toBeUndefined();
     expect(spec.rootVolume).toMatchObject({ bus: 'virtio', bootIndex: 0, connection: { volumeId: rootUID } });
+    expect(spec.volumes?.map((v) => v.connection.volumeId)).toEqual([extraUID]);
+    await waitFor('extra reported', async () =>
+      (await reported('bfv')).find((v) => v.volumeUID === extraUID && v.state === 'attached'),
+    );
+    expect(driver.count('attach', extraUID)).toBe(0); // there at first boot, never hot-plugged
     // the boot volume is attached by the spawn, never hot-plugged, and reported
     await waitFor('root reported', async () =>
       (await reported('bfv')).find((v) => v.volumeUID === rootUID && v.state === 'attached'),
@@ -515,5 +539,62 @@ describe('boot from volume', () => {
     await attach('root', bfv, 'detaching');
     await settled('bfv');
     expect(driver.count('detach', rootUID)).toBe(0);
+  });
+});
+
+describe('rbd volumes', () => {
+  it('connect through the rbd backend of the volume type, and follow the size the backend reports', async () => {
+    const RBD_TYPE = `ceph-${suffix}`;
+    await client.create(VOLUME_TYPES, {
+      apiVersion: 'storage.stratus.io/v1alpha1',
+      kind: 'VolumeType',
+      metadata: { name: RBD_TYPE },
+      spec: {
+        backend: 'rbd',
+        rbd: { pool: 'vols', monitors: ['192.0.2.5:6789'], secretRef: { name: 'ceph', namespace: NS } },
+      },
+    });
+    try {
+      const srv = await createAndBind('rbd-user', { image: 'cirros', volumes: [{ volume: 'cephvol' }] });
+      await waitFor('rbd-user ACTIVE', async () =>
+        (await getServer('rbd-user')).status?.status === 'ACTIVE' ? true : undefined,
+      );
+      await waitFor('the type in the attacher cache', async () => agent.agent.volumes.volumeTypes.get(RBD_TYPE));
+      const created = await client.create<Vol>(VOLUMES, {
+        apiVersion: 'storage.stratus.io/v1alpha1',
+        kind: 'Volume',
+        metadata: { name: 'cephvol', namespace: NS },
+        spec: { size: '1Gi', volumeType: RBD_TYPE },
+      });
+      const uid = created.metadata!.uid!;
+      await updateStatus(client, VOLUMES, created, (st) => ({
+        ...st,
+        status: 'available',
+        volumeType: RBD_TYPE,
+        backend: 'rbd',
+        node: OTHER, // the node running backend operations: rbd is reached directly from every node
+        size: '1Gi',
+        host: { node: OTHER, state: 'available', location: `rbd://fsid/vols/volume-${uid}`, size: '1Gi' },
+      }));
+      await attach('cephvol', srv, 'attaching');
+      await waitFor('cephvol attached', async () =>
+        (await reported('rbd-user')).find((v) => v.volumeUID === uid && v.state === 'attached'),
+      );
+      expect(rbdCalls).toEqual([{ pool: 'vols', location: `rbd://fsid/vols/volume-${uid}` }]);
+      // the volume host grew the image (host.size): the guest's QEMU is told
+      await updateStatus(client, VOLUMES, await volume('cephvol'), (st) => ({
+        ...st,
+        status: 'extending',
+        host: { ...(st.host as object), size: '3Gi' },
+      }));
+      await waitFor('3Gi reported', async () =>
+        (await reported('rbd-user')).find((v) => v.volumeUID === uid && v.size === '3Gi'),
+      );
+      expect(driver.volumeCalls.filter((c) => c.op === 'extend' && c.volumeId === uid)).toEqual([
+        { op: 'extend', id: srv.metadata!.uid, volumeId: uid, arg: 3 * GiB },
+      ]);
+    } finally {
+      await client.delete(VOLUME_TYPES, RBD_TYPE).catch(() => {});
+    }
   });
 });
