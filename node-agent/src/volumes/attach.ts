@@ -492,7 +492,12 @@ export class VolumeAttacher {
           reason: `boot volume ${server.spec.bootVolume} is not attaching to this server on ${this.nodeName} yet`,
         };
       }
-      rootVolume = await this.attachmentSpec(server, d);
+      try {
+        rootVolume = await this.attachmentSpec(server, d);
+      } catch (err) {
+        // shown on the server while the spawn waits (e.g. no backend for it on this node), retried with backoff
+        return { ready: false, reason: `boot volume ${server.spec.bootVolume}: ${errorMessage(err)}` };
+      }
       if (!rootVolume) {
         return {
           ready: false,
