@@ -30,6 +30,7 @@ import type { NetworkBackend } from './network/backend.ts';
 import { NetworkController } from './network/controller.ts';
 import { BACKEND_NAMES, type BackendName } from './network/index.ts';
 import { NoopBackend } from './network/noop.ts';
+import { VolumeAttacher, type VolumeConnectors } from './volumes/attach.ts';
 
 export const ZONE_LABEL = 'topology.kubernetes.io/zone';
 
@@ -275,8 +276,13 @@ export interface NodeAgentOptions {
   /** Spec of a Hypervisor the agent creates (API defaults fill the rest). */
   hypervisorSpec?: Partial<HypervisorSpec>;
   heartbeatSeconds?: number;
-  /** Namespace of the node Lease (default NODE_LEASE_NAMESPACE). */
+  /** Namespace of the node Lease (default NODE_LEASE_NAMESPACE); also that of the Secret stratus-volume-nbd. */
   leaseNamespace?: string;
+  /**
+   * How this node reaches volumes (volumes/attach.ts VolumeConnectors): the volume backends by name, the rbd backend
+   * of a volume type and the NBD client. Default: none (attachments wait or fail with "no ... backend").
+   */
+  volumeConnectors?: VolumeConnectors;
   concurrency?: number;
   powerOffTimeoutSeconds?: number;
   orphanGraceSeconds?: number;
@@ -292,6 +298,7 @@ export class NodeAgent {
   readonly hypervisor: HypervisorReporter;
   readonly compute: ComputeService;
   readonly network: NetworkController;
+  readonly volumes: VolumeAttacher;
   readonly events: EventRecorder;
   readonly #log: Logger;
 
@@ -326,6 +333,7 @@ export class NodeAgent {
       ...(o.clock ? { clock: o.clock } : {}),
     });
     const s = (v: number | undefined) => (v === undefined ? undefined : v * 1000);
+    let volumes: VolumeAttacher | undefined;
     compute = new ComputeService({
       manager: mgr,
       nodeName: o.nodeName,
@@ -333,6 +341,7 @@ export class NodeAgent {
       events: this.events,
       hypervisor: this.hypervisor,
       network: { plug: (server) => this.network.plug(server) },
+      volumes: { blockDevices: (server) => volumes!.blockDevices(server) },
       ...(o.hostIP ? { hostIP: o.hostIP } : {}),
       ...defined({
         concurrency: o.concurrency,
@@ -345,6 +354,20 @@ export class NodeAgent {
       logger: this.#log,
     });
     this.compute = compute;
+    // The block-device side (Nova's): the one place the node's volume backends, rbd factory and NBD client come in.
+    volumes = new VolumeAttacher({
+      manager: mgr,
+      nodeName: o.nodeName,
+      driver: o.driver,
+      servers: compute.servers,
+      connectors: o.volumeConnectors ?? { backends: new Map() },
+      ...(o.leaseNamespace ? { secretNamespace: o.leaseNamespace } : {}),
+      ...defined({ concurrency: o.concurrency }),
+      logger: this.#log,
+    });
+    // A spawn waiting for its boot volume is woken by the Volume's changes.
+    compute.controller.watches(volumes.volumes, (v) => volumes!.serverKeysOf(v));
+    this.volumes = volumes;
     network = new NetworkController({
       manager: mgr,
       nodeName: o.nodeName,

@@ -67,6 +67,7 @@ import type {
   GuestSpec,
   GuestState,
   HypervisorDriver,
+  VolumeAttachmentSpec,
 } from './driver.ts';
 import { agentFieldManager } from './fieldmanager.ts';
 import { ImageError, type ImageErrorReason } from './images/cache.ts';
@@ -93,6 +94,7 @@ import {
 } from './lifecycle.ts';
 import { NetworkNotReadyError, type ServerNetworkService } from './network/controller.ts';
 import { guestVerdict, NODE_LABEL_MISMATCH, PLACEMENT_CONDITION } from './placement.ts';
+import type { BlockDevices } from './volumes/attach.ts';
 
 export const SERVERS: GVR = { group: ServerKind.group, version: ServerKind.version, plural: ServerKind.plural };
 const KEYPAIRS: GVR = { group: KeyPairKind.group, version: KeyPairKind.version, plural: KeyPairKind.plural };
@@ -109,6 +111,12 @@ const MAX_STEPS = 12;
 /** Requeue delays while a server waits for its network: doubling from the base up to the cap. */
 const NETWORK_WAIT_BASE_MS = 1000;
 const NETWORK_WAIT_MAX_MS = 30_000;
+
+/** The volumes a guest is created with (boot volume, volumes ready at first boot). */
+interface GuestVolumes {
+  rootVolume?: VolumeAttachmentSpec;
+  volumes: VolumeAttachmentSpec[];
+}
 
 /** A step that must wait: the reconcile ends and the server comes back after this delay (or on a wake-up). */
 interface Requeue {
@@ -128,6 +136,12 @@ export interface ComputeOptions {
    * NICs.
    */
   network?: ServerNetworkService;
+  /**
+   * The node's volume attacher (volumes/attach.ts): the boot volume and the volumes attached at first boot. A server
+   * with spec.bootVolume gets its guest only once its attachment is ready (meanwhile taskState block_device_mapping
+   * while building, and Ready False WaitingForVolume). Without it, guests get no volumes at spawn.
+   */
+  volumes?: { blockDevices(server: Server): Promise<BlockDevices> };
   /**
    * Address this node serves a moving guest's disks on (NBD, cold migration source; the node's --host-ip, reachable
    * from the other nodes). Default 127.0.0.1 (several agents on one host).
@@ -418,7 +432,9 @@ export class ComputeService {
   async reconcile(req: Request, ctx: ReconcileContext): Promise<ReconcileResult> {
     const cached = this.servers.get(req.name, req.namespace);
     if (!cached || cached.metadata?.labels?.[SERVER_NODE_LABEL] !== this.nodeName) {
-      this.#networkWaits.delete(objectKey(cached ?? { metadata: { name: req.name, namespace: req.namespace } }));
+      const key = objectKey(cached ?? { metadata: { name: req.name, namespace: req.namespace } });
+      this.#networkWaits.delete(key);
+      this.#networkWaits.delete(`bdm|${key}`);
       return this.#gone(req, ctx);
     }
     let server = this.#view(cached);
@@ -520,6 +536,8 @@ export class ComputeService {
         const done = await this.#write(r.server, undefined, undefined, (st, s) => {
           setStates(st, 'deleted', undefined);
           st.powerState = 'NOSTATE';
+          // The guest took its volumes with it: the report says so, and the operator drops the attachments.
+          if (st.compute) st.compute = { ...(st.compute as Status), volumes: null };
           st.actions = finishAction(st.actions as never, 'delete', 'Success', now);
           setConditions(
             st,
@@ -564,7 +582,9 @@ export class ComputeService {
         }
         if (d.kind === 'adopt') return this.#adopt(server, guest!, d.vmState, ctx);
         const net = await this.#plug(server, guest, d, ctx);
-        return 'wait' in net ? net.wait : this.#spawn(server, d.trigger, ctx, net.nics);
+        if ('wait' in net) return net.wait;
+        const bdm = await this.#blockDevices(server, guest, d, ctx);
+        return 'wait' in bdm ? bdm.wait : this.#spawn(server, d.trigger, ctx, net.nics, bdm.volumes);
       }
 
       case 'recover': {
@@ -650,7 +670,9 @@ export class ComputeService {
 
       case 'finishResize': {
         const net = await this.#plug(server, guest, d, ctx);
-        return 'wait' in net ? net.wait : this.#finishResize(server, guest, d, ctx, net.nics);
+        if ('wait' in net) return net.wait;
+        const bdm = await this.#blockDevices(server, guest, d, ctx);
+        return 'wait' in bdm ? bdm.wait : this.#finishResize(server, guest, d, ctx, net.nics, bdm.volumes);
       }
 
       case 'confirmResize': {
@@ -679,6 +701,50 @@ export class ComputeService {
         return 'wait' in net ? net.wait : this.#rebuild(server, guest, ctx, net.nics);
       }
     }
+  }
+
+  /**
+   * The volumes a guest is (re)created with (Nova's block device mapping): the boot volume and the volumes whose
+   * connection is ready (the volume attacher hot-plugs the others later). While a boot volume is not attaching to
+   * this server on this node with its connection ready, the server shows it (taskState block_device_mapping while
+   * building, Ready False WaitingForVolume, an Event when the message changes) and the reconcile ends with a
+   * backoff requeue; a change of the Volume wakes it earlier (the attacher's watch requeues the server here too).
+   */
+  async #blockDevices(
+    server: Server,
+    guest: GuestState | undefined,
+    d: Decision,
+    ctx: ReconcileContext,
+  ): Promise<{ volumes: GuestVolumes } | { wait: Server | Requeue }> {
+    const attacher = this.#o.volumes;
+    let bdm: BlockDevices;
+    if (attacher) bdm = await attacher.blockDevices(server);
+    else if (server.spec.bootVolume) bdm = { ready: false, reason: `no volume attacher on ${this.nodeName}` };
+    else bdm = { ready: true, volumes: [] };
+    const key = `bdm|${objectKey(server as unknown as KubernetesObject)}`;
+    if (bdm.ready) {
+      this.#networkWaits.delete(key);
+      return { volumes: { ...(bdm.rootVolume ? { rootVolume: bdm.rootVolume } : {}), volumes: bdm.volumes } };
+    }
+    const message = `waiting for the boot volume: ${bdm.reason}`.slice(0, 1024);
+    const previous = server.status?.conditions?.find((c) => c.type === 'Ready');
+    const r = await this.#write(server, guest, d, (st, s) => {
+      if (s.status?.vmState === 'building') setStates(st, undefined, 'block_device_mapping');
+      setConditions(
+        st,
+        [{ type: 'Ready', status: 'False', reason: 'WaitingForVolume', message }],
+        s.metadata.generation,
+        new Date(this.#clock.now()),
+      );
+    });
+    if (!r.applied) return { wait: r.server };
+    if (previous?.reason !== 'WaitingForVolume' || previous.message !== message) {
+      this.#events.normal(ref(r.server), 'WaitingForVolume', 'BlockDeviceMapping', message);
+      ctx.log.info({ reason: bdm.reason }, 'waiting for the boot volume');
+    }
+    const n = this.#networkWaits.get(key) ?? 0;
+    this.#networkWaits.set(key, n + 1);
+    return { wait: { requeueAfterMs: Math.min(NETWORK_WAIT_BASE_MS * 2 ** n, NETWORK_WAIT_MAX_MS) } };
   }
 
   /**
@@ -763,9 +829,11 @@ export class ComputeService {
     d: Extract<Decision, { kind: 'finishResize' }>,
     ctx: ReconcileContext,
     nics: GuestNetworkInterface[] | undefined,
+    volumes: GuestVolumes,
   ): Promise<Server | undefined> {
     return this.#recreate(server, guest, d.action, true, ctx, {
       nics,
+      volumes,
       ...(d.importFrom ? { importFrom: d.importFrom } : {}),
     });
   }
@@ -852,6 +920,8 @@ export class ComputeService {
       specFrom?: Server;
       extra?: (st: Status, s: Server) => void;
       nics?: GuestNetworkInterface[] | undefined;
+      /** Boot volume and volumes (connections built by this node). */
+      volumes?: GuestVolumes;
       /** Moved here: the guest is created from the disks its source serves. */
       importFrom?: DiskExport;
     } = {},
@@ -862,7 +932,7 @@ export class ComputeService {
     let state = guest;
     let failure: string | undefined;
     try {
-      const spec = await this.#guestSpec(o.specFrom ?? server, o.nics);
+      const spec = await this.#guestSpec(o.specFrom ?? server, o.nics, o.volumes);
       const info = guest && keepIfSized ? (await this.#driver.list()).find((g) => g.id === uid) : undefined;
       const sized =
         info !== undefined &&
@@ -1015,6 +1085,7 @@ export class ComputeService {
     trigger: 'hardReboot' | undefined,
     ctx: ReconcileContext,
     nics: GuestNetworkInterface[] | undefined,
+    volumes: GuestVolumes,
   ): Promise<Server | undefined> {
     const uid = server.metadata.uid!;
     const action = trigger ?? 'create';
@@ -1034,7 +1105,7 @@ export class ComputeService {
     if (!started.applied) return started.server;
     let state: GuestState;
     try {
-      const spec = await this.#guestSpec(started.server, nics);
+      const spec = await this.#guestSpec(started.server, nics, volumes);
       state = await this.#driver.spawn(spec);
     } catch (err) {
       const message = spawnFailureMessage(err, started.server.status?.image ?? started.server.spec.image);
@@ -1143,7 +1214,11 @@ export class ComputeService {
    * What the driver needs to boot the server: sizes from the bound flavor snapshot, the key pair resolved, the NICs
    * the network service wired.
    */
-  async #guestSpec(server: Server, nics: GuestNetworkInterface[] | undefined): Promise<GuestSpec> {
+  async #guestSpec(
+    server: Server,
+    nics: GuestNetworkInterface[] | undefined,
+    volumes?: GuestVolumes,
+  ): Promise<GuestSpec> {
     const st = server.status ?? {};
     const f = st.flavor;
     if (!f) throw new Error('status.flavor is not set');
@@ -1186,6 +1261,8 @@ export class ComputeService {
       ...(server.spec.metadata ? { metadata: { ...server.spec.metadata } } : {}),
       ...(accelerator ? { accelerator } : {}),
       ...(nics?.length ? { nics } : {}),
+      ...(volumes?.rootVolume ? { rootVolume: volumes.rootVolume } : {}),
+      ...(volumes?.volumes.length ? { volumes: volumes.volumes } : {}),
       annotations: { ...(server.metadata.annotations ?? {}) },
     };
   }

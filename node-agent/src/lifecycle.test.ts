@@ -26,6 +26,7 @@ import {
   setStates,
   startAction,
   TRANSITIONS,
+  VOLUME_BACKED_REBUILD,
 } from './lifecycle.ts';
 
 const NODE = 'node-a';
@@ -147,6 +148,16 @@ describe('decide: building', () => {
     expect(decide(server({ vmState: 'active', taskState: 'networking' }), undefined, NODE)).toEqual({
       kind: 'recover',
       task: 'networking',
+    });
+  });
+
+  it("keeps spawning while the agent waits for the boot volume (taskState block_device_mapping is the agent's)", () => {
+    expect(decide(server({ vmState: 'building', taskState: 'block_device_mapping' }), undefined, NODE)).toEqual({
+      kind: 'spawn',
+    });
+    expect(decide(server({ vmState: 'active', taskState: 'block_device_mapping' }), undefined, NODE)).toEqual({
+      kind: 'recover',
+      task: 'block_device_mapping',
     });
   });
 
@@ -579,6 +590,19 @@ describe('resize and migration placed by the operator', () => {
 });
 
 describe('rebuild', () => {
+  it("is refused for a volume-backed server, in Nova's words", () => {
+    const s = server({ vmState: 'active' });
+    s.spec.image = undefined;
+    s.spec.bootVolume = 'root';
+    s.spec.triggers = { rebuild: 't1' };
+    expect(decide(s, guest('RUNNING'), NODE)).toEqual({
+      kind: 'refuse',
+      action: 'rebuild',
+      reason: VOLUME_BACKED_REBUILD,
+      trigger: 'rebuild',
+    });
+  });
+
   const running: GuestState = { id: 'uid-1', powerState: 'RUNNING' };
   it('runs for a new rebuild token or a changed spec.image, from active, stopped or error', () => {
     const s = server({ vmState: 'active' });

@@ -66,6 +66,7 @@ export const TRANSITIONS: Readonly<Record<AgentAction, TransitionInfo>> = {
 /** Task states the agent sets (and therefore may clear when it finds them stale). */
 export const AGENT_TASKS: ReadonlySet<TaskState> = new Set<TaskState>([
   'networking',
+  'block_device_mapping',
   'spawning',
   ...Object.values(TRANSITIONS).map((t) => t.task),
   'deleting',
@@ -174,6 +175,9 @@ export function moveGuard(
   return { ok: true, from: src.export };
 }
 
+/** Nova's refusal of a rebuild of a volume-backed server (before the reimage of API 2.93). */
+export const VOLUME_BACKED_REBUILD = 'Unable to rebuild with a different image for a volume-backed server.';
+
 function wait(reason: string, message: string): Decision {
   return { kind: 'wait', reason, message };
 }
@@ -205,8 +209,9 @@ export function decide(server: Server, guest: GuestState | undefined, nodeName: 
 
   // 3. building
   if (vm === 'building') {
-    // networking: the agent waits for the server's ports before spawning (set by the agent, see compute.ts)
-    if (task !== 'spawning' && task !== 'networking') {
+    // networking / block_device_mapping: the agent waits for the server's ports, or its boot volume's attachment,
+    // before spawning (set by the agent, see compute.ts)
+    if (task !== 'spawning' && task !== 'networking' && task !== 'block_device_mapping') {
       return wait('Building', `waiting for the operator (task ${task ?? 'none'})`);
     }
     if (!st.flavor) return wait('Building', 'status.flavor is not set yet');
@@ -269,7 +274,7 @@ export function decide(server: Server, guest: GuestState | undefined, nodeName: 
   const rebuildAsked = rebuildToken !== undefined && rebuildToken !== st.triggers?.rebuild;
   const imageChanged = !!server.spec.image && !!st.image && server.spec.image !== st.image;
   if (rebuildAsked || imageChanged) {
-    const refused = refuseAction('rebuild', vm);
+    const refused = server.spec.bootVolume ? VOLUME_BACKED_REBUILD : refuseAction('rebuild', vm);
     if (refused)
       return { kind: 'refuse', action: 'rebuild', reason: refused, ...(rebuildAsked ? { trigger: 'rebuild' } : {}) };
     return { kind: 'rebuild' };

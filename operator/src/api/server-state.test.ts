@@ -159,4 +159,22 @@ describe('withReport', () => {
     const same = withReport(structuredClone(st), { ...st, powerState: 'RUNNING' }, 'a');
     expect(same.compute).toEqual(st.compute);
   });
+
+  it("keeps the volume attacher's compute.volumes of the same node, drops them on null or another node", () => {
+    const volumes = [{ volume: 'data', volumeUID: 'u1', state: 'attached' }];
+    const st: Record<string, unknown> = {
+      node: 'a',
+      vmState: 'active',
+      powerState: 'RUNNING',
+      compute: { node: 'a', vmState: 'active', powerState: 'RUNNING', volumes },
+    };
+    const kept = withReport(structuredClone(st), { ...structuredClone(st), powerState: 'SHUTDOWN' }, 'a');
+    expect(kept.compute).toEqual({ node: 'a', vmState: 'active', powerState: 'SHUTDOWN', volumes });
+    const view = structuredClone(st);
+    view.compute = { ...(view.compute as object), volumes: null };
+    const dropped = withReport(structuredClone(st), view, 'a');
+    expect(dropped.compute).toEqual({ node: 'a', vmState: 'active', powerState: 'RUNNING', volumes: null });
+    const moved = withReport(structuredClone(st), { ...structuredClone(st), powerState: 'RUNNING' }, 'b');
+    expect(moved.compute).toEqual({ node: 'b', vmState: 'active', powerState: 'RUNNING', volumes: null });
+  });
 });

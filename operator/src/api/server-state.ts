@@ -199,6 +199,7 @@ export function deriveServerState(st: Status): boolean {
  * view and its own fields. Returns `st` with the agent's own fields taken from `view`, the user-facing state fields
  * left as stored (the operator's), and the view's state written into the report status.compute for `node` (as a merge
  * patch of that one top-level key: a field that goes is sent as null). The report is only replaced when it changes.
+ * The report's volumes (written by the volume attacher) are carried over from view.compute while it is about `node`.
  */
 export function withReport(st: Status, view: Status, node: string): Status {
   const fixed = new Set<string>([...SERVER_STATE_FIELDS, 'compute']);
@@ -211,6 +212,10 @@ export function withReport(st: Status, view: Status, node: string): Status {
   for (const k of ['vmState', 'taskState', 'powerState', 'fault', 'actions'] as const) {
     if (view[k] !== undefined) next[k] = view[k];
   }
+  // status.compute.volumes (the volume attacher's part of the report) is kept while the report is about `node`; the
+  // view drops it by setting view.compute.volumes to null.
+  const carried = view.compute as Status | undefined;
+  if (carried?.node === node && carried.volumes !== undefined) next.volumes = carried.volumes;
   const prev = (st.compute as Status | undefined) ?? {};
   if (sameJSON(prev, next)) return st;
   for (const k of Object.keys(prev)) if (next[k] === undefined) next[k] = null;
