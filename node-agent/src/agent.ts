@@ -31,6 +31,7 @@ import { NetworkController } from './network/controller.ts';
 import { BACKEND_NAMES, type BackendName } from './network/index.ts';
 import { NoopBackend } from './network/noop.ts';
 import { VolumeAttacher, type VolumeConnectors } from './volumes/attach.ts';
+import { VolumeHost, type VolumeHostOptions } from './volumes/host.ts';
 
 export const ZONE_LABEL = 'topology.kubernetes.io/zone';
 
@@ -283,6 +284,11 @@ export interface NodeAgentOptions {
    * of a volume type and the NBD client. Default: none (attachments wait or fail with "no ... backend").
    */
   volumeConnectors?: VolumeConnectors;
+  /**
+   * The volume host of this node (cinder-volume: volumes/host.ts) and its backends; default: none (this node holds no
+   * volumes and reports no volume backends). volumes/node.ts nodeVolumes builds it for the qemu driver.
+   */
+  volumeHost?: Omit<VolumeHostOptions, 'manager' | 'nodeName' | 'logger' | 'clock'>;
   concurrency?: number;
   powerOffTimeoutSeconds?: number;
   orphanGraceSeconds?: number;
@@ -299,6 +305,8 @@ export class NodeAgent {
   readonly compute: ComputeService;
   readonly network: NetworkController;
   readonly volumes: VolumeAttacher;
+  /** The volume host, when the node runs one (volumeHost option). */
+  readonly volumeHost: VolumeHost | undefined;
   readonly events: EventRecorder;
   readonly #log: Logger;
 
@@ -314,7 +322,18 @@ export class NodeAgent {
     let compute: ComputeService | undefined;
     let network: NetworkController | undefined;
     const backend = o.networkBackend ?? new NoopBackend();
+    const volumeHost = o.volumeHost
+      ? new VolumeHost({
+          ...o.volumeHost,
+          manager: mgr,
+          nodeName: o.nodeName,
+          logger: this.#log,
+          ...(o.clock ? { clock: o.clock } : {}),
+        })
+      : undefined;
+    this.volumeHost = volumeHost;
     this.hypervisor = new HypervisorReporter({
+      ...(volumeHost ? { volumeBackends: () => volumeHost.probe() } : {}),
       client: mgr.client,
       nodeName: o.nodeName,
       driver: o.driver,
@@ -395,6 +414,7 @@ export class NodeAgent {
   start(): void {
     this.compute.start();
     this.network.start();
+    this.volumeHost?.start();
     this.hypervisor.start();
     this.#log.info({ driver: this.driver.name, networkBackend: this.network.backend.name }, 'node agent started');
   }
@@ -402,6 +422,7 @@ export class NodeAgent {
   /** Stops heartbeat, sweep and network applies; the manager stops the controller. Guests keep running, wired. */
   async stop(): Promise<void> {
     this.compute.stop();
+    this.volumeHost?.stop();
     await this.network.stop();
     await this.hypervisor.stop();
   }

@@ -275,6 +275,8 @@ export class QemuDriver implements HypervisorDriver {
   readonly #listeners = new Set<(e: GuestExit) => void>();
   #closed = false;
   #imageCache: ImageCache | undefined;
+  /** Others whose files are overlays on cached images (the local volume backend): eviction keeps what they use. */
+  readonly #imageUsers: (() => Promise<Iterable<string>>)[] = [];
   #evictTimer: NodeJS.Timeout | undefined;
 
   constructor(options: QemuDriverOptions = {}, deps: QemuDriverDeps = {}) {
@@ -446,6 +448,16 @@ export class QemuDriver implements HypervisorDriver {
     });
   }
 
+  /** The node's image cache (after init): volumes made from an image are built on its entries too. */
+  get imageCache(): ImageCache | undefined {
+    return this.#imageCache;
+  }
+
+  /** Registers files (cached image paths) someone besides the guests still uses: eviction leaves them. */
+  addImageUser(user: () => Promise<Iterable<string>>): void {
+    this.#imageUsers.push(user);
+  }
+
   /**
    * Removes cached images that no guest on this node (running or stopped) is built on and that nothing used
    * for `retentionMs` — the retention also protects an image between its download and the disk built on it.
@@ -453,7 +465,9 @@ export class QemuDriver implements HypervisorDriver {
   async evictImages(retentionMs = this.#o.imageRetentionMs ?? 3_600_000): Promise<string[]> {
     if (!this.#imageCache) return [];
     try {
-      const removed = await this.#imageCache.evict({ inUse: await this.imagesInUse(), maxUnusedAgeMs: retentionMs });
+      const inUse = await this.imagesInUse();
+      for (const user of this.#imageUsers) for (const path of await user()) inUse.add(path);
+      const removed = await this.#imageCache.evict({ inUse, maxUnusedAgeMs: retentionMs });
       if (removed.length > 0) this.#log.info({ removed }, 'evicted unused images');
       return removed;
     } catch (err) {

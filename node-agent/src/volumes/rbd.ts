@@ -40,6 +40,17 @@ export interface ExecResult {
 /** Runs a program with an argument array; rejects with an error carrying `stderr` and `code` on failure. */
 export type RbdExec = (file: string, args: readonly string[], opts?: { timeoutMs?: number }) => Promise<ExecResult>;
 
+/** Directories QEMU loads its block modules from (block-rbd.so comes with qemu-block-extra). */
+export function rbdModuleDirs(): string[] {
+  return [
+    ...(process.env.QEMU_MODULE_DIR ? [process.env.QEMU_MODULE_DIR] : []),
+    '/usr/lib/x86_64-linux-gnu/qemu',
+    '/usr/lib/aarch64-linux-gnu/qemu',
+    '/usr/lib64/qemu',
+    '/usr/lib/qemu',
+  ];
+}
+
 export interface RbdBackendOptions {
   pool: string;
   user: string;
@@ -177,13 +188,7 @@ export class RbdBackend implements VolumeBackend {
     this.maxCloneDepth = opts.maxCloneDepth ?? 5;
     this.exec = opts.exec ?? defaultExec;
     this.tmpBase = opts.tmpDir ?? tmpdir();
-    this.moduleDirs = opts.qemuModuleDirs ?? [
-      ...(process.env.QEMU_MODULE_DIR ? [process.env.QEMU_MODULE_DIR] : []),
-      '/usr/lib/x86_64-linux-gnu/qemu',
-      '/usr/lib/aarch64-linux-gnu/qemu',
-      '/usr/lib64/qemu',
-      '/usr/lib/qemu',
-    ];
+    this.moduleDirs = opts.qemuModuleDirs ?? rbdModuleDirs();
   }
 
   /** The private directory with `keyring` (for rbd/ceph) and `key` (for qemu-img's secret object), mode 0600. */
