@@ -63,6 +63,21 @@ describe('nextAttachments: the v3 flow, one step per pass', () => {
       },
     ]);
   });
+  it('a reservation made before binding is dropped and refused when the node cannot reach the backend', () => {
+    const a = [{ server: 'vm', serverUID: 'vm-uid', state: 'reserved' as const }];
+    const r = nextAttachments(
+      { ...vol, status: 'reserved' },
+      a,
+      [srv('vm', { node: 'n2', reach: { ok: false, reason: 'x' } })],
+      T,
+    );
+    expect(r.attachments).toEqual([]);
+    expect(r.refused.map((x) => x.reason)).toEqual(['BackendUnreachable']);
+    expect(
+      attachRefusal({ ...vol, status: 'reserved' }, a, { name: 'vm', uid: 'vm-uid', node: 'n2', reach: { ok: false } })
+        ?.reason,
+    ).toBe('BackendUnreachable');
+  });
   it('non-multiattach: the oldest server wins, the other is refused in Cinder’s words', () => {
     const r = nextAttachments(vol, [], [srv('b', { creationTimestamp: '2' }), srv('a', { creationTimestamp: '1' })], T);
     expect(r.attachments.map((x) => x.server)).toEqual(['a']);

@@ -100,7 +100,8 @@ export function attachRefusal(
   attachments: readonly VolumeAttachment[],
   server: Pick<AttachingServer, 'name' | 'uid' | 'node' | 'reach'>,
 ): AttachRefusal | undefined {
-  if (attachments.some((a) => a.server === server.name && (a.serverUID ?? server.uid) === server.uid)) return undefined;
+  const own = attachments.find((a) => a.server === server.name && (a.serverUID ?? server.uid) === server.uid);
+  if (own && (own.state !== 'reserved' || !server.node || server.reach?.ok !== false)) return undefined;
   const others = attachments.filter((a) => a.server !== server.name);
   const s = volume.status ?? 'creating';
   if (others.length > 0 && !volume.multiattach) {
@@ -110,7 +111,7 @@ export function attachRefusal(
     };
   }
   const ok = s === 'available' || (volume.multiattach && others.length > 0 && ATTACHED_STATUSES.has(s));
-  if (!ok) {
+  if (!ok && !own) {
     return {
       reason: 'VolumeNotAvailable',
       message: `Invalid volume: Volume ${volume.name} status must be available or in-use, but the current status is ${s}`,
@@ -168,7 +169,8 @@ export function nextAttachments(
     if (s.wants) {
       if (a.state === 'reserved') {
         if (s.node && s.reach?.ok) out.push({ ...a, serverUID: s.uid, node: s.node, state: 'attaching' });
-        else out.push(a);
+        else if (!s.node) out.push(a);
+        // Bound to a node that cannot reach the backend: the reservation goes (refused below, volume untouched).
       } else if (a.state === 'attaching' || a.state === 'detaching') {
         out.push(reported ? attachedFrom(a, s, now) : { ...a, state: 'attaching' });
       } else {
@@ -187,7 +189,8 @@ export function nextAttachments(
       .sort(
         (x, y) => (x.creationTimestamp ?? '').localeCompare(y.creationTimestamp ?? '') || x.name.localeCompare(y.name),
       );
-    let status = volume.status;
+    // Attachments dropped in this pass no longer hold the volume.
+    let status = out.length === 0 && ATTACHED_STATUSES.has(volume.status ?? '') ? 'available' : volume.status;
     for (const s of wanting) {
       const no = attachRefusal({ ...volume, status }, out, s);
       if (no) {

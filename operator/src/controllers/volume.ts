@@ -57,6 +57,8 @@ export const VOLUME_OPERATOR_FIELDS = [
   'conditions',
 ] as const;
 
+const OWN = VOLUME_OPERATOR_FIELDS as unknown as string[];
+
 /** The default VolumeType: the oldest with isDefault (VolumeType Ready reports MultipleDefaults on the others). */
 export function defaultVolumeType(types: readonly VolumeType[]): VolumeType | undefined {
   return types
@@ -89,6 +91,9 @@ export function registerVolumeController(mgr: Manager, opts: VolumeControllerOpt
   const client = mgr.client;
   const now = opts.now ?? Date.now;
   let nbdSecret = false;
+  /** The operator's status fields by SSA (the volume host's `host` is never carried: it stays the agent's). */
+  const applyVolume = (vol: Volume, status: Record<string, unknown>) =>
+    applyStatusIfChanged(client, VolumeKind, vol, status, OWN);
 
   // Servers by the volumes they list, volumes by the servers holding their attachments, snapshots by their volume.
   servers.addIndex('volumes', (s: Server) =>
@@ -192,7 +197,7 @@ export function registerVolumeController(mgr: Manager, opts: VolumeControllerOpt
       if (!t && typeName !== BUILTIN_VOLUME_TYPE) {
         if (deleting) return release(vol, ctx);
         const message = `Volume type ${typeName} could not be found.`;
-        await applyStatusIfChanged(client, VolumeKind, vol, {
+        await applyVolume(vol, {
           status: 'error',
           observedGeneration: gen,
           conditions: withConditions(
@@ -215,7 +220,7 @@ export function registerVolumeController(mgr: Manager, opts: VolumeControllerOpt
     if (!node && !deleting) {
       const need = requiredNode(vol, backend);
       if ('wait' in need) {
-        await applyStatusIfChanged(client, VolumeKind, vol, {
+        await applyVolume(vol, {
           status: 'creating',
           volumeType: typeName,
           backend,
@@ -246,7 +251,7 @@ export function registerVolumeController(mgr: Manager, opts: VolumeControllerOpt
       }
       if (!placed.ok) {
         const reason = 'fail' in need ? need.reason : 'NoValidHost';
-        await applyStatusIfChanged(client, VolumeKind, vol, {
+        await applyVolume(vol, {
           status: 'error',
           volumeType: typeName,
           backend,
@@ -265,7 +270,7 @@ export function registerVolumeController(mgr: Manager, opts: VolumeControllerOpt
         return { requeueAfter: 30_000 };
       }
       node = placed.node;
-      await applyStatusIfChanged(client, VolumeKind, vol, {
+      await applyVolume(vol, {
         node,
         backend,
         volumeType: typeName,
@@ -350,7 +355,7 @@ export function registerVolumeController(mgr: Manager, opts: VolumeControllerOpt
           },
     );
     const before = st.attachments ?? [];
-    await applyStatusIfChanged(client, VolumeKind, vol, {
+    await applyVolume(vol, {
       status: state.status,
       attachments: attachments.length > 0 ? attachments : undefined,
       size: state.size,

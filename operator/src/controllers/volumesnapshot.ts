@@ -22,6 +22,8 @@ import {
 import { applyStatusIfChanged, gvrOf, requeueOnConflict, specOrMetaChanged, withConditions } from './common.ts';
 
 const SNAPSHOTS = gvrOf(VolumeSnapshotKind);
+/** The status fields of a VolumeSnapshot the operator owns (the volume host owns `host`). */
+export const SNAPSHOT_OPERATOR_FIELDS = ['status', 'size', 'node', 'observedGeneration', 'conditions'];
 
 type SnapStatus = NonNullable<NonNullable<VolumeSnapshot['status']>['status']>;
 
