@@ -417,8 +417,16 @@ describe('servers and their volumes', () => {
   });
 
   it('boot from volume: the server waits for the volume and is placed on its node', async () => {
-    // Only n1 reaches rbd; a local volume on n0 or n1 pulls its server there over the freer-host weighers.
-    const v = await availableVolume('v-boot', {});
+    // The volume on n0, the busiest node (n1 cannot run the local backend while it is placed): the freer-host
+    // weighers alone would put the server on n1 (n2 cannot reach local at all: VolumeBackendFilter).
+    await backends(n1, [{ name: 'rbd', ok: true }]);
+    const v = await availableVolume('v-boot', {}).finally(() =>
+      backends(n1, [
+        { name: 'local', ok: true },
+        { name: 'rbd', ok: true },
+      ]),
+    );
+    expect(v.status?.node).toBe(n0);
     const m = env.manifest('vm-boot', { flavor: small });
     m.spec = { ...m.spec, image: undefined, bootVolume: 'v-boot' } as Srv['spec'];
     delete (m.spec as { image?: string }).image;
