@@ -3,18 +3,18 @@
 // installAdmissionPolicies for the test control plane.
 import { STORAGE_GROUP } from '../api/storage.ts';
 
-export const VOLUME_IN_USE_POLICY = 'stratus-volume-in-use';
+export const VOLUME_IN_USE_POLICY = 'stratus-volume-delete-attached';
 
 /**
  * Cinder refuses to delete an attached volume: DELETE of a Volume whose status.attachments is not empty is denied
  * with Cinder's words. On DELETE the API server gives the policy `oldObject` (object is null).
  */
-export function admissionPolicies(): Array<Record<string, unknown>> {
+export function admissionPolicies(name = VOLUME_IN_USE_POLICY): Array<Record<string, unknown>> {
   return [
     {
       apiVersion: 'admissionregistration.k8s.io/v1',
       kind: 'ValidatingAdmissionPolicy',
-      metadata: { name: VOLUME_IN_USE_POLICY },
+      metadata: { name },
       spec: {
         failurePolicy: 'Fail',
         matchConstraints: {
@@ -41,8 +41,8 @@ export function admissionPolicies(): Array<Record<string, unknown>> {
     {
       apiVersion: 'admissionregistration.k8s.io/v1',
       kind: 'ValidatingAdmissionPolicyBinding',
-      metadata: { name: VOLUME_IN_USE_POLICY },
-      spec: { policyName: VOLUME_IN_USE_POLICY, validationActions: ['Deny'] },
+      metadata: { name },
+      spec: { policyName: name, validationActions: ['Deny'] },
     },
   ];
 }

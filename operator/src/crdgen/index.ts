@@ -14,12 +14,16 @@ export function generatedFiles(): Map<string, string> {
     const crd = buildCRD(k);
     files.set(`crds/${k.group}_${k.plural}.yaml`, HEADER + stringify(crd, { lineWidth: 0 }));
   }
-  const policies = admissionPolicies()
-    .map((p) => stringify(p, { lineWidth: 0 }))
-    .join('---\n');
-  files.set('admission/policies.yaml', HEADER + policies);
-  // The chart installs the same policies (a template: Helm upgrades it, unlike crds/).
-  files.set('charts/stratus/templates/admission-policies.yaml', HEADER + policies);
+  const yaml = (name?: string) =>
+    admissionPolicies(name)
+      .map((p) => stringify(p, { lineWidth: 0 }))
+      .join('---\n');
+  files.set('admission/policies.yaml', HEADER + yaml());
+  // The chart installs the same policies under the release's name (a template: Helm upgrades it, unlike crds/).
+  files.set(
+    'charts/stratus/templates/admission-policies.yaml',
+    HEADER + yaml('{{ include "stratus.fullname" . }}-volume-delete-attached'),
+  );
   files.set('docs/api.md', apiDoc(ALL_KINDS));
   return files;
 }
