@@ -38,7 +38,14 @@ import {
   removeFinalizer,
 } from '../runtime/index.ts';
 import { backendReach, placeVolume, volumeHostOf } from '../scheduler/index.ts';
-import { applyStatusIfChanged, gvrOf, requeueOnConflict, specOrMetaChanged, withConditions } from './common.ts';
+import {
+  applyStatusIfChanged,
+  canonical,
+  gvrOf,
+  requeueOnConflict,
+  specOrMetaChanged,
+  withConditions,
+} from './common.ts';
 import { ensureNbdSecret } from './volumetype.ts';
 
 export const VOLUMES = gvrOf(VolumeKind);
@@ -355,7 +362,7 @@ export function registerVolumeController(mgr: Manager, opts: VolumeControllerOpt
           },
     );
     const before = st.attachments ?? [];
-    await applyVolume(vol, {
+    const wrote = await applyVolume(vol, {
       status: state.status,
       attachments: attachments.length > 0 ? attachments : undefined,
       size: state.size,
@@ -382,7 +389,9 @@ export function registerVolumeController(mgr: Manager, opts: VolumeControllerOpt
       if (!node || !host || host.state === 'deleted') return release(vol, ctx);
       return undefined; // the host reports deleting, then deleted (its report requeues this volume)
     }
-    return undefined;
+    // Our own status writes do not requeue (the predicate): an attachment that moved (reserved → attaching) may
+    // take its next step from the same inputs. The steps reach a fixpoint, where nothing is written.
+    return wrote && canonical(before) !== canonical(attachments) ? { requeue: true } : undefined;
   }
 
   async function release(vol: Volume, ctx: ReconcileContext) {

@@ -7,6 +7,8 @@
 import { type KubernetesObject, PatchStrategy, type V1ManagedFieldsEntry, Watch } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
+  NBD_SECRET_NAME,
+  NODE_LEASE_NAMESPACE,
   type Volume,
   VolumeKind,
   type VolumeSnapshot,
@@ -435,5 +437,44 @@ describe('servers and their volumes', () => {
     expect(s.status?.node).toBe(v.status?.node);
     const r = await waitVolume('v-boot', 'attaching', (x) => x.status?.attachments?.[0]?.state === 'attaching');
     expect(r.status?.attachments?.[0]).toMatchObject({ server: 'vm-boot', bootIndex: 0, node: v.status?.node });
+  });
+});
+
+describe('types and credentials', () => {
+  it('the oldest default type is used; a newer default says MultipleDefaults', async () => {
+    const first = await createType('default-a', { backend: 'local', isDefault: true });
+    await waitFor(`${first} Ready`, async () => {
+      const t = await env.client.get<
+        KubernetesObject & { status?: { conditions?: { type: string; status: string }[] } }
+      >(TYPES, first);
+      return t.status?.conditions?.find((c) => c.type === 'Ready')?.status === 'True';
+    });
+    const second = await createType('default-b', {
+      backend: 'rbd',
+      isDefault: true,
+      rbd: { monitors: ['192.0.2.10:6789'], secretRef: { name: 'ceph', namespace: env.ns } },
+    });
+    const t = await waitFor(`${second} MultipleDefaults`, async () => {
+      const o = await env.client.get<
+        KubernetesObject & { status?: { conditions?: { type: string; reason: string; message: string }[] } }
+      >(TYPES, second);
+      const c = o.status?.conditions?.find((x) => x.type === 'Ready');
+      return c?.reason === 'MultipleDefaults' ? c : undefined;
+    });
+    expect(t.message).toContain(first);
+    await createVolume('v-default', {});
+    const v = await waitVolume('v-default', 'placed', (x) => !!x.status?.node);
+    expect(v.status).toMatchObject({ volumeType: first, backend: 'local' });
+  });
+
+  it('the operator made the NBD credentials Secret once (identity stratus, a 64-hex key)', async () => {
+    const secret = await env.client.get<KubernetesObject & { data?: Record<string, string> }>(
+      { group: '', version: 'v1', plural: 'secrets' },
+      NBD_SECRET_NAME,
+      NODE_LEASE_NAMESPACE,
+    );
+    const dec = (k: string) => Buffer.from(secret.data?.[k] ?? '', 'base64').toString();
+    expect(dec('identity')).toBe('stratus');
+    expect(dec('key')).toMatch(/^[0-9a-f]{64}$/);
   });
 });
