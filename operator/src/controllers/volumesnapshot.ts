@@ -113,17 +113,23 @@ export function registerVolumeSnapshotController(mgr: Manager) {
         }
       : deriveSnapshotState(snap, vol);
     const ready = d.status === 'available';
-    await applyStatusIfChanged(client, VolumeSnapshotKind, snap, {
-      status: d.status,
-      node: d.node ?? st.node,
-      size: st.size ?? (d.node ? (vol?.status?.size ?? vol?.spec.size) : undefined),
-      observedGeneration: gen,
-      conditions: withConditions(
-        st.conditions,
-        [{ type: 'Ready', status: ready ? 'True' : 'False', reason: d.reason, message: d.message }],
-        gen,
-      ),
-    });
+    await applyStatusIfChanged(
+      client,
+      VolumeSnapshotKind,
+      snap,
+      {
+        status: d.status,
+        node: d.node ?? st.node,
+        size: st.size ?? (d.node ? (vol?.status?.size ?? vol?.spec.size) : undefined),
+        observedGeneration: gen,
+        conditions: withConditions(
+          st.conditions,
+          [{ type: 'Ready', status: ready ? 'True' : 'False', reason: d.reason, message: d.message }],
+          gen,
+        ),
+      },
+      SNAPSHOT_OPERATOR_FIELDS,
+    );
     if (deleting) {
       const host = st.node && st.host?.node === st.node ? st.host : undefined;
       if (!st.node || !host || host.state === 'deleted') {

@@ -271,6 +271,11 @@ describe('attach and detach (Cinder v3 attachments)', () => {
       { volume: 'v-att', device: 'dabc', bus: 'scsi', deleteOnTermination: false },
     ]);
     expect(condition(s, 'VolumesAttached')).toMatchObject({ status: 'True', reason: 'Attached' });
+    const so = owners(s);
+    expect(so.get('stratus-operator')).toContain('volumesAttached');
+    expect(so.get('stratus-operator')).not.toContain('compute');
+    expect(so.get(agent(other))).toContain('compute');
+    expect(so.get(agent(other))).not.toContain('volumesAttached');
 
     // Delete while attached: the admission policy refuses in Cinder's words.
     const refused = await env.client.delete(VOLUMES, 'v-att', env.ns).then(
@@ -396,7 +401,12 @@ describe('extend and snapshots', () => {
       PatchStrategy.MergePatch,
       { subresource: 'status', fieldManager: agent(v.status?.node ?? '') },
     );
-    await waitFor('s-force available', async () => (await getSnap('s-force')).status?.status === 'available');
+    const avail = await waitFor('s-force available', async () => {
+      const x = await getSnap('s-force');
+      return x.status?.status === 'available' ? x : undefined;
+    });
+    expect(owners(avail).get('stratus-operator')).not.toContain('host');
+    expect(owners(avail).get(agent(v.status?.node ?? ''))).toEqual(['host']);
   });
 });
 
