@@ -407,6 +407,53 @@ describe('extend and snapshots', () => {
     });
     expect(owners(avail).get('stratus-operator')).not.toContain('host');
     expect(owners(avail).get(agent(v.status?.node ?? ''))).toEqual(['host']);
+
+    // A volume from the snapshot lives on the snapshot's node (local).
+    await createVolume('v-restored', { source: { snapshot: 's-force' } });
+    const restored = await waitVolume('v-restored', 'placed', (x) => !!x.status?.node);
+    expect(restored.status?.node).toBe(v.status?.node);
+  });
+
+  it('a volume with snapshots waits for them when deleted (DependentSnapshots), then goes', async () => {
+    const v = await availableVolume('v-dep', {});
+    const node = v.status?.node ?? '';
+    await env.client.create(SNAPSHOTS, {
+      apiVersion: VolumeSnapshotKind.apiVersion,
+      kind: 'VolumeSnapshot',
+      metadata: { name: 's-dep', namespace: env.ns, labels: env.scopeLabels },
+      spec: { volume: 'v-dep' },
+    } as KubernetesObject);
+    await waitFor('s-dep placed', async () => !!(await env.client.get<Snap>(SNAPSHOTS, 's-dep', env.ns)).status?.node);
+    await env.client.delete(VOLUMES, 'v-dep', env.ns);
+    const held = await waitVolume(
+      'v-dep',
+      'DependentSnapshots',
+      (x) => x.status?.conditions?.find((c) => c.type === 'Ready')?.reason === 'DependentSnapshots',
+    );
+    expect(held.status?.status).toBe('available');
+    await env.client.delete(SNAPSHOTS, 's-dep', env.ns);
+    await env.client.patch(
+      SNAPSHOTS,
+      's-dep',
+      env.ns,
+      { status: { host: { node, state: 'deleted' } } },
+      PatchStrategy.MergePatch,
+      { subresource: 'status', fieldManager: agent(node) },
+    );
+    await waitFor('s-dep gone', async () =>
+      env.client.get(SNAPSHOTS, 's-dep', env.ns).then(
+        () => false,
+        (e: unknown) => isNotFound(e),
+      ),
+    );
+    await waitVolume('v-dep', 'deleting', (x) => x.status?.status === 'deleting');
+    await hostReport('v-dep', { node, state: 'deleted' });
+    await waitFor('v-dep gone', async () =>
+      volume('v-dep').then(
+        () => false,
+        (e: unknown) => isNotFound(e),
+      ),
+    );
   });
 });
 
