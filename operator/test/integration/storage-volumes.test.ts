@@ -497,6 +497,25 @@ describe('servers and their volumes', () => {
   });
 });
 
+describe('operator restarts', () => {
+  it('a volume placed and an attachment requested while the operator is down continue when it is back', async () => {
+    await createVolume('v-rs', {});
+    const placed = await waitVolume('v-rs', 'placed', (x) => !!x.status?.node);
+    await serverWith('vm-rs', n0, []);
+    await env.stopOperator();
+    try {
+      await hostReport('v-rs', { node: placed.status?.node, state: 'available', size: '1Gi' });
+      await env.patchServer('vm-rs', { spec: { volumes: [{ volume: 'v-rs' }] } });
+    } finally {
+      await env.startOperator();
+    }
+    await waitVolume('v-rs', 'attaching', (x) => x.status?.attachments?.[0]?.state === 'attaching');
+    await guestVolumes('vm-rs', [{ volume: 'v-rs', device: 'd7' }]);
+    const v = await waitVolume('v-rs', 'in-use', (x) => x.status?.status === 'in-use');
+    expect(v.status?.attachments).toHaveLength(1);
+  });
+});
+
 describe('types and credentials', () => {
   it('the oldest default type is used; a newer default says MultipleDefaults', async () => {
     const first = await createType('default-a', { backend: 'local', isDefault: true });
