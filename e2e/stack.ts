@@ -129,6 +129,7 @@ export function startOperatorProc(o: OperatorProcOptions): Proc {
       `--lease-namespace=${o.leaseNamespace ?? 'stratus-operator-test'}`,
       `--identity=${o.leaseName}`,
       '--install-crds',
+      '--install-admission-policies',
     ],
     o.logFile,
     o.detached,

@@ -368,7 +368,7 @@ describe('Argo CD health checks (docs/gitops/health/*.lua) under lua5.4', () => 
   it('Volume', async () => {
     type V = Obj<unknown, VolumeStatus>;
     await expectHealth<V>('volume.lua', [
-      ['no status (not reported today)', { metadata: meta() }, 'Healthy', /No status/],
+      ['no status (not placed yet)', { metadata: meta() }, 'Progressing', /Waiting for the operator/],
       ['available', { metadata: meta(), status: { status: 'available' } }, 'Healthy'],
       [
         'in-use',
@@ -381,10 +381,35 @@ describe('Argo CD health checks (docs/gitops/health/*.lua) under lua5.4', () => 
         'error',
         {
           metadata: meta(),
-          status: { status: 'error', conditions: [condition('Ready', 'False', 'NoSpace', 'no space on node-1')] },
+          status: {
+            status: 'error',
+            conditions: [
+              condition('Ready', 'False', 'NoSpace', 'no space on node-1'),
+              condition('Degraded', 'False', 'LocalAttachments', 'no attachment is served over NBD'),
+            ],
+          },
         },
         'Degraded',
-        /error: no space/,
+        /^error: no space on node-1$/,
+      ],
+      [
+        'in-use over NBD (degraded mode)',
+        {
+          metadata: meta(),
+          status: {
+            status: 'in-use',
+            conditions: [
+              condition(
+                'Degraded',
+                'True',
+                'RemoteAttachment',
+                'attached over NBD from node-1: that node is a single point of failure',
+              ),
+            ],
+          },
+        },
+        'Healthy',
+        /in-use \(attached over NBD from node-1/,
       ],
       ['error_extending', { metadata: meta(), status: { status: 'error_extending' } }, 'Degraded'],
       ['maintenance', { metadata: meta(), status: { status: 'maintenance' } }, 'Suspended'],

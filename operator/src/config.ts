@@ -26,6 +26,12 @@ export const OperatorConfig = z.object({
   retryPeriodSeconds: z.number().positive().default(2).describe('How often candidates and the leader retry.'),
   identity: z.string().default(`${hostname()}-${process.pid}`).describe('Identity in the Lease.'),
   installCrds: z.boolean().default(false).describe('Install or upgrade the CRDs at startup (server-side apply).'),
+  installAdmissionPolicies: z
+    .boolean()
+    .default(false)
+    .describe(
+      'Install or upgrade the admission policies (admission/policies.yaml) at startup; the Helm chart ships them instead.',
+    ),
   gracefulShutdownSeconds: z.number().positive().default(30).describe('Deadline for in-flight reconciles on SIGTERM.'),
   logLevel: z
     .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])

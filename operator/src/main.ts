@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { KubeConfig } from '@kubernetes/client-node';
 import { OperatorConfig } from './config.ts';
 import { registerControllers } from './controllers/index.ts';
-import { installCRDs } from './crdgen/install.ts';
+import { installAdmissionPolicies, installCRDs } from './crdgen/install.ts';
 import {
   ConfigError,
   configUsage,
@@ -41,6 +41,10 @@ async function main(): Promise<void> {
   if (cfg.installCrds) {
     await installCRDs(kc);
     log.info('CRDs installed');
+  }
+  if (cfg.installAdmissionPolicies) {
+    await installAdmissionPolicies(kc);
+    log.info('admission policies installed');
   }
   // The leader Lease and the node agents' Leases live there. Made in the background, retried: the HTTP endpoints
   // (/healthz, /readyz, /metrics) must answer while the API server does not, and the leader elector retries its

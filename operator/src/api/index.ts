@@ -17,6 +17,7 @@ export * from './nova-actions.ts';
 export * from './nova-states.ts';
 export * from './server-state.ts';
 export * from './storage.ts';
+export * from './volume-state.ts';
 
 /** Every kind of the API, in the order documentation lists them. */
 export const ALL_KINDS: readonly KindDefinition[] = [

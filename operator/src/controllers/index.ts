@@ -1,4 +1,5 @@
 // Every controller of the operator, registered on one manager.
+import { NODE_LEASE_NAMESPACE } from '../api/index.ts';
 import type { Manager } from '../runtime/index.ts';
 import type { SchedulerConfig } from '../scheduler/index.ts';
 import { registerHypervisorController } from './hypervisor.ts';
@@ -8,6 +9,9 @@ import { registerPortController } from './port.ts';
 import { registerProjectController } from './project.ts';
 import { registerSecurityGroupController } from './securitygroup.ts';
 import { registerServerController } from './server.ts';
+import { registerVolumeController } from './volume.ts';
+import { registerVolumeSnapshotController } from './volumesnapshot.ts';
+import { registerVolumeTypeController } from './volumetype.ts';
 
 export interface ControllersConfig {
   /** This replica's identity (Events' reportingInstance). */
@@ -63,5 +67,11 @@ export function registerControllers(mgr: Manager, cfg: ControllersConfig) {
     allocationRetryMs: (cfg.portRetrySeconds ?? 30) * 1000,
   });
   const securityGroup = registerSecurityGroupController(mgr);
-  return { project, hypervisor, keypair, server, network, port, securityGroup };
+  const volume = registerVolumeController(mgr, {
+    instance: cfg.identity,
+    secretNamespace: cfg.nodeLeaseNamespace ?? NODE_LEASE_NAMESPACE,
+  });
+  const volumeSnapshot = registerVolumeSnapshotController(mgr);
+  const volumeType = registerVolumeTypeController(mgr);
+  return { project, hypervisor, keypair, server, network, port, securityGroup, volume, volumeSnapshot, volumeType };
 }

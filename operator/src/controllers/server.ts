@@ -8,6 +8,7 @@
 import { isIP } from 'node:net';
 import { PatchStrategy } from '@kubernetes/client-node';
 import {
+  attachRefusal,
   COMPUTE_GROUP,
   deriveServerState,
   deriveServerStatus,
@@ -38,7 +39,11 @@ import {
   type ServerStatus,
   sameJSON,
   serverPortName,
+  serverVolumeEntry,
+  serverVolumeNames,
   toGiB,
+  type Volume,
+  VolumeKind,
 } from '../api/index.ts';
 import {
   addFinalizer,
@@ -55,6 +60,7 @@ import {
   updateStatus,
 } from '../runtime/index.ts';
 import {
+  backendReach,
   type Claim,
   ClaimLedger,
   flavorClaim,
@@ -210,6 +216,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
   const groups = mgr.informer<ServerGroup>(gvrOf(ServerGroupKind));
   const hypervisors = mgr.informer<Hypervisor>(HYPERVISORS);
   const ports = mgr.informer<Port>(PORTS);
+  const volumes = mgr.informer<Volume>(gvrOf(VolumeKind));
   const events = mgr.eventRecorder({
     reportingController: 'stratus.io/server-controller',
     reportingInstance: opts.instance,
@@ -239,6 +246,11 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
   // Every Port a server uses, by namespace/name (the ports it names and those it creates): their changes requeue it.
   servers.addIndex('ports', (s: Server) =>
     Array.isArray(s.spec?.networks) ? serverPortNames(s).map((p) => `${s.metadata.namespace}/${p}`) : [],
+  );
+
+  // The volumes a server lists (spec.volumes, bootVolume): their changes requeue it (volumesAttached, boot volume).
+  servers.addIndex('volumeRefs', (s: Server) =>
+    serverVolumeNames(s.spec ?? {}).map((v) => `${s.metadata.namespace}/${v}`),
   );
 
   function ensureLedger(): void {
@@ -334,11 +346,30 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
       );
       return undefined;
     }
+    // Boot from volume: the server is bound once its boot volume is available (or reserved for it), on a node that
+    // reaches its backend, preferably the node holding a local one.
+    let bootVolume: Volume | undefined;
+    if (spec.bootVolume) {
+      bootVolume = volumes.get(spec.bootVolume, ns);
+      if (!bootVolume) return waitFor(server, 'VolumeNotFound', `Volume ${spec.bootVolume} could not be found.`);
+      const vs = bootVolume.status;
+      const mine = vs?.attachments?.some(
+        (a) => a.server === server.metadata.name && a.serverUID === server.metadata.uid,
+      );
+      if (!mine && vs?.status !== 'available') {
+        return waitFor(
+          server,
+          'VolumeNotAvailable',
+          `Invalid volume: Volume ${spec.bootVolume} status must be available or in-use, but the current status is ${vs?.status ?? 'creating'}`,
+        );
+      }
+    }
     const resources = flavorClaim(fspec.data, image, { bootFromVolume: !!spec.bootVolume });
     const hosts = hostStatesFrom(hypervisors.list(), ledger.claims(), now(), {
       exclude: key,
       heartbeatGraceSeconds: opts.heartbeatGraceMs / 1000,
     });
+    const bootBackend = bootVolume?.status?.backend;
     // From here to ledger.assume nothing awaits: concurrent reconciles see each other's claims.
     const result = schedule(
       {
@@ -348,6 +379,8 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         ...(spec.availabilityZone ? { availabilityZone: spec.availabilityZone } : {}),
         ...(spec.nodeSelector ? { nodeSelector: spec.nodeSelector } : {}),
         ...(group ? { group } : {}),
+        ...(bootBackend ? { volumeBackends: [bootBackend] } : {}),
+        ...(bootBackend === 'local' && bootVolume?.status?.node ? { volumeHosts: [bootVolume.status.node] } : {}),
       },
       hosts,
       opts.scheduler,
@@ -455,6 +488,124 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     const st = structuredClone(server.status ?? {}) as Record<string, unknown>;
     if (!deriveServerState(st)) return server;
     return writeStatus(server, () => undefined);
+  }
+
+  /**
+   * status.volumesAttached (Nova's os-extended-volumes:volumes_attached: the attachments of this server in state
+   * attached, the boot volume first) and condition VolumesAttached: True when every listed volume is attached, False
+   * with the refusal in Cinder's words (VolumeNotAvailable, VolumeInUse, BackendUnreachable, and a Warning Event) or
+   * while attaching. The Volume controller keeps the attachments; the same refusal rule (attachRefusal) decides both.
+   */
+  async function syncVolumes(server: Server): Promise<Server> {
+    const ns = server.metadata.namespace ?? '';
+    const names = serverVolumeNames(server.spec ?? {});
+    const had = server.status?.conditions?.find((c) => c.type === 'VolumesAttached');
+    if (names.length === 0 && !had && !server.status?.volumesAttached) return server;
+    const attached: NonNullable<Status['volumesAttached']> = [];
+    let refusal: { reason: string; message: string } | undefined;
+    const pending: string[] = [];
+    const node = server.status?.node;
+    for (const name of names) {
+      const entry = serverVolumeEntry(server.spec, name);
+      const vol = volumes.get(name, ns);
+      const att = vol?.status?.attachments?.find(
+        (a) => a.server === server.metadata.name && (a.serverUID ?? server.metadata.uid) === server.metadata.uid,
+      );
+      if (att?.state === 'attached') {
+        attached.push({
+          volume: name,
+          ...(att.device ? { device: att.device } : {}),
+          ...(att.bus ? { bus: att.bus } : {}),
+          ...(entry?.bootIndex !== undefined ? { bootIndex: entry.bootIndex } : {}),
+          deleteOnTermination: entry?.deleteOnTermination ?? false,
+        });
+        continue;
+      }
+      pending.push(name);
+      if (refusal || att) continue;
+      if (!vol) {
+        refusal = { reason: 'VolumeNotFound', message: `Volume ${name} could not be found.` };
+        continue;
+      }
+      const backend = vol.status?.backend ?? 'local';
+      const r = attachRefusal(
+        { name, status: vol.status?.status, multiattach: vol.status?.multiattach, backend },
+        vol.status?.attachments ?? [],
+        {
+          name: server.metadata.name ?? '',
+          uid: server.metadata.uid ?? '',
+          node,
+          reach: node ? backendReach(hypervisors.get(node), backend) : undefined,
+        },
+      );
+      if (r) refusal = r;
+    }
+    const cond: ConditionUpdate =
+      pending.length === 0
+        ? {
+            type: 'VolumesAttached',
+            status: 'True',
+            reason: 'Attached',
+            message: `${attached.length} volume(s) attached`,
+          }
+        : refusal
+          ? { type: 'VolumesAttached', status: 'False', ...refusal }
+          : {
+              type: 'VolumesAttached',
+              status: 'False',
+              reason: 'Attaching',
+              message: `attaching ${pending.join(', ')}`,
+            };
+    const same =
+      had?.status === cond.status &&
+      had.reason === cond.reason &&
+      had.message === cond.message &&
+      canonical(server.status?.volumesAttached ?? []) === canonical(attached);
+    if (same) return server;
+    const updated = await writeStatus(server, (st) => {
+      if (attached.length > 0) st.volumesAttached = attached;
+      else delete st.volumesAttached;
+      conditionsWith(st, server.metadata.generation, cond);
+    });
+    if (refusal && (had?.reason !== refusal.reason || had.message !== refusal.message)) {
+      events.warning(server, refusal.reason, 'AttachVolume', refusal.message);
+    }
+    return updated;
+  }
+
+  /**
+   * A deleted server's volumes with deleteOnTermination (spec.volumes[].deleteOnTermination,
+   * bootVolumeDeleteOnTermination) are deleted once its guest is gone and their attachment to it dropped. Returns
+   * true while one still holds an attachment to this server (the Volume controller drops it promptly).
+   */
+  async function deleteVolumesOnTermination(server: Server, ctx: ReconcileContext): Promise<boolean> {
+    const ns = server.metadata.namespace ?? '';
+    let waiting = false;
+    for (const name of serverVolumeNames(server.spec ?? {})) {
+      if (!serverVolumeEntry(server.spec, name)?.deleteOnTermination) continue;
+      const vol = volumes.get(name, ns);
+      if (!vol || vol.metadata.deletionTimestamp) continue;
+      if (vol.status?.attachments?.some((a) => a.server === server.metadata.name)) {
+        waiting = true;
+        continue;
+      }
+      try {
+        await client.delete(gvrOf(VolumeKind), name, ns, { preconditions: { uid: vol.metadata.uid } });
+        events.normal(
+          server,
+          'VolumeDeleted',
+          'Delete',
+          `volume ${name} deleted with the server (deleteOnTermination)`,
+        );
+        ctx.log.info({ volume: name }, 'volume deleted on termination');
+      } catch (e) {
+        if (isNotFound(e) || isConflict(e)) continue;
+        // Refused (another server attached it meanwhile): the volume stays, as in Nova.
+        ctx.log.info({ err: e, volume: name }, 'volume not deleted on termination');
+        events.warning(server, 'VolumeNotDeleted', 'Delete', `volume ${name} not deleted: ${(e as Error).message}`);
+      }
+    }
+    return waiting;
   }
 
   /** Marks a bound server's hypervisor reachability (NOSTATE when it stopped reporting). */
@@ -761,6 +912,8 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         return { requeueAfter: opts.heartbeatGraceMs }; // the agent destroys the guest and releases its finalizer
       }
       if (hasFinalizer(server, SERVER_FINALIZER)) {
+        const waiting = await deleteVolumesOnTermination(server, ctx);
+        if (waiting) return { requeueAfter: 5000 };
         await releasePorts(server, ctx);
         await removeFinalizer(client, SERVERS, req.name, req.namespace, SERVER_FINALIZER, { current: server });
       }
@@ -811,7 +964,8 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     if (following) return following;
     const moved = await resizeOrMigrate(cur, ctx);
     if (moved) return moved;
-    return trackHypervisor(await syncAddresses(synced, net.ports), ctx);
+    const addressed = await syncAddresses(synced, net.ports);
+    return trackHypervisor(await syncVolumes(addressed), ctx);
   }
 
   /**
@@ -1092,6 +1246,13 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
     const owner = controllerOf(p);
     if (owner?.kind === ServerKind.kind) keys.add(`${ns}/${owner.name}`);
     for (const s of servers.byIndex('ports', `${ns}/${p.metadata?.name}`)) keys.add(objectKey(s));
+    return [...keys];
+  });
+  // A volume's attachments or status changing revisits the servers that list it or hold one of its attachments.
+  controller.watches(volumes, (v) => {
+    const ns = v.metadata?.namespace ?? '';
+    const keys = new Set(servers.byIndex('volumeRefs', `${ns}/${v.metadata?.name}`).map((s) => objectKey(s)));
+    for (const a of v.status?.attachments ?? []) keys.add(`${ns}/${a.server}`);
     return [...keys];
   });
   return { controller, ledger };

@@ -2,6 +2,7 @@
 // compares them with the committed files.
 import { stringify } from 'yaml';
 import { ALL_KINDS } from '../api/index.ts';
+import { admissionPolicies } from './admission.ts';
 import { buildCRD } from './crd.ts';
 import { apiDoc } from './docs.ts';
 
@@ -13,6 +14,16 @@ export function generatedFiles(): Map<string, string> {
     const crd = buildCRD(k);
     files.set(`crds/${k.group}_${k.plural}.yaml`, HEADER + stringify(crd, { lineWidth: 0 }));
   }
+  const yaml = (name?: string) =>
+    admissionPolicies(name)
+      .map((p) => stringify(p, { lineWidth: 0 }))
+      .join('---\n');
+  files.set('admission/policies.yaml', HEADER + yaml());
+  // The chart installs the same policies under the release's name (a template: Helm upgrades it, unlike crds/).
+  files.set(
+    'charts/stratus/templates/admission-policies.yaml',
+    HEADER + yaml('{{ include "stratus.fullname" . }}-volume-delete-attached'),
+  );
   files.set('docs/api.md', apiDoc(ALL_KINDS));
   return files;
 }

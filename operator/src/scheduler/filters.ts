@@ -69,6 +69,10 @@ export const ServerGroupAntiAffinityFilter: FilterFn = (host, req) => {
   return (host.groupMembers.get(g.key) ?? 0) < (g.maxServerPerHost ?? 1);
 };
 
+/** Boot from volume: the host reaches every volume backend the request needs (its volumeBackends probes ok). */
+export const VolumeBackendFilter: FilterFn = (host, req) =>
+  (req.volumeBackends ?? []).every((b) => (host.volumeBackends ?? []).includes(b));
+
 /** Every filter by name. */
 export const FILTERS = {
   ComputeFilter,
@@ -81,6 +85,7 @@ export const FILTERS = {
   DiskFilter,
   ServerGroupAffinityFilter,
   ServerGroupAntiAffinityFilter,
+  VolumeBackendFilter,
 } as const satisfies Record<string, FilterFn>;
 
 export type FilterName = keyof typeof FILTERS;
@@ -97,4 +102,5 @@ export const DEFAULT_FILTERS: readonly FilterName[] = [
   'DiskFilter',
   'ServerGroupAffinityFilter',
   'ServerGroupAntiAffinityFilter',
+  'VolumeBackendFilter',
 ];

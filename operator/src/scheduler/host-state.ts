@@ -64,6 +64,8 @@ export interface HostState {
   usage: Usage;
   /** Per server group (`namespace/name`): how many of its members are placed here. */
   groupMembers: ReadonlyMap<string, number>;
+  /** Volume backends the node reports ok (status.volumeBackends). */
+  volumeBackends?: readonly string[];
 }
 
 export interface HostStateOptions {
@@ -139,6 +141,7 @@ export function hostStateFrom(
     ratios: { vcpus: 0, ramMiB: 0, diskGiB: 0 },
     usage,
     groupMembers,
+    volumeBackends: (status?.volumeBackends ?? []).filter((b) => b.ok).map((b) => b.name),
   };
   const parsed = HypervisorSpec.safeParse(hypervisor.spec ?? {});
   if (!parsed.success) return { ...base, problem: `invalid spec: ${parsed.error.issues[0]?.message ?? 'unknown'}` };

@@ -6,4 +6,5 @@ export * from './host-state.ts';
 export * from './ledger.ts';
 export * from './request.ts';
 export * from './scheduler.ts';
+export * from './volume-placement.ts';
 export * from './weighers.ts';

@@ -32,6 +32,10 @@ export interface ScheduleRequest {
   group?: RequestGroup;
   /** Hosts not to use, e.g. the current host on migrate or reschedule. */
   ignoreHosts?: readonly string[];
+  /** Volume backends the host must reach (a boot volume's backend). */
+  volumeBackends?: readonly string[];
+  /** Hosts holding the server's local volumes (a local boot volume's node): preferred. */
+  volumeHosts?: readonly string[];
 }
 
 /** The fields of an Image the claim depends on. */

@@ -27,6 +27,13 @@ export const ServerGroupSoftAffinityWeigher: WeigherFn = (host, req) =>
 export const ServerGroupSoftAntiAffinityWeigher: WeigherFn = (host, req) =>
   req.group?.policy === 'soft-anti-affinity' ? -members(host, req) : 0;
 
+/**
+ * Boot from a local volume: the node holding the volume is preferred (the guest opens the qcow2 directly instead of
+ * over NBD, which would make that node a single point of failure). Its default multiplier outweighs the resource
+ * weighers (each at most 1 after normalisation).
+ */
+export const VolumeAffinityWeigher: WeigherFn = (host, req) => ((req.volumeHosts ?? []).includes(host.name) ? 1 : 0);
+
 /** Every weigher by name. */
 export const WEIGHERS = {
   RAMWeigher,
@@ -34,6 +41,7 @@ export const WEIGHERS = {
   DiskWeigher,
   ServerGroupSoftAffinityWeigher,
   ServerGroupSoftAntiAffinityWeigher,
+  VolumeAffinityWeigher,
 } as const satisfies Record<string, WeigherFn>;
 
 export type WeigherName = keyof typeof WEIGHERS;
@@ -45,6 +53,7 @@ export const DEFAULT_MULTIPLIERS: Readonly<Record<WeigherName, number>> = {
   DiskWeigher: 1,
   ServerGroupSoftAffinityWeigher: 1,
   ServerGroupSoftAntiAffinityWeigher: 1,
+  VolumeAffinityWeigher: 10,
 };
 
 /** Scales values to 0..1 (min → 0, max → 1); all equal → all 0. */

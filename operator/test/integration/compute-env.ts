@@ -35,7 +35,7 @@ import {
 } from '../../src/api/index.ts';
 import { gvrOf } from '../../src/controllers/common.ts';
 import { registerControllers } from '../../src/controllers/index.ts';
-import { installCRDs } from '../../src/crdgen/install.ts';
+import { installAdmissionPolicies, installCRDs } from '../../src/crdgen/install.ts';
 import {
   createLogger,
   eventGVR,
@@ -309,6 +309,7 @@ export class ComputeEnv {
   /** CRDs, the namespace and the image `cirros` every server boots from. */
   async setup(): Promise<void> {
     await installCRDs(adminKubeConfig());
+    await installAdmissionPolicies(adminKubeConfig());
     await this.client.create(NAMESPACES, {
       apiVersion: 'v1',
       kind: 'Namespace',

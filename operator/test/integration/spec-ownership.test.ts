@@ -36,12 +36,13 @@ import {
   ServerGroupKind,
   ServerKind,
   type ServerSpec,
+  VOLUME_FINALIZER,
   VolumeKind,
 } from '../../src/api/index.ts';
 import { gvrOf } from '../../src/controllers/common.ts';
 import { PROJECT_FINALIZER } from '../../src/controllers/project.ts';
 import { type GVR, isNotFound } from '../../src/runtime/index.ts';
-import { ComputeEnv, type FakeNode, type Srv, waitFor } from './compute-env.ts';
+import { ComputeEnv, type FakeNode, HYPERVISORS, type Srv, waitFor } from './compute-env.ts';
 import { recordWatch, type WatchRecord } from './harness.ts';
 
 /** The field manager of every write the test (the "user", or a GitOps tool) makes. */
@@ -54,6 +55,7 @@ const ALLOWED_FINALIZERS = new Set([
   PORT_FINALIZER, // operator: releases the port's address claims
   NETWORK_FINALIZER, // operator: releases the VNI and the DHCP addresses
   PROJECT_FINALIZER, // operator: deletes the project's namespace
+  VOLUME_FINALIZER, // operator: the volume host deleted the volume
 ]);
 /** ...and these labels (by kind), which name a binding and are never in Git. */
 const ALLOWED_LABELS: Record<string, readonly string[]> = {
@@ -194,13 +196,24 @@ beforeAll(async () => {
   nodes = await env.startNodes(2, 'n', { slots: 4, pool: 'p' });
   await env.startOperator();
   await env.waitNodesUp();
+  // The agents' volume backend probes (status.volumeBackends), as the volume host reports them.
+  for (const nd of nodes) {
+    await env.client.patch(
+      HYPERVISORS,
+      nd.name,
+      undefined,
+      { status: { volumeBackends: [{ name: 'local', ok: true }] } },
+      PatchStrategy.MergePatch,
+      { subresource: 'status', fieldManager: `stratus-agent/${nd.name}` },
+    );
+  }
 }, 60_000);
 
 afterAll(async () => {
   for (const { w } of watches) w.stop();
   await env.teardown();
   // A failed run can leave Ports and Networks holding the operator's finalizers: nothing of it may outlive the run.
-  for (const gvr of [PORTS, NETWORKS]) {
+  for (const gvr of [PORTS, NETWORKS, gvrOf(VolumeKind)]) {
     const left = await env.client.list<Obj>(gvr, { namespace: env.ns }).catch(() => ({ items: [] as Obj[] }));
     for (const o of left.items) {
       await env.client
@@ -259,7 +272,19 @@ describe('controllers never write spec', () => {
     await expectHealth(PORTS, 'Port', 'vm-0', 'Healthy', /Wired on/);
     await expectHealth(NETWORKS, 'Network', 'net-a', 'Healthy');
     await expectHealth(gvrOf(ImageKind), 'Image', 'cirros', 'Healthy');
-    await expectHealth(gvrOf(VolumeKind), 'Volume', 'data', 'Healthy');
+    // The volume is placed (Progressing) and available once its volume host reports it.
+    await expectHealth(gvrOf(VolumeKind), 'Volume', 'data', 'Progressing', /^creating$/);
+    const data = await env.client.get<Obj & { status?: { node?: string } }>(gvrOf(VolumeKind), 'data', env.ns);
+    const host = data.status?.node ?? '';
+    await env.client.patch(
+      gvrOf(VolumeKind),
+      'data',
+      env.ns,
+      { status: { host: { node: host, state: 'available', size: '1Gi' } } },
+      PatchStrategy.MergePatch,
+      { subresource: 'status', fieldManager: `stratus-agent/${host}` },
+    );
+    await expectHealth(gvrOf(VolumeKind), 'Volume', 'data', 'Healthy', /^available$/);
     await patchServer('vm', { powerState: 'Stopped' });
     await waitStatus('vm', 'SHUTOFF');
     await expectHealth(SERVERS, 'Server', 'vm', 'Healthy', /^SHUTOFF$/);
