@@ -18,10 +18,13 @@ import {
   qemuOptionsFrom,
 } from './agent.ts';
 import { createDriver } from './drivers/index.ts';
+import { resolveQemuUser } from './drivers/qemu/user.ts';
+import { QemuDriver } from './drivers/qemu.ts';
 import { installLastResort } from './lastresort.ts';
 import type { NetworkBackend } from './network/backend.ts';
 import { hostExec } from './network/exec.ts';
 import { createBackend } from './network/index.ts';
+import { nodeVolumes } from './volumes/node.ts';
 
 async function main(): Promise<void> {
   if (process.argv.includes('--help')) {
@@ -87,9 +90,39 @@ async function main(): Promise<void> {
     http: { port: cfg.metricsPort, host: cfg.metricsHost },
     gracefulShutdownMs: cfg.gracefulShutdownSeconds * 1000,
   });
-  const agents = names.map(
-    (nodeName, i) => new NodeAgent(mgr, { ...common, nodeName, driver: drivers[i]!, networkBackend: backends[i]! }),
-  );
+  // Block storage (volumes/node.ts) runs with the qemu driver: its image cache, state directory and QEMU user.
+  const owner = cfg.driver === 'qemu' && cfg.qemuUser ? await resolveQemuUser(cfg.qemuUser) : undefined;
+  const agents = names.map((nodeName, i) => {
+    const driver = drivers[i]!;
+    const volumes =
+      driver instanceof QemuDriver
+        ? nodeVolumes({
+            client: mgr.client,
+            nodeName,
+            stateDir: driver.stateDir,
+            ...(common.hostIP ? { hostIP: common.hostIP } : {}),
+            ...(owner ? { owner: { uid: owner.uid, gid: owner.gid } } : {}),
+            ...(cfg.netns ? { netns: cfg.netns } : {}),
+            ...(common.leaseNamespace ? { secretNamespace: common.leaseNamespace } : {}),
+            images: {
+              ensure: (src, opts) => {
+                const cache = driver.imageCache;
+                if (!cache) throw new Error('the image cache is not open yet');
+                return cache.ensure(src, opts);
+              },
+            },
+            log: log.child({ node: nodeName, component: 'volumes' }),
+          })
+        : undefined;
+    if (volumes && driver instanceof QemuDriver) driver.addImageUser(() => volumes.imagesInUse());
+    return new NodeAgent(mgr, {
+      ...common,
+      nodeName,
+      driver,
+      networkBackend: backends[i]!,
+      ...(volumes ? { volumeHost: volumes.host, volumeConnectors: volumes.connectors } : {}),
+    });
+  });
   for (let i = 0; i < agents.length; i += 10) await Promise.all(agents.slice(i, i + 10).map((a) => a.init()));
 
   handleSignals(mgr, {

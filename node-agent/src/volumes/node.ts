@@ -53,15 +53,17 @@ export function nodeVolumes(o: NodeVolumesOptions): NodeVolumes {
     rbdProbe: { name: 'rbd', probe: probeRbdTools } as VolumeBackend,
   });
   const exporter = o.hostIP
-    ? new PskFollowingExporter(() => readNbdPsk(o.client, namespace), (psk) =>
-        new NbdExporter({
-          stateDir: o.stateDir,
-          hostIP: o.hostIP!,
-          psk,
-          ...(o.owner ? { owner: o.owner } : {}),
-          ...(o.netns ? { netns: o.netns } : {}),
-          log: o.log,
-        }),
+    ? new PskFollowingExporter(
+        () => readNbdPsk(o.client, namespace),
+        (psk) =>
+          new NbdExporter({
+            stateDir: o.stateDir,
+            hostIP: o.hostIP!,
+            psk,
+            ...(o.owner ? { owner: o.owner } : {}),
+            ...(o.netns ? { netns: o.netns } : {}),
+            log: o.log,
+          }),
       )
     : undefined;
   const clientDir = nbdClientPskDir(o.stateDir);
