@@ -456,7 +456,7 @@ export async function deleteIgnore(client: KubeClient, gvr: GVR, name: string, n
 // examples/ on a test machine
 // ---------------------------------------------------------------------------------------------------------------
 
-/** The manifests of examples/ that make the demo server, in apply order (the Volume is left out). */
+/** The manifests of examples/ that make the demo server and its data volume, in apply order (09's second guest is left out). */
 export const EXAMPLE_FILES = [
   '00-project.yaml',
   '01-flavor.yaml',
@@ -465,6 +465,7 @@ export const EXAMPLE_FILES = [
   '04-network.yaml',
   '05-securitygroup.yaml',
   '06-servergroup.yaml',
+  '08-volume.yaml',
   '07-server.yaml',
 ] as const;
 
@@ -496,6 +497,9 @@ export async function exampleManifests(o: {
           checksum: { algorithm: 'sha256', value: o.sha256 },
           properties: { hw_architecture: 'x86_64' },
         };
+      }
+      if (obj.kind === 'Volume' && (obj.spec.source as { image?: string } | undefined)?.image) {
+        obj.spec = { ...obj.spec, source: { image: EXAMPLE_IMAGE } };
       }
       if (obj.kind === 'Server') {
         obj.spec = {

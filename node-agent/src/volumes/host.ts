@@ -234,6 +234,9 @@ export interface NbdExportRequest {
   writable: boolean;
 }
 
+/** How a failed NBD export starts its fault (cleared by the next export that works). */
+const EXPORT_FAULT = 'NBD export';
+
 /** The node's NBD exporter (one qemu-storage-daemon per node), as the volume host uses it. */
 export interface VolumeExporter {
   /** Exports (or finds the export of) a volume; idempotent by name. */
@@ -559,12 +562,20 @@ export class VolumeHost {
       }
       const backend = await this.#backendOf(vol);
       const conn = await backend.connection(refOf(vol), report.location);
-      const info = await exporter.ensureExport({
-        name,
-        volumeId: vol.metadata.uid!,
-        blockdev: conn.blockdev,
-        writable: true,
-      });
+      let info: NbdExportInfo;
+      try {
+        info = await exporter.ensureExport({
+          name,
+          volumeId: vol.metadata.uid!,
+          blockdev: conn.blockdev,
+          writable: true,
+        });
+      } catch (err) {
+        // Shown on the Volume (the attachment waits for it), not only in this agent's log.
+        const fault = `${EXPORT_FAULT} for ${wanted.map((a) => a.server).join(', ')} failed: ${errorMessage(err)}`;
+        if (report.fault !== fault) await this.#reportVolume(obj, (r) => ({ ...(r ?? report), fault }));
+        throw err;
+      }
       exports = wanted.map((a) => ({
         server: a.server,
         node: a.node!,
@@ -576,9 +587,11 @@ export class VolumeHost {
       await exporter.removeExport(name);
     }
     const next = exports.length > 0 ? exports : undefined;
-    if (JSON.stringify(report.exports) === JSON.stringify(next)) return;
+    const staleFault = report.fault?.startsWith(EXPORT_FAULT) === true;
+    if (JSON.stringify(report.exports) === JSON.stringify(next) && !staleFault) return;
     await this.#reportVolume(obj, (r) => {
       const { exports: _e, ...rest } = r ?? report;
+      if (staleFault && rest.fault?.startsWith(EXPORT_FAULT)) delete rest.fault;
       return { ...rest, ...(next ? { exports: next } : {}) };
     });
   }
