@@ -24,6 +24,7 @@ import { installLastResort } from './lastresort.ts';
 import type { NetworkBackend } from './network/backend.ts';
 import { hostExec } from './network/exec.ts';
 import { createBackend } from './network/index.ts';
+import { FAKE_IMAGES, FakeVolumeBackend } from './volumes/fake.ts';
 import { nodeVolumes } from './volumes/node.ts';
 
 async function main(): Promise<void> {
@@ -115,12 +116,15 @@ async function main(): Promise<void> {
           })
         : undefined;
     if (volumes && driver instanceof QemuDriver) driver.addImageUser(() => volumes.imagesInUse());
+    // Simulated nodes (fake driver) hold their volumes in memory: the same flows, no data.
+    const fake = volumes ? undefined : new Map([['local', new FakeVolumeBackend({ node: nodeName })]]);
     return new NodeAgent(mgr, {
       ...common,
       nodeName,
       driver,
       networkBackend: backends[i]!,
       ...(volumes ? { volumeHost: volumes.host, volumeConnectors: volumes.connectors } : {}),
+      ...(fake ? { volumeHost: { backends: fake, images: FAKE_IMAGES }, volumeConnectors: { backends: fake } } : {}),
     });
   });
   for (let i = 0; i < agents.length; i += 10) await Promise.all(agents.slice(i, i + 10).map((a) => a.init()));
