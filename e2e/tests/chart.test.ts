@@ -121,13 +121,30 @@ describe.skipIf(missing !== undefined)('the Helm chart on a real node', () => {
       500,
     );
 
-  /** The guest is the same process, still ACTIVE, its console printed READY once (it did not reboot). */
+  /** The example's data volume once its status is `status` (it is attached to demo-vm in examples/). */
+  const dataVolume = (status: string) =>
+    waitFor(
+      `volume data ${status}`,
+      async () => {
+        const v = JSON.parse(await kubectl(['-n', PROJECT, 'get', 'volume', 'data', '-o', 'json'])) as {
+          status?: { status?: string; node?: string; attachments?: { server: string; state: string }[] };
+        };
+        return v.status?.status === status ? v : undefined;
+      },
+      300_000,
+      500,
+    );
+
+  /** The guest is the same process, still ACTIVE, its console printed READY once (it did not reboot), its volume in use. */
   const expectGuestUntouched = async () => {
     expect(alive(pid)).toBe(true);
     expect(await isQemuOf(pid, uid)).toBe(true);
     expect(await qemuPid(STATE_DIR, uid)).toBe(pid);
     expect((await server()).status?.status).toBe('ACTIVE');
     expect(count(await consoleText(STATE_DIR, uid), READY)).toBe(1);
+    expect((await dataVolume('in-use')).status?.attachments).toEqual([
+      expect.objectContaining({ server: 'demo-vm', state: 'attached' }),
+    ]);
   };
 
   /**
@@ -341,6 +358,10 @@ describe.skipIf(missing !== undefined)('the Helm chart on a real node', () => {
     }
     // The host's mount namespace (this test runs in it), not the agent container's.
     expect(await readlink(`/proc/${pid}/ns/mnt`)).toBe(await readlink('/proc/self/ns/mnt'));
+    // examples/08-volume.yaml, listed in demo-vm's spec.volumes: a local volume on this node, hot-plugged by the pod.
+    const v = await dataVolume('in-use');
+    expect(v.status?.node).toBe(node?.name);
+    expect(v.status?.attachments).toEqual([expect.objectContaining({ server: 'demo-vm', state: 'attached' })]);
   }, 900_000);
 
   it('keeps the guest when the agent pod is deleted; the new pod adopts it', async () => {
