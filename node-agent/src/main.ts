@@ -24,7 +24,7 @@ import { installLastResort } from './lastresort.ts';
 import type { NetworkBackend } from './network/backend.ts';
 import { hostExec } from './network/exec.ts';
 import { createBackend } from './network/index.ts';
-import { FAKE_IMAGES, FakeVolumeBackend } from './volumes/fake.ts';
+import { FAKE_IMAGES, FakeExporter, FakeVolumeBackend, fakeNbdConnection } from './volumes/fake.ts';
 import { nodeVolumes } from './volumes/node.ts';
 
 async function main(): Promise<void> {
@@ -124,7 +124,12 @@ async function main(): Promise<void> {
       driver,
       networkBackend: backends[i]!,
       ...(volumes ? { volumeHost: volumes.host, volumeConnectors: volumes.connectors } : {}),
-      ...(fake ? { volumeHost: { backends: fake, images: FAKE_IMAGES }, volumeConnectors: { backends: fake } } : {}),
+      ...(fake
+        ? {
+            volumeHost: { backends: fake, images: FAKE_IMAGES, exporter: new FakeExporter() },
+            volumeConnectors: { backends: fake, nbd: fakeNbdConnection },
+          }
+        : {}),
     });
   });
   for (let i = 0; i < agents.length; i += 10) await Promise.all(agents.slice(i, i + 10).map((a) => a.init()));

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { volumeSerial } from '../driver.ts';
-import { FAKE_IMAGES, FakeVolumeBackend } from './fake.ts';
+import { FAKE_IMAGES, FakeExporter, FakeVolumeBackend, fakeNbdConnection } from './fake.ts';
 
 const vol = (id: string) => ({ id, name: id, namespace: 'ns' });
 const GiB = 2 ** 30;
@@ -34,5 +34,21 @@ describe('FakeVolumeBackend (simulated nodes)', () => {
     expect(img).toMatchObject({ format: 'raw', virtualSize: 0, sha256: 'ab'.repeat(32) });
     const b = new FakeVolumeBackend({ node: 'sim-0' });
     expect((await b.create(vol('u3'), GiB, { kind: 'image', image: img })).sizeBytes).toBe(GiB);
+  });
+
+  it('exports and unexports by name; the remote side opens a null-co blockdev', async () => {
+    const e = new FakeExporter({ host: '10.0.0.1' });
+    const req = { name: 'vol-u1', volumeId: 'u1', blockdev: {}, writable: true };
+    expect(await e.ensureExport(req)).toEqual({ host: '10.0.0.1', port: 10809, name: 'vol-u1' });
+    await e.ensureExport(req);
+    expect(await e.exports()).toEqual(['vol-u1']);
+    await e.removeExport('vol-u1');
+    await e.removeExport('vol-u1');
+    expect(await e.exports()).toEqual([]);
+    expect(fakeNbdConnection(vol('u1'))).toEqual({
+      volumeId: 'u1',
+      serial: volumeSerial('u1'),
+      blockdev: { driver: 'null-co' },
+    });
   });
 });

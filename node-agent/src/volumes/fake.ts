@@ -12,7 +12,7 @@ import type {
   VolumeRef,
   VolumeSourceSpec,
 } from './backend.ts';
-import type { VolumeImageCache } from './host.ts';
+import type { NbdExportInfo, NbdExportRequest, VolumeExporter, VolumeImageCache } from './host.ts';
 
 export class FakeVolumeBackend implements VolumeBackend {
   readonly name = 'local';
@@ -95,3 +95,33 @@ export const FAKE_IMAGES: VolumeImageCache = {
     sha256: src.checksum?.algorithm === 'sha256' ? src.checksum.value : '0'.repeat(64),
   }),
 };
+
+/** The NBD exporter of a simulated node: it records exports (so attachments across simulated nodes follow the flow). */
+export class FakeExporter implements VolumeExporter {
+  readonly #host: string;
+  readonly #exports = new Set<string>();
+
+  constructor(o: { host?: string } = {}) {
+    this.#host = o.host ?? '127.0.0.1';
+  }
+
+  async ensureExport(req: NbdExportRequest): Promise<NbdExportInfo> {
+    this.#exports.add(req.name);
+    return { host: this.#host, port: 10809, name: req.name };
+  }
+
+  async removeExport(name: string): Promise<void> {
+    this.#exports.delete(name);
+  }
+
+  async exports(): Promise<string[]> {
+    return [...this.#exports];
+  }
+}
+
+/** How a simulated node "opens" a volume another simulated node exports: a null-co blockdev, no data. */
+export const fakeNbdConnection = (vol: VolumeRef): VolumeConnection => ({
+  volumeId: vol.id,
+  serial: volumeSerial(vol.id),
+  blockdev: { driver: 'null-co' },
+});

@@ -370,6 +370,10 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
       heartbeatGraceSeconds: opts.heartbeatGraceMs / 1000,
     });
     const bootBackend = bootVolume?.status?.backend;
+    // Prefer the nodes holding the server's local volumes (the boot volume first): attached there, they need no NBD.
+    const volumeHosts = [bootVolume, ...(spec.volumes ?? []).map((v) => volumes.get(v.volume, ns))]
+      .filter((v): v is Volume => v?.status?.backend === 'local' && v.status.node !== undefined)
+      .map((v) => v.status!.node!);
     // From here to ledger.assume nothing awaits: concurrent reconciles see each other's claims.
     const result = schedule(
       {
@@ -380,7 +384,7 @@ export function registerServerController(mgr: Manager, opts: ServerControllerOpt
         ...(spec.nodeSelector ? { nodeSelector: spec.nodeSelector } : {}),
         ...(group ? { group } : {}),
         ...(bootBackend ? { volumeBackends: [bootBackend] } : {}),
-        ...(bootBackend === 'local' && bootVolume?.status?.node ? { volumeHosts: [bootVolume.status.node] } : {}),
+        ...(volumeHosts.length > 0 ? { volumeHosts } : {}),
       },
       hosts,
       opts.scheduler,

@@ -34,7 +34,7 @@ export interface ScheduleRequest {
   ignoreHosts?: readonly string[];
   /** Volume backends the host must reach (a boot volume's backend). */
   volumeBackends?: readonly string[];
-  /** Hosts holding the server's local volumes (a local boot volume's node): preferred. */
+  /** Nodes holding the server's local volumes (boot volume and spec.volumes), one entry per volume: preferred. */
   volumeHosts?: readonly string[];
 }
 

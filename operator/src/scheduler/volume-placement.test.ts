@@ -5,6 +5,7 @@ import { hostStateFrom } from './host-state.ts';
 import { schedule } from './scheduler.ts';
 import * as fx from './test-fixtures.ts';
 import { backendReach, placeVolume, type VolumeHost, volumeHostOf } from './volume-placement.ts';
+import { VolumeAffinityWeigher } from './weighers.ts';
 
 const host = (name: string, freeGiB: number, o: Partial<VolumeHost> = {}): VolumeHost => ({
   name,
@@ -99,5 +100,12 @@ describe('boot from volume in the server scheduler', () => {
     const hosts = [withBackends('big', ['local'], { ram: '64Gi' }), withBackends('small', ['local'], { ram: '8Gi' })];
     expect(schedule(fx.request(), hosts)).toMatchObject({ ok: true, host: 'big' });
     expect(schedule(fx.request({ volumeHosts: ['small'] }), hosts)).toMatchObject({ ok: true, host: 'small' });
+  });
+  it('VolumeAffinityWeigher weighs the share of the server’s local volumes a node holds', () => {
+    const hosts = [withBackends('a', ['local']), withBackends('b', ['local']), withBackends('c', ['local'])];
+    const req = fx.request({ volumeHosts: ['a', 'b', 'b'] });
+    expect(hosts.map((h) => VolumeAffinityWeigher(h, req))).toEqual([1 / 3, 2 / 3, 0]);
+    expect(schedule(req, hosts)).toMatchObject({ ok: true, host: 'b' });
+    expect(VolumeAffinityWeigher(hosts[0]!, fx.request())).toBe(0);
   });
 });

@@ -28,11 +28,15 @@ export const ServerGroupSoftAntiAffinityWeigher: WeigherFn = (host, req) =>
   req.group?.policy === 'soft-anti-affinity' ? -members(host, req) : 0;
 
 /**
- * Boot from a local volume: the node holding the volume is preferred (the guest opens the qcow2 directly instead of
- * over NBD, which would make that node a single point of failure). Its default multiplier outweighs the resource
+ * Local volumes (the boot volume and those in spec.volumes): the node holding most of them is preferred (the guest
+ * opens those qcow2 files directly instead of over NBD, which would make that node a single point of failure). The
+ * weight is the share of the server's local volumes the node holds; its default multiplier outweighs the resource
  * weighers (each at most 1 after normalisation).
  */
-export const VolumeAffinityWeigher: WeigherFn = (host, req) => ((req.volumeHosts ?? []).includes(host.name) ? 1 : 0);
+export const VolumeAffinityWeigher: WeigherFn = (host, req) => {
+  const hosts = req.volumeHosts ?? [];
+  return hosts.length === 0 ? 0 : hosts.filter((h) => h === host.name).length / hosts.length;
+};
 
 /** Every weigher by name. */
 export const WEIGHERS = {
