@@ -3,7 +3,7 @@
 // installAdmissionPolicies for the test control plane.
 import { STORAGE_GROUP } from '../api/storage.ts';
 
-export const VOLUME_IN_USE_POLICY = 'stratus-volume-delete-attached';
+export const VOLUME_IN_USE_POLICY = 'volume-delete-attached.storage.stratus.io';
 
 /**
  * Cinder refuses to delete an attached volume: DELETE of a Volume whose status.attachments is not empty is denied
