@@ -606,6 +606,12 @@ describe.skipIf(missing !== undefined)('Volumes on QEMU guests through operator 
     await sh('vm-b', 'umount /mnt/s; umount /mnt/c; echo unmounted');
     await setVolumes('vm-b', [], ['rbdvol', 'rbdrestored']);
     for (const n of ['rbdrestored', 'rbdvol', 'rbdc']) await deleteIgnore(client, VOLUMES, n, NS);
+    // The volume waits for its snapshot (Cinder refuses; here a finalizer waits), and its volume host leaves it alone.
+    await waitVolume('rbdvol', 'held for its snapshot', (x) =>
+      (x.status?.conditions ?? []).some((c) => c.type === 'Ready' && c.reason === 'DependentSnapshots'),
+    );
+    expect(await poolImages()).toContain(`volume-${rbdIds[0]}`);
+    expect((await client.get<Vol>(VOLUMES, 'rbdvol', NS)).status?.host?.state).toBe('available');
     await client.delete(SNAPSHOTS, 'rbdsnap', NS);
     await waitFor(
       'rbd volumes and snapshot gone',
