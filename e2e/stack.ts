@@ -50,12 +50,21 @@ export class Proc {
   readonly name: string;
   readonly exited: Promise<void>;
 
-  constructor(name: string, args: string[], logFile: string, detached = false) {
+  constructor(
+    name: string,
+    args: string[],
+    logFile: string,
+    detached = false,
+    envOverrides: Record<string, string> = {},
+  ) {
     this.name = name;
     this.logFile = logFile;
     const fd = openSync(logFile, 'a');
     // Only the flags configure it: STRATUS_* variables of the environment would be read as settings.
-    const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('STRATUS_')));
+    const env = {
+      ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('STRATUS_'))),
+      ...envOverrides,
+    };
     this.child = spawn(process.execPath, args, { cwd: root, env, stdio: ['ignore', fd, fd], detached });
     this.exited = new Promise((r) => this.child.once('exit', () => r()));
     if (detached) this.child.unref();
@@ -157,6 +166,8 @@ export interface AgentProcOptions {
   /** Namespace of the node Lease: the operator's lease namespace (default that of startOperatorProc). */
   leaseNamespace?: string;
   extraArgs?: string[];
+  /** Environment variables set for the agent (e.g. a PATH without some tool). */
+  env?: Record<string, string>;
 }
 
 export function agentArgs(o: AgentProcOptions): string[] {
@@ -186,7 +197,7 @@ export function agentArgs(o: AgentProcOptions): string[] {
 }
 
 export function startAgentProc(o: AgentProcOptions): Proc {
-  return new Proc('node-agent', agentArgs(o), o.logFile, o.detached);
+  return new Proc('node-agent', agentArgs(o), o.logFile, o.detached, o.env);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

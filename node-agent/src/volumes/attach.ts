@@ -411,6 +411,7 @@ export class VolumeAttacher {
           case 'qos':
             await this.#driver.setVolumeQos(uid, volumeId, a.qos);
             this.#qos.set(`${uid}/${volumeId}`, qosKey(a.qos));
+            ctx.log.info({ volumeUID: volumeId, qos: a.qos }, 'volume qos set');
             break;
         }
         faults.delete(volumeId);

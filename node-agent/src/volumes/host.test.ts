@@ -96,21 +96,46 @@ describe('decideVolume', () => {
     ).toBe('extend');
   });
 
-  it('deletes once no attachment is left, and stops at deleted', () => {
-    expect(decideVolume(volume({ deleting: true, status: { host: available() } }), ME)).toEqual({ kind: 'delete' });
-    expect(decideVolume(volume({ deleting: true }), ME)).toEqual({ kind: 'delete' });
-    expect(
-      decideVolume(volume({ deleting: true, status: { host: available() }, attachments: [att('detaching', ME)] }), ME)
-        .kind,
-    ).toBe('wait');
-    expect(decideVolume(volume({ deleting: true, status: { host: { node: ME, state: 'deleted' } } }), ME)).toEqual({
-      kind: 'none',
+  it('deletes once the operator says deleting and no attachment is left, and stops at deleted', () => {
+    const deleting = 'deleting' as const;
+    expect(decideVolume(volume({ deleting: true, status: { status: deleting, host: available() } }), ME)).toEqual({
+      kind: 'delete',
     });
+    expect(decideVolume(volume({ deleting: true, status: { status: deleting } }), ME)).toEqual({ kind: 'delete' });
+    expect(
+      decideVolume(
+        volume({
+          deleting: true,
+          status: { status: deleting, host: available() },
+          attachments: [att('detaching', ME)],
+        }),
+        ME,
+      ).kind,
+    ).toBe('wait');
+    expect(
+      decideVolume(volume({ deleting: true, status: { status: deleting, host: { node: ME, state: 'deleted' } } }), ME),
+    ).toEqual({ kind: 'none' });
     // a failed delete (error with a location) is retried
     expect(
-      decideVolume(volume({ deleting: true, status: { host: { ...available(), state: 'error', fault: 'x' } } }), ME)
-        .kind,
+      decideVolume(
+        volume({
+          deleting: true,
+          status: { status: 'error_deleting', host: { ...available(), state: 'error', fault: 'x' } },
+        }),
+        ME,
+      ).kind,
     ).toBe('delete');
+    // a delete this host began (then crashed) goes on
+    expect(
+      decideVolume(volume({ deleting: true, status: { host: { ...available(), state: 'deleting' } } }), ME).kind,
+    ).toBe('delete');
+  });
+
+  it('does not delete a volume the operator still holds (snapshots of it are left: DependentSnapshots)', () => {
+    expect(decideVolume(volume({ deleting: true, status: { status: 'available', host: available() } }), ME)).toEqual({
+      kind: 'wait',
+      reason: 'deletion waits for the operator (status deleting)',
+    });
   });
 });
 

@@ -133,6 +133,10 @@ export function decideVolume(vol: Volume, node: string): VolumeAction {
     if (report?.state === 'deleted') return { kind: 'none' };
     const n = st.attachments?.length ?? 0;
     if (n > 0) return { kind: 'wait', reason: `deletion waits for ${n} attachment(s) to be removed` };
+    // The operator says when (status deleting): it holds a volume while snapshots of it exist (DependentSnapshots).
+    if (st.status !== 'deleting' && st.status !== 'error_deleting' && report?.state !== 'deleting') {
+      return { kind: 'wait', reason: 'deletion waits for the operator (status deleting)' };
+    }
     return { kind: 'delete' };
   }
   if (!report || report.state === 'creating' || (report.state === 'error' && !report.location)) {

@@ -147,9 +147,16 @@ function waitReport(
   );
 }
 
+/** Deletes a Volume and says deleting, as the operator does once no snapshot of it is left. */
+async function deleteVolume(name: string): Promise<void> {
+  await client.delete(VOLUMES, name, NS);
+  await patchStatus(VOLUMES, name, { status: 'deleting' });
+}
+
 /** Deletes an object and, once the host reported deleted, removes the finalizer as the operator does. */
 async function deleteAndFinish(gvr: GVR, name: string): Promise<Obj> {
-  await client.delete(gvr, name, NS);
+  if (gvr === VOLUMES) await deleteVolume(name);
+  else await client.delete(gvr, name, NS);
   const done = await waitReport(gvr, name, 'host deleted', (h) => h.state === 'deleted');
   await client.patch(gvr, name, NS, { metadata: { finalizers: null } }, PatchStrategy.MergePatch);
   return done;
@@ -432,7 +439,7 @@ describe('volume host', () => {
     const uid = (await createVolume('crash-delete', n.name)).metadata!.uid!;
     await waitFor('created', () => existsSync(path.join(n.backend.volumesDir, `${uid}.qcow2`)));
     await first.stop(100);
-    await client.delete(VOLUMES, 'crash-delete', NS);
+    await deleteVolume('crash-delete');
     const again: Node = { ...n, backend: new DirBackend(n.dir, n.name) };
     await startHost(again);
     await waitReport(VOLUMES, 'crash-delete', 'deleted', (h) => h.state === 'deleted');
