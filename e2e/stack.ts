@@ -50,12 +50,16 @@ export class Proc {
   readonly name: string;
   readonly exited: Promise<void>;
 
-  constructor(name: string, args: string[], logFile: string, detached = false) {
+  constructor(name: string, args: string[], logFile: string, detached = false, extraEnv: Record<string, string> = {}) {
     this.name = name;
     this.logFile = logFile;
     const fd = openSync(logFile, 'a');
     // Only the flags configure it: STRATUS_* variables of the environment would be read as settings.
-    const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('STRATUS_')));
+    // extraEnv is set on purpose (e.g. STRATUS_CRASH_AT, runtime/crash.ts).
+    const env = {
+      ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('STRATUS_'))),
+      ...extraEnv,
+    };
     this.child = spawn(process.execPath, args, { cwd: root, env, stdio: ['ignore', fd, fd], detached });
     this.exited = new Promise((r) => this.child.once('exit', () => r()));
     if (detached) this.child.unref();
@@ -115,6 +119,8 @@ export interface OperatorProcOptions {
   leaseNamespace?: string;
   logFile: string;
   detached?: boolean;
+  /** Extra environment (e.g. STRATUS_CRASH_AT). */
+  env?: Record<string, string>;
 }
 
 export function startOperatorProc(o: OperatorProcOptions): Proc {
@@ -133,6 +139,7 @@ export function startOperatorProc(o: OperatorProcOptions): Proc {
     ],
     o.logFile,
     o.detached,
+    o.env,
   );
 }
 
@@ -157,6 +164,8 @@ export interface AgentProcOptions {
   /** Namespace of the node Lease: the operator's lease namespace (default that of startOperatorProc). */
   leaseNamespace?: string;
   extraArgs?: string[];
+  /** Extra environment (e.g. STRATUS_CRASH_AT). */
+  env?: Record<string, string>;
 }
 
 export function agentArgs(o: AgentProcOptions): string[] {
@@ -186,7 +195,7 @@ export function agentArgs(o: AgentProcOptions): string[] {
 }
 
 export function startAgentProc(o: AgentProcOptions): Proc {
-  return new Proc('node-agent', agentArgs(o), o.logFile, o.detached);
+  return new Proc('node-agent', agentArgs(o), o.logFile, o.detached, o.env);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

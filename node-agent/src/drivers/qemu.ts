@@ -26,7 +26,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import * as z from 'zod';
 import { RESIZE_DOWN_MESSAGE } from '../../../operator/src/api/index.ts';
-import { silentLogger } from '../../../operator/src/runtime/index.ts';
+import { crashPoint, silentLogger } from '../../../operator/src/runtime/index.ts';
 import {
   type Accelerator,
   type AttachedVolume,
@@ -1119,7 +1119,9 @@ export class QemuDriver implements HypervisorDriver {
         await live.qmp.execute('object-add', throttleGroupObject(c.serial, att.qos));
         await live.qmp.execute('blockdev-add', volumeBlockdev(c, rec.cache));
         await live.qmp.execute('blockdev-add', throttleBlockdev(c.serial, c.readOnly ?? false));
+        crashPoint('attach:after-blockdev');
         await live.qmp.execute('device_add', volumeDevice(c.serial, slot, att.bootIndex));
+        crashPoint('attach:after-device');
       } catch (err) {
         await this.#unplugNodes(live, want).catch((e: unknown) =>
           this.#log.warn({ err: e, guest: id, volume: c.volumeId }, 'cleaning a failed attach failed'),
@@ -1163,6 +1165,7 @@ export class QemuDriver implements HypervisorDriver {
         }
         try {
           await this.#unplug(live, serial);
+          crashPoint('detach:after-device-del');
           await this.#unplugNodes(live, entry ?? { connection: { serial } });
         } catch (err) {
           if (err instanceof DriverError) throw err;
