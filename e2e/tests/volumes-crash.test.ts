@@ -10,11 +10,12 @@
 //  2. attach:after-blockdev (nodes added, no device): one device d<serial>, one node set, one disk in the guest;
 //  3. attach:after-device (device added, the record and the report not written): the same;
 //  4. detach:after-device-del (device gone, its nodes not deleted): no device, no v<serial>* node, no tg<serial>;
+//     attach:after-blockdev again, the volume taken off the server while the agent is down: nothing of it left;
 //  5. operator:after-placement (status.node written, nothing else): the Volume is deleted while the operator is down,
 //     the operator restarts: the Volume goes (finalizer honoured) and no file is left on the node.
 // Needs root, qemu-system-x86_64, qemu-img, qemu-storage-daemon and genisoimage; skipped (with a message) otherwise.
 import { execFileSync } from 'node:child_process';
-import { chmod, mkdir, mkdtemp, readdir, rm, symlink } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, symlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
@@ -405,6 +406,27 @@ describe.skipIf(missing !== undefined)('Volumes: crash safety of the agent and t
     await waitAttached('v1');
     expect(await guestDisks('v2')).toEqual([]);
     // Converged: the agent has reconciled since its restart (the report is fresh), then QEMU is read.
+    const q = await qemuView();
+    expectNone(q, 'v2');
+    expectOnce(q, 'v1');
+  });
+
+  it('agent killed in an attach after blockdev-add, the volume taken off the server while it is down: none left', async () => {
+    await startAgent('attach:after-blockdev');
+    await patchSpec('vm', { volumes: [{ volume: 'v1' }, { volume: 'v2' }] });
+    await killedAt(agent!, 'attach:after-blockdev');
+    await patchSpec('vm', { volumes: [{ volume: 'v1' }] });
+    // The operator drops the attachment by itself (the report never had it): only the agent's record says the
+    // restarted agent has looked at the guest since (the interrupted attach is out of guest.json).
+    await waitDetached('v2');
+    await startAgent();
+    const record = path.join(guestDir(stateDir, vmUID), 'guest.json');
+    await waitFor(
+      'the interrupted attach of v2 out of guest.json',
+      async () => !(await readFile(record, 'utf8')).includes(uids.get('v2')!),
+      STATE_TIMEOUT,
+    );
+    expect(await guestDisks('v2')).toEqual([]);
     const q = await qemuView();
     expectNone(q, 'v2');
     expectOnce(q, 'v1');

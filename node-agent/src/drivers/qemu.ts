@@ -1255,6 +1255,23 @@ export class QemuDriver implements HypervisorDriver {
       }
       // Running: what QEMU has plugged (d<serial> devices), named by the record, sized by QEMU.
       const devices = await peripherals(live.qmp);
+      // An attach or detach cut short (the agent killed, a guest releasing its device after detachVolume gave up) is
+      // finished here, under the guest's lock: no attachVolume/detachVolume runs, so a pending entry is a leftover.
+      // A device that is there is attached (the record follows QEMU); one that is not: its nodes and objects go (an
+      // interrupted attach is rolled back, the attacher attaches it again if it is still wanted).
+      const cut = (rec.volumes ?? []).filter((v) => v.pending);
+      for (const v of cut) {
+        if (devices.has(volumeNames(v.connection.serial).device)) {
+          if (v.pending === 'attach') delete v.pending;
+        } else await this.#unplugNodes(live, v);
+      }
+      if (cut.length > 0) {
+        rec.volumes = (rec.volumes ?? []).filter(
+          (v) => !v.pending || devices.has(volumeNames(v.connection.serial).device),
+        );
+        await writeRecord(p.record, rec);
+        known.splice(0, known.length, ...(rec.spec.rootVolume ? [rec.spec.rootVolume] : []), ...rec.volumes);
+      }
       const sizes = await blockSizes(live.qmp);
       const out: AttachedVolume[] = [];
       for (const [dev, type] of devices) {
