@@ -50,20 +50,15 @@ export class Proc {
   readonly name: string;
   readonly exited: Promise<void>;
 
-  constructor(
-    name: string,
-    args: string[],
-    logFile: string,
-    detached = false,
-    envOverrides: Record<string, string> = {},
-  ) {
+  constructor(name: string, args: string[], logFile: string, detached = false, extraEnv: Record<string, string> = {}) {
     this.name = name;
     this.logFile = logFile;
     const fd = openSync(logFile, 'a');
     // Only the flags configure it: STRATUS_* variables of the environment would be read as settings.
+    // extraEnv is set on purpose (e.g. STRATUS_CRASH_AT, runtime/crash.ts).
     const env = {
       ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('STRATUS_'))),
-      ...envOverrides,
+      ...extraEnv,
     };
     this.child = spawn(process.execPath, args, { cwd: root, env, stdio: ['ignore', fd, fd], detached });
     this.exited = new Promise((r) => this.child.once('exit', () => r()));
@@ -124,6 +119,8 @@ export interface OperatorProcOptions {
   leaseNamespace?: string;
   logFile: string;
   detached?: boolean;
+  /** Extra environment (e.g. STRATUS_CRASH_AT). */
+  env?: Record<string, string>;
 }
 
 export function startOperatorProc(o: OperatorProcOptions): Proc {
@@ -142,6 +139,7 @@ export function startOperatorProc(o: OperatorProcOptions): Proc {
     ],
     o.logFile,
     o.detached,
+    o.env,
   );
 }
 
@@ -166,7 +164,7 @@ export interface AgentProcOptions {
   /** Namespace of the node Lease: the operator's lease namespace (default that of startOperatorProc). */
   leaseNamespace?: string;
   extraArgs?: string[];
-  /** Environment variables set for the agent (e.g. a PATH without some tool). */
+  /** Extra environment (e.g. STRATUS_CRASH_AT). */
   env?: Record<string, string>;
 }
 

@@ -26,7 +26,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import * as z from 'zod';
 import { RESIZE_DOWN_MESSAGE } from '../../../operator/src/api/index.ts';
-import { silentLogger } from '../../../operator/src/runtime/index.ts';
+import { crashPoint, silentLogger } from '../../../operator/src/runtime/index.ts';
 import {
   type Accelerator,
   type AttachedVolume,
@@ -1119,7 +1119,9 @@ export class QemuDriver implements HypervisorDriver {
         await live.qmp.execute('object-add', throttleGroupObject(c.serial, att.qos));
         await live.qmp.execute('blockdev-add', volumeBlockdev(c, rec.cache));
         await live.qmp.execute('blockdev-add', throttleBlockdev(c.serial, c.readOnly ?? false));
+        crashPoint('attach:after-blockdev');
         await live.qmp.execute('device_add', volumeDevice(c.serial, slot, att.bootIndex));
+        crashPoint('attach:after-device');
       } catch (err) {
         await this.#unplugNodes(live, want).catch((e: unknown) =>
           this.#log.warn({ err: e, guest: id, volume: c.volumeId }, 'cleaning a failed attach failed'),
@@ -1163,6 +1165,7 @@ export class QemuDriver implements HypervisorDriver {
         }
         try {
           await this.#unplug(live, serial);
+          crashPoint('detach:after-device-del');
           await this.#unplugNodes(live, entry ?? { connection: { serial } });
         } catch (err) {
           if (err instanceof DriverError) throw err;
@@ -1252,6 +1255,23 @@ export class QemuDriver implements HypervisorDriver {
       }
       // Running: what QEMU has plugged (d<serial> devices), named by the record, sized by QEMU.
       const devices = await peripherals(live.qmp);
+      // An attach or detach cut short (the agent killed, a guest releasing its device after detachVolume gave up) is
+      // finished here, under the guest's lock: no attachVolume/detachVolume runs, so a pending entry is a leftover.
+      // A device that is there is attached (the record follows QEMU); one that is not: its nodes and objects go (an
+      // interrupted attach is rolled back, the attacher attaches it again if it is still wanted).
+      const cut = (rec.volumes ?? []).filter((v) => v.pending);
+      for (const v of cut) {
+        if (devices.has(volumeNames(v.connection.serial).device)) {
+          if (v.pending === 'attach') delete v.pending;
+        } else await this.#unplugNodes(live, v);
+      }
+      if (cut.length > 0) {
+        rec.volumes = (rec.volumes ?? []).filter(
+          (v) => !v.pending || devices.has(volumeNames(v.connection.serial).device),
+        );
+        await writeRecord(p.record, rec);
+        known.splice(0, known.length, ...(rec.spec.rootVolume ? [rec.spec.rootVolume] : []), ...rec.volumes);
+      }
       const sizes = await blockSizes(live.qmp);
       const out: AttachedVolume[] = [];
       for (const [dev, type] of devices) {

@@ -32,6 +32,7 @@ import {
 import {
   type Clock,
   type Controller,
+  crashPoint,
   defaultControllerRateLimiter,
   type GVR,
   type Informer,
@@ -436,6 +437,7 @@ export class VolumeHost {
       source = await this.#sourceOf(vol, signal);
       // 2. Create (idempotent by uid: a volume a killed run created is returned as it is).
       provisioned = await backend.create(refOf(vol), bytes(vol.spec.size), source);
+      crashPoint('volume-host:after-create');
     } catch (err) {
       // Stopping (the manager aborted the reconcile): not the backend's fault; the next run goes on.
       if (signal?.aborted) throw err;

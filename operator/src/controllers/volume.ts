@@ -29,6 +29,7 @@ import {
 } from '../api/index.ts';
 import {
   addFinalizer,
+  crashPoint,
   hasFinalizer,
   isNotFound,
   type Manager,
@@ -291,6 +292,7 @@ export function registerVolumeController(mgr: Manager, opts: VolumeControllerOpt
           gen,
         ),
       });
+      crashPoint('operator:after-placement');
       events.normal(vol, 'Scheduled', 'Schedule', `volume host ${node} (backend ${backend})`);
       ctx.log.info({ node, backend }, 'volume placed');
       return { requeue: true }; // the status write does not requeue; the next pass derives from the fresh object

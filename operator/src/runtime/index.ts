@@ -6,6 +6,7 @@ export * from './clock.ts';
 export * from './conditions.ts';
 export * from './config.ts';
 export * from './controller.ts';
+export * from './crash.ts';
 export * from './events.ts';
 export * from './informer.ts';
 export * from './leaderelection.ts';
