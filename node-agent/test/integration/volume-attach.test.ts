@@ -7,6 +7,7 @@ import type { KubernetesObject } from '@kubernetes/client-node';
 import { PatchStrategy } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
+import { deleteNamespaceFully } from '../../../e2e/testing/cleanup.ts';
 import { waitFor as poll } from '../../../e2e/testing/wait.ts';
 import {
   deriveServerState,
@@ -292,15 +293,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await agent?.stop();
   if (client) {
-    for (const gvr of [SERVERS, VOLUMES]) {
-      const list = await client.list<Srv>(gvr, { namespace: NS }).catch(() => ({ items: [] as Srv[] }));
-      for (const s of list.items ?? []) {
-        await client
-          .patch(gvr, s.metadata?.name ?? '', NS, { metadata: { finalizers: null } }, PatchStrategy.MergePatch)
-          .catch(() => {});
-      }
-    }
-    await client.delete(nsGVR, NS).catch(() => {});
+    await deleteNamespaceFully(client, NS);
     await client.delete(VOLUME_TYPES, GOLD).catch(() => {});
     await client.delete(SECRETS, NBD_SECRET, NODE_LEASE_NAMESPACE).catch(() => {});
     await client.delete(HYPERVISORS, NODE).catch(() => {});
@@ -451,7 +444,9 @@ describe('volume attachments on the server node (fake driver) against kube-apise
     await settled('web');
     expect(driver.count('attach', uid)).toBe(0);
     expect((await reported('web')).some((v) => v.volumeUID === uid)).toBe(false);
-    // the volume host of OTHER exports it for this server; the credentials are the operator's Secret
+    // the volume host of OTHER exports it for this server; the credentials are the operator's Secret (an operator of
+    // an earlier test file may have made one: this test's key replaces it)
+    await client.delete(SECRETS, NBD_SECRET, NODE_LEASE_NAMESPACE).catch(() => {});
     await client.create(SECRETS, {
       apiVersion: 'v1',
       kind: 'Secret',

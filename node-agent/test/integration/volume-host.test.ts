@@ -11,6 +11,7 @@ import { type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
 import { type FileServer, start as serveFiles } from '../../../e2e/images/serve.ts';
+import { deleteNamespaceFully } from '../../../e2e/testing/cleanup.ts';
 import { requireTools } from '../../../e2e/testing/tools.ts';
 import { waitFor } from '../../../e2e/testing/wait.ts';
 import {
@@ -196,14 +197,7 @@ afterEach(async () => {
 });
 
 afterAll(async () => {
-  for (const gvr of [VOLUME_SNAPSHOTS, VOLUMES]) {
-    for (const o of (await client.list<Obj>(gvr, { namespace: NS })).items ?? []) {
-      await client
-        .patch(gvr, o.metadata!.name!, NS, { metadata: { finalizers: null } }, PatchStrategy.MergePatch)
-        .catch(() => {});
-    }
-  }
-  await client.delete(NAMESPACES, NS).catch(() => {});
+  await deleteNamespaceFully(client, NS);
   await Promise.all(temps.map((d) => rm(d, { recursive: true, force: true })));
 });
 

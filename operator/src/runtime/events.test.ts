@@ -10,13 +10,13 @@ const server: KubernetesObject = {
   metadata: { name: 'web', namespace: 'proj', uid: 'u1', resourceVersion: '7' },
 };
 
-function setup(fail = false) {
+function setup(fail: boolean | Error = false) {
   const clock = new FakeClock();
   const created: Array<{ ns: string; event: Record<string, unknown> }> = [];
   const patches: Array<{ ns: string; name: string; patch: Record<string, unknown> }> = [];
   const sink: EventSink = {
     async create(ns, event: EventsV1Event) {
-      if (fail) throw new Error('forbidden');
+      if (fail) throw fail instanceof Error ? fail : new Error('forbidden');
       created.push({ ns, event: JSON.parse(JSON.stringify(event)) });
       return event;
     },
@@ -108,6 +108,16 @@ describe('EventRecorder', () => {
     expect(() => rec.warning({ ...server, metadata: { name: 'node1' } }, 'Bad', 'Check', 'x')).not.toThrow();
     await rec.flush();
     expect(lines.some((l) => l.msg === 'failed to write event' && l.level === 'warn')).toBe(true);
+
+    // a namespace being deleted takes no new content: expected while its objects finalize, so not a warning
+    const terminating = Object.assign(new Error('HTTP-Code: 403'), {
+      code: 403,
+      body: { reason: 'Forbidden', details: { causes: [{ reason: 'NamespaceTerminating' }] } },
+    });
+    const gone = setup(terminating);
+    gone.rec.normal(server, 'Detached', 'Detach');
+    await gone.rec.flush();
+    expect(gone.lines.filter((l) => l.msg === 'failed to write event').map((l) => l.level)).toEqual(['debug']);
 
     const ok = setup();
     ok.rec.normal({ kind: 'Node', apiVersion: 'v1', metadata: { name: 'node1' } }, 'Ok', 'Check', 'é'.repeat(2000));

@@ -164,7 +164,10 @@ export class EventRecorder {
     const created = this.#sink.create(namespace, event).then(
       () => name,
       (err: unknown) => {
-        this.#log.warn(
+        // An object in a namespace being deleted still reconciles (its finalizers run), but the namespace takes no
+        // new content: nothing is wrong, and the event has no reader left (client-go's recorder drops these too).
+        const level = namespaceTerminating(err) ? 'debug' : 'warn';
+        this.#log[level](
           { err, reason: e.reason, object: `${meta.namespace ?? ''}/${meta.name}` },
           'failed to write event',
         );
@@ -217,5 +220,21 @@ export class EventRecorder {
     for (const [k, e] of this.#series) {
       if (now - e.lastObservedAt >= this.#window && !e.flushTimer) this.#series.delete(k);
     }
+  }
+}
+
+/** A write refused because its namespace is being deleted (status cause NamespaceTerminating). */
+export function namespaceTerminating(err: unknown): boolean {
+  const body = (err as { body?: unknown } | undefined)?.body;
+  const parsed = typeof body === 'string' ? safeJson(body) : body;
+  const causes = (parsed as { details?: { causes?: Array<{ reason?: string }> } } | undefined)?.details?.causes;
+  return Array.isArray(causes) && causes.some((c) => c.reason === 'NamespaceTerminating');
+}
+
+function safeJson(s: string): unknown {
+  try {
+    return JSON.parse(s);
+  } catch {
+    return undefined;
   }
 }

@@ -339,7 +339,10 @@ describe('RBAC', () => {
         },
       }),
     );
-    const refused = () => lines.filter((l) => /forbidden|"statusCode":403|\b403\b/i.test(l));
+    // RBAC refusals; a namespace being deleted (another file's leftovers still finalizing) refuses new Events with a
+    // 403 too, which says nothing about the chart's Roles.
+    const refused = () =>
+      lines.filter((l) => /forbidden|"statusCode":403|\b403\b/i.test(l) && !l.includes('NamespaceTerminating'));
     const opKc = await asServiceAccount(`${release}-operator`);
     const agentKc = await asServiceAccount(`${release}-agent`);
     // What --install-crds does at start.

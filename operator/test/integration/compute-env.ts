@@ -16,6 +16,7 @@ import { fileURLToPath } from 'node:url';
 import { type EventsV1Event, type KubernetesObject, PatchStrategy } from '@kubernetes/client-node';
 import { pino } from 'pino';
 import { adminKubeConfig } from '../../../e2e/controlplane/testenv.ts';
+import { deleteNamespaceFully } from '../../../e2e/testing/cleanup.ts';
 import { waitFor } from '../../../e2e/testing/wait.ts';
 import { type RunningAgent, startAgent } from '../../../node-agent/src/agent.ts';
 import { FakeDriver } from '../../../node-agent/src/drivers/fake.ts';
@@ -525,7 +526,7 @@ export class ComputeEnv {
       await this.client.delete(leaseGVR, nodeLeaseName(nd.name), NODE_LEASE_NAMESPACE).catch(() => {});
     }
     for (const f of this.#flavors) await this.client.delete(FLAVORS, f).catch(() => {});
-    await this.client.delete(NAMESPACES, this.ns).catch(() => {});
+    await deleteNamespaceFully(this.client, this.ns);
   }
 }
 
