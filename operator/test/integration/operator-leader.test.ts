@@ -195,9 +195,9 @@ describe('operator processes: leader election', () => {
       expect(lost.t).toBeLessThan(acquired.t);
       // (a reconcile still waiting on the cut-off API server is aborted when leadership ends, which it logs: that
       // is the end of old work, not new work)
-      expect(
-        a.logs((l) => isReconcileLine(l) && l.t > lost.t && l.msg !== 'reconcile aborted while stopping'),
-      ).toEqual([]);
+      expect(a.logs((l) => isReconcileLine(l) && l.t > lost.t && l.msg !== 'reconcile aborted while stopping')).toEqual(
+        [],
+      );
       expect(b.logs((l) => isReconcileLine(l) && l.t < acquired.t)).toEqual([]);
 
       const second = [`${RUN}-second`];
