@@ -69,7 +69,10 @@ export const VolumeSpec = z
           { rule: "!self.matches('^0+(\\\\.0+)?[A-Za-z]*$')", message: 'size must not be zero' },
           {
             rule: 'quantity(self).compareTo(quantity(oldSelf)) >= 0',
-            message: 'a volume can be extended but not shrunk',
+            // Cinder's refusal of an extend that does not grow the volume
+            message: 'Invalid input: New size must be greater than current size',
+            messageExpression:
+              "'Invalid input: New size must be greater than current size (current: ' + oldSelf + ', new: ' + self + ').'",
           },
         ],
       }),

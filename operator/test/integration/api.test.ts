@@ -539,7 +539,7 @@ const invalidUpdates: InvalidUpdate[] = [
       o.spec.size = '1Gi';
     },
     field: 'spec.size',
-    says: /not shrunk/,
+    says: /Invalid input: New size must be greater than current size \(current: 2Gi, new: 1Gi\)\./,
   },
   {
     name: 'project namespace changed',
